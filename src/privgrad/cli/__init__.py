@@ -1,0 +1,49 @@
+"""The ``privgrad`` command line.
+
+Each subcommand lives in its own module with two functions, ``add_arguments(parser)`` and
+``run(args) -> int`` (a module serving several subcommands may define ``add_arguments_for(name,
+parser)`` and ``run_for(name, args)`` instead); the table below is the whole list. Subcommand
+modules import torch inside ``run`` only, so ``privgrad epsilon`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("privgrad.cli.demo", "train a small model privately on bundled real data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="privgrad", description="Differentially private training for PyTorch."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module_name)
+        module = importlib.import_module(module_name)
+        add = getattr(module, "add_arguments_for", None)
+        if add is not None:
+            add(name, sp)
+        else:
+            module.add_arguments(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    run = getattr(module, "run_for", None)
+    if run is not None:
+        return int(run(args.command, args) or 0)
+    return int(module.run(args) or 0)
