@@ -1,0 +1,171 @@
+"""Budget tools: the noise a target epsilon needs, and the steps or epochs a budget allows.
+
+All searches evaluate the chosen accountant itself and return a value whose epsilon was
+*computed* to be within the target, so they never overshoot. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from privgrad import _validate
+from privgrad.accounting.accountant import check_delta
+from privgrad.accounting.events import check_noise_multiplier, check_sample_rate
+from privgrad.accounting.kinds import ACCOUNTANTS, DEFAULT_ACCOUNTANT, make_accountant
+from privgrad.errors import PrivacyBudgetError
+
+__all__ = ["epsilon_for", "get_noise_multiplier", "get_max_steps", "get_max_epochs", "MAX_NOISE_MULTIPLIER"]
+
+#: The largest noise multiplier :func:`get_noise_multiplier` will consider.
+MAX_NOISE_MULTIPLIER = 1e4
+#: Relative precision of the returned noise multiplier (the issue asks for 0.5%).
+NOISE_RTOL = 1e-3
+#: The largest step count :func:`get_max_steps` searches.
+MAX_STEPS = 10**8
+
+
+def _check_target_epsilon(target_epsilon: object) -> float:
+    return _validate.positive("target_epsilon", target_epsilon, "Pass the privacy budget, e.g. 3.0.")
+
+
+def _check_accountant(accountant: object) -> str:
+    return _validate.choice("accountant", accountant, ACCOUNTANTS)
+
+
+def epsilon_for(
+    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+) -> float:
+    """Epsilon after ``steps`` identical DP-SGD steps (a fresh accountant each call)."""
+    acc = make_accountant(accountant)
+    acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps)
+    return acc.get_epsilon(delta)
+
+
+def get_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = DEFAULT_ACCOUNTANT,
+) -> float:
+    """The smallest noise multiplier whose epsilon after ``steps`` steps meets the target.
+
+    Args:
+        target_epsilon: the epsilon to reach, > 0.
+        target_delta: the delta it is stated at, in (0, 1).
+        sample_rate: Poisson sample rate of every step, in (0, 1].
+        steps: number of steps, an integer >= 1.
+        accountant: ``"pld"`` (default) or ``"rdp"``.
+
+    Returns:
+        ``noise_multiplier`` with ``epsilon <= target_epsilon`` as computed by ``accountant``,
+        and at most 0.1% above the smallest such value (the search's bracket width).
+
+    Raises:
+        ConfigError: an argument out of range.
+        PrivacyBudgetError: even ``noise_multiplier = 1e4`` does not reach the target.
+
+    Privacy:
+        The result is checked, not extrapolated: its epsilon was computed and is within the
+        target. Use the same accountant for training as for calibration.
+    """
+    target = _check_target_epsilon(target_epsilon)
+    delta = check_delta(target_delta, "target_delta")
+    q = check_sample_rate(sample_rate)
+    steps = _validate.positive_int("steps", steps, "Pass the number of training steps, e.g. epochs / sample_rate.")
+    name = _check_accountant(accountant)
+
+    def eps(sigma: float) -> float:
+        return epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=name)
+
+    if eps(MAX_NOISE_MULTIPLIER) > target:
+        raise PrivacyBudgetError(
+            f"target_epsilon must be reachable with noise_multiplier <= {MAX_NOISE_MULTIPLIER:g}; "
+            f"got target_epsilon={target_epsilon!r} (with target_delta={target_delta!r}, sample_rate={sample_rate!r}, "
+            f"steps={steps!r}). Raise target_epsilon or target_delta, or lower sample_rate or steps."
+        )
+    # Bracket [lo, hi] with eps(lo) > target >= eps(hi), growing geometrically from a guess.
+    hi = 1.0
+    while eps(hi) > target:
+        hi = min(hi * 4, MAX_NOISE_MULTIPLIER)
+    lo = hi / 4
+    while lo > 1e-3 and eps(lo) <= target:
+        hi, lo = lo, lo / 4
+    if eps(lo) <= target:  # even tiny noise meets the target
+        return lo
+    # Bisect in log space until hi / lo <= 1 + NOISE_RTOL; hi always meets the target.
+    while hi / lo > 1 + NOISE_RTOL:
+        mid = math.sqrt(lo * hi)
+        if eps(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def get_max_steps(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    accountant: str = DEFAULT_ACCOUNTANT,
+) -> int:
+    """The largest number of steps whose epsilon stays within ``target_epsilon``.
+
+    Returns 0 if even one step exceeds the target.
+
+    Raises:
+        ConfigError: an argument out of range.
+        PrivacyBudgetError: the budget allows more than ``MAX_STEPS`` steps.
+
+    Privacy:
+        The returned count was checked with ``accountant``; one more step would exceed the
+        target.
+    """
+    target = _check_target_epsilon(target_epsilon)
+    delta = check_delta(target_delta, "target_delta")
+    sigma = check_noise_multiplier(noise_multiplier)
+    q = check_sample_rate(sample_rate)
+    name = _check_accountant(accountant)
+
+    def fits(steps: int) -> bool:
+        return epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=name) <= target
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        if hi >= MAX_STEPS:
+            raise PrivacyBudgetError(
+                f"the budget must allow at most {MAX_STEPS} steps to be searched; got target_epsilon={target_epsilon!r} "
+                f"with noise_multiplier={noise_multiplier!r}, sample_rate={sample_rate!r}. Lower target_epsilon or the noise."
+            )
+        lo, hi = hi, min(hi * 2, MAX_STEPS)
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def get_max_epochs(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    accountant: str = DEFAULT_ACCOUNTANT,
+) -> float:
+    """Expected epochs the budget allows: :func:`get_max_steps` times ``sample_rate``."""
+    steps = get_max_steps(
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        accountant=accountant,
+    )
+    return steps * check_sample_rate(sample_rate)

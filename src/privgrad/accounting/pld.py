@@ -1,0 +1,143 @@
+"""Privacy-loss-distribution (PLD) accounting of DP-SGD, on Google's ``dp_accounting``.
+
+The PLD of a step is discretised on a grid of spacing ``interval`` with the pessimistic
+connect-the-dots rounding of Doroshenko et al. (2022), composed by FFT, and read off as
+(epsilon, delta). The grid is the one knob that matters: ``dp_accounting``'s default (1e-4) is
+5-10% too high at sample_rate = 0.001, noise_multiplier = 8 and up to 2.7x at 1e-3, because there
+the privacy loss of a single step is itself only ~1e-4 wide. We therefore choose the interval from
+the parameters: a fixed fraction of the spread of one step's privacy loss (:func:`choose_interval`),
+and never coarser than needed to keep the composed grid under a size cap. The tests check the
+result against independent references over the whole supported range.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from dp_accounting.pld import privacy_loss_distribution as dp_pld
+
+from privgrad import _validate
+from privgrad.accounting.accountant import Accountant
+from privgrad.accounting.events import HistoryEntry
+
+__all__ = ["PLDAccountant", "choose_interval", "loss_scale"]
+
+#: Grid points per standard deviation of one step's privacy loss.
+POINTS_PER_SCALE = 50
+#: Cap on the number of grid points the composed distribution may need.
+MAX_GRID_POINTS = 4_000_000
+
+
+def loss_scale(noise_multiplier: float, sample_rate: float) -> float:
+    """Approximate standard deviation of one step's privacy loss (a size, not a bound).
+
+    For small ``sample_rate`` the loss is about ``q * (likelihood ratio - 1)``, whose standard
+    deviation is ``q * sqrt(exp(1/sigma^2) - 1)``; without subsampling it is exactly
+    ``1/sigma``. We take the smaller of the two.
+    """
+    inv_var = 1.0 / noise_multiplier**2
+    full = 1.0 / noise_multiplier
+    if inv_var > 700:
+        return full
+    return min(full, sample_rate * math.sqrt(math.expm1(inv_var)))
+
+
+def choose_interval(history: tuple[HistoryEntry, ...] | list[HistoryEntry]) -> float:
+    """The discretisation interval for a history: fine against one step, bounded in size.
+
+    The interval is ``POINTS_PER_SCALE`` times finer than the smallest single-step loss scale
+    (:func:`loss_scale`) of any run, but no finer than spreading the composed loss (about
+    ``mean + 40 sd``) over ``MAX_GRID_POINTS`` points.
+
+    Privacy:
+        Any interval gives an upper bound on epsilon (the rounding is pessimistic); the choice
+        only decides how tight it is.
+    """
+    scales = [loss_scale(s, q) for s, q, n in history if n > 0 and s > 0]
+    if not scales:
+        return 1e-4
+    interval = min(scales) / POINTS_PER_SCALE
+    # The composed loss is roughly Gaussian with variance sum(n s^2) and mean half of that.
+    variance = sum(n * loss_scale(s, q) ** 2 for s, q, n in history if n > 0 and s > 0)
+    spread = variance / 2 + 40 * math.sqrt(variance) + 40 * max(scales)
+    return max(interval, spread / MAX_GRID_POINTS)
+
+
+@lru_cache(maxsize=64)
+def _single_step(noise_multiplier: float, sample_rate: float, interval: float) -> dp_pld.PrivacyLossDistribution:
+    return dp_pld.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier,
+        sampling_prob=sample_rate,
+        value_discretization_interval=interval,
+        pessimistic_estimate=True,
+    )
+
+
+@lru_cache(maxsize=16)
+def _run(noise_multiplier: float, sample_rate: float, num_steps: int, interval: float) -> dp_pld.PrivacyLossDistribution:
+    """PLD of ``num_steps`` identical steps."""
+    if sample_rate == 1.0:
+        # Without subsampling, n Gaussian steps are exactly one Gaussian with sigma / sqrt(n).
+        return dp_pld.from_gaussian_mechanism(
+            standard_deviation=noise_multiplier / math.sqrt(num_steps),
+            value_discretization_interval=interval,
+            pessimistic_estimate=True,
+        )
+    single = _single_step(noise_multiplier, sample_rate, interval)
+    return single if num_steps == 1 else single.self_compose(num_steps)
+
+
+class PLDAccountant(Accountant):
+    """Privacy-loss-distribution accountant: tight epsilon for DP-SGD. The default.
+
+    Args:
+        interval: fixed discretisation interval of the privacy loss. ``None`` (the default)
+            chooses it from the recorded steps with :func:`choose_interval`; pass a number only
+            to reproduce another tool's setting.
+
+    Privacy:
+        A pessimistic (upper) bound on the optimal epsilon of the recorded steps: the
+        discretisation rounds the privacy loss towards more leakage and truncated tail mass is
+        counted as leaked. With the default interval it is within max(0.01, 1%) of the exact
+        value over sample_rate in [1e-3, 1], noise_multiplier in [0.5, 10], up to 1e5 steps
+        and delta in {1e-5, 1e-6} (measured in the tests and in docs/accounting.md).
+    """
+
+    name = "pld"
+
+    def __init__(self, *, interval: float | None = None) -> None:
+        super().__init__()
+        if interval is not None:
+            interval = _validate.positive("interval", interval, "Pass e.g. 1e-4, or None to choose it automatically.")
+        self._fixed_interval = interval
+        self._pld: dp_pld.PrivacyLossDistribution | None = None
+
+    @property
+    def interval(self) -> float:
+        """The discretisation interval used for the current history."""
+        if self._fixed_interval is not None:
+            return self._fixed_interval
+        return choose_interval(self._history)
+
+    def _changed(self) -> None:
+        super()._changed()
+        self._pld = None
+
+    def _distribution(self) -> dp_pld.PrivacyLossDistribution:
+        if self._pld is None:
+            interval = self.interval
+            composed = None
+            for sigma, q, n in self._history:
+                part = _run(sigma, q, n, interval)
+                composed = part if composed is None else composed.compose(part)
+            self._pld = composed
+        return self._pld
+
+    def _compute_epsilon(self, delta: float) -> float:
+        return float(self._distribution().get_epsilon_for_delta(delta))
+
+    def _compute_delta(self, epsilon: float) -> float:
+        return float(self._distribution().get_delta_for_epsilon(epsilon))
