@@ -31,57 +31,57 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(float(a) for a in dp_rdp_impl.DEFAULT_
 _MAX_TERMS = 10_000
 
 
-def _log_add(a: float, b: float) -> float:
-    hi, lo = max(a, b), min(a, b)
-    if hi == -math.inf:
-        return -math.inf
-    return hi + math.log1p(math.exp(lo - hi))
+def _log_sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """log(exp(a) - exp(b)) elementwise; nan where a < b, -inf where they are equal."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b == -np.inf, a, a + np.log1p(-np.exp(b - a)))
 
 
-def _log_sub(a: float, b: float) -> float:
-    """log(exp(a) - exp(b)) for a >= b; -inf when they are equal."""
-    if b == -math.inf:
-        return a
-    if a <= b:
-        return -math.inf
-    return a + math.log1p(-math.exp(b - a))
-
-
-def _log_erfc(x: float) -> float:
-    return math.log(2.0) + float(special.log_ndtr(-x * math.sqrt(2.0)))
-
-
-def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
-    """log A_alpha of the Poisson-subsampled Gaussian at a fractional order (signed series).
+def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    """log A_alpha of the Poisson-subsampled Gaussian at fractional orders (signed series).
 
     Mironov, Talwar, Zhang (2019), "Rényi Differential Privacy of the Sampled Gaussian
     Mechanism", Sec. 3.3: A_alpha splits at z0 into two series in binomial(alpha, i), whose
-    coefficients change sign for i > alpha. Returns nan if the series has not converged.
+    coefficients change sign for i > alpha. Each series is summed (with signs) up to the first
+    term below exp(-30), as TensorFlow Privacy and Opacus do. Returns nan for an order whose
+    series has not converged within ``_MAX_TERMS`` terms.
     """
-    log_a0, log_a1 = -math.inf, -math.inf
+    alphas = np.asarray(alphas, dtype=np.float64)[:, None]
     z0 = sigma**2 * math.log(1.0 / q - 1.0) + 0.5
     log_q, log_1mq = math.log(q), math.log1p(-q)
-    for i in range(_MAX_TERMS):
-        coef = special.binom(alpha, i)
-        if coef == 0:
-            continue
-        log_coef = math.log(abs(coef))
-        j = alpha - i
-        log_t0 = log_coef + i * log_q + j * log_1mq
-        log_t1 = log_coef + j * log_q + i * log_1mq
+    terms = 64
+    while True:
+        i = np.arange(terms, dtype=np.float64)[None, :]
+        coef = special.binom(alphas, i)
+        with np.errstate(divide="ignore"):
+            log_coef = np.log(np.abs(coef))
+        j = alphas - i
         log_e0 = math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2.0) * sigma))
         log_e1 = math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2.0) * sigma))
-        log_s0 = log_t0 + (i * i - i) / (2.0 * sigma**2) + log_e0
-        log_s1 = log_t1 + (j * j - j) / (2.0 * sigma**2) + log_e1
-        if coef > 0:
-            log_a0 = _log_add(log_a0, log_s0)
-            log_a1 = _log_add(log_a1, log_s1)
-        else:
-            log_a0 = _log_sub(log_a0, log_s0)
-            log_a1 = _log_sub(log_a1, log_s1)
-        if max(log_s0, log_s1) < -30:
-            return _log_add(log_a0, log_a1)
-    return math.nan
+        log_s0 = log_coef + i * log_q + j * log_1mq + (i * i - i) / (2.0 * sigma**2) + log_e0
+        log_s1 = log_coef + j * log_q + i * log_1mq + (j * j - j) / (2.0 * sigma**2) + log_e1
+        small = np.maximum(log_s0, log_s1) < -30
+        done = small.any(axis=1)
+        if done.all() or terms >= _MAX_TERMS:
+            break
+        terms *= 2
+    last = np.where(done, small.argmax(axis=1), terms - 1)
+    keep = np.arange(terms)[None, :] <= last[:, None]
+    positive = (coef > 0) & keep
+    negative = (coef < 0) & keep
+    neg_inf = -np.inf
+
+    def signed_sum(log_s: np.ndarray) -> np.ndarray:
+        pos = special.logsumexp(np.where(positive, log_s, neg_inf), axis=1)
+        neg = special.logsumexp(np.where(negative, log_s, neg_inf), axis=1)
+        return _log_sub(pos, neg)
+
+    out = np.logaddexp(signed_sum(log_s0), signed_sum(log_s1))
+    return np.where(done, out, np.nan)
+
+
+def _log_erfc(x: np.ndarray) -> np.ndarray:
+    return math.log(2.0) + special.log_ndtr(-x * math.sqrt(2.0))
 
 
 def _dp_accounting_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
@@ -98,19 +98,18 @@ def _dp_accounting_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.
 def _rdp_per_step_cached(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
     integer = tuple(a for a in orders if float(a).is_integer())
     values = dict(zip(integer, _dp_accounting_rdp(q, sigma, integer))) if integer else {}
-    for alpha in orders:
-        if alpha in values:
-            continue
-        if q == 1.0:
-            values[alpha] = alpha / (2.0 * sigma**2)
-            continue
-        log_a = _log_a_fractional(q, sigma, alpha)
-        if math.isnan(log_a) or log_a < 0:
-            # Not converged (or round-off below zero): take dp_accounting's pessimistic value.
-            (fallback,) = _dp_accounting_rdp(q, sigma, (alpha,))
-            values[alpha] = max(float(fallback), 0.0 if math.isnan(log_a) else log_a / (alpha - 1.0))
-        else:
-            values[alpha] = log_a / (alpha - 1.0)
+    fractional = [a for a in orders if a not in values]
+    if fractional and q == 1.0:
+        values.update((a, a / (2.0 * sigma**2)) for a in fractional)
+    elif fractional:
+        log_a = _log_a_fractional(q, sigma, np.array(fractional))
+        for alpha, value in zip(fractional, log_a):
+            if math.isnan(value) or value < 0:
+                # Not converged (or round-off below zero): dp_accounting's value is pessimistic.
+                (fallback,) = _dp_accounting_rdp(q, sigma, (alpha,))
+                values[alpha] = max(float(fallback), 0.0)
+            else:
+                values[alpha] = float(value) / (alpha - 1.0)
     out = np.array([values[a] for a in orders], dtype=np.float64)
     out.setflags(write=False)
     return out
