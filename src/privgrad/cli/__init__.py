@@ -15,6 +15,8 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "demo": ("privgrad.cli.demo", "train a small model privately on bundled real data"),
+    "epsilon": ("privgrad.cli.accounting", "epsilon of a training run (PLD or RDP accountant)"),
+    "noise": ("privgrad.cli.accounting", "noise multiplier that reaches a target epsilon"),
 }
 
 

@@ -1,0 +1,157 @@
+"""Per-sample gradient information of one backward pass: norms first, weighted sums on demand.
+
+For every recorded call the engine picks the cheaper *exact* method (the rule's cost model):
+
+- **ghost**: the rule gives squared per-sample norms straight from the stored inputs and output
+  gradients, and later the weighted sum ``sum_b w_b g_b`` as one contraction of the same tensors;
+- **materialise**: the rule gives per-sample gradients ``(B, *shape)``; norms and the weighted sum
+  are read off them.
+
+A parameter used by several calls in one forward pass (tied weights, a module applied twice) has
+one per-sample gradient, the sum over its uses, so its uses are materialised and summed before
+the norm is taken.
+
+Modes (a performance setting: every mode gives the same update up to rounding):
+``"auto"`` (cost model), ``"ghost"`` (ghost wherever a rule has one), ``"materialize"``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from privgrad.errors import PrivacyStateError
+from privgrad.layers import Capture
+
+MODES = ("auto", "ghost", "materialize")
+
+
+def _use_ghost(capture: Capture, mode: str) -> bool:
+    rule = capture.rule
+    if mode == "materialize" or not rule.has_ghost_norm:
+        return False
+    if mode == "ghost":
+        return True
+    return rule.ghost_cost(capture.module, capture) < rule.materialize_cost(capture.module, capture)
+
+
+def masked(capture: Capture, keep: torch.Tensor) -> Capture:
+    """A copy of ``capture`` whose batch-major float tensors are zero for dropped examples."""
+    b = capture.batch_size
+
+    def zero_rows(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() and x.shape[0] == b:
+            return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x
+
+    return Capture(
+        module=capture.module, args=tree_map(zero_rows, capture.args),
+        kwargs=tree_map(zero_rows, capture.kwargs), batch_size=b, names=capture.names,
+        output_index=capture.output_index,
+        grad_outputs=[zero_rows(g) for g in capture.grad_outputs], rule=capture.rule,
+    )
+
+
+class BackwardBatch:
+    """Squared per-sample norms of every trainable parameter reached by one backward pass.
+
+    Args:
+        captures: completed captures of the pass (from :class:`~privgrad.engine.capture.Recorder`).
+        mode: ``"auto"``, ``"ghost"`` or ``"materialize"``.
+        scale: factor that turns a captured gradient into the gradient of one example's own
+            loss (the batch size for a mean-reduced loss, 1 for a summed one).
+        paths: module -> path, for error messages.
+
+    Attributes:
+        batch_size: number of examples in the pass.
+        norms_sq: ``{parameter: (batch_size,)}`` squared per-sample gradient norms (float32 or
+            wider).
+        methods: ``{module path: "ghost" | "materialize"}`` chosen for each call (for reports).
+    """
+
+    def __init__(self, captures: list[Capture], *, mode: str, scale_by_batch: bool, paths: dict):
+        sizes = {c.batch_size for c in captures}
+        if len(sizes) > 1:
+            seen = ", ".join(f"{paths.get(c.module, '?')}: {c.batch_size}" for c in captures)
+            raise PrivacyStateError(
+                f"all layers of one backward pass must see the same number of examples; got "
+                f"batch sizes {seen}. A layer whose output is broadcast over the batch (for "
+                f"example position embeddings computed with a batch dimension of 1) mixes the "
+                f"examples' gradients: give its input the batch dimension (expand it to the batch "
+                f"size) or freeze the layer.")
+        self.batch_size = sizes.pop() if sizes else 0
+        self.scale = float(self.batch_size) if scale_by_batch else 1.0
+        self.methods: dict[str, str] = {}
+        self.norms_sq: dict[nn.Parameter, torch.Tensor] = {}
+        self._grads: dict[nn.Parameter, torch.Tensor] = {}  # materialised, already scaled
+        self._ghost: list[tuple[Capture, tuple[str, ...]]] = []
+
+        uses: dict[nn.Parameter, int] = defaultdict(int)
+        for c in captures:
+            for n in c.names:
+                uses[getattr(c.module, n)] += 1
+
+        for c in captures:
+            module = c.module
+            shared = tuple(n for n in c.names if uses[getattr(module, n)] > 1)
+            single = tuple(n for n in c.names if n not in shared)
+            ghost = bool(single) and _use_ghost(c, mode)
+            self.methods[paths.get(module, type(module).__name__)] = (
+                "ghost" if ghost else "materialize")
+            if self.batch_size == 0:
+                for n in c.names:
+                    p = getattr(module, n)
+                    self._grads[p] = p.new_zeros((0, *p.shape))
+                continue
+            if ghost:
+                for n, sq in c.rule.ghost_norms_sq(module, c, single).items():
+                    self.norms_sq[getattr(module, n)] = sq * self.scale**2
+                self._ghost.append((c, single))
+                single = ()
+            names = single + shared
+            if names:
+                for n, g in c.rule.per_sample_gradients(module, c, names).items():
+                    p = getattr(module, n)
+                    g = g * self.scale
+                    self._grads[p] = self._grads[p] + g if p in self._grads else g
+        for p, g in self._grads.items():
+            self.norms_sq[p] = g.reshape(g.shape[0], -1).to(
+                torch.promote_types(g.dtype, torch.float32)).square().sum(1)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.norms_sq)
+
+    def per_sample_gradients(self, param: nn.Parameter) -> torch.Tensor:
+        """Materialised per-sample gradient of ``param`` (only for materialised parameters)."""
+        return self._grads[param]
+
+    def weighted_sums(
+        self, weights: torch.Tensor | dict[nn.Parameter, torch.Tensor], keep: torch.Tensor | None = None
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        """``{p: sum_b w_b * g_b}`` with ``w`` one ``(B,)`` tensor or one per parameter.
+
+        ``keep`` (``(B,)`` bool, optional) marks examples to include at all; dropped examples'
+        inputs and gradients are zeroed first, so a NaN or inf in them cannot leak into the sum
+        through ``0 * inf``.
+        """
+        def w_of(p):
+            return weights[p] if isinstance(weights, dict) else weights
+
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for p, g in self._grads.items():
+            if keep is not None:
+                g = torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, 0)
+            out[p] = torch.einsum("b,b...->...", w_of(p).to(g.dtype), g)
+        for c, names in self._ghost:
+            if keep is not None:
+                c = masked(c, keep)
+            groups = [names] if not isinstance(weights, dict) else [(n,) for n in names]
+            for group in groups:
+                w = w_of(getattr(c.module, group[0])) * self.scale
+                for n, s in c.rule.weighted_sum(c.module, c, group, w).items():
+                    out[getattr(c.module, n)] = s
+        return out

@@ -1,0 +1,93 @@
+"""The functional entry point: per-sample gradients and norms for a batch, for people who write
+their own loop (research code, custom mechanisms).
+
+>>> with PerSampleGradients(model, loss_reduction="sum") as psg:        # doctest: +SKIP
+...     criterion(model(x), y).backward()
+>>> psg.gradients["fc.weight"].shape      # (batch, *fc.weight.shape)  # doctest: +SKIP
+>>> psg.norms                             # (batch,) over all parameters # doctest: +SKIP
+
+Then :func:`privgrad.privatize.private_step` clips, sums, adds noise and writes ``p.grad``:
+
+>>> privatize.private_step(psg.batch, list(model.parameters()), noise_multiplier=1.0,
+...                        max_grad_norm=1.0)                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from privgrad import _validate
+from privgrad.engine.batch import MODES, BackwardBatch
+from privgrad.engine.capture import Recorder
+from privgrad.layers import RuleRegistry
+
+
+class PerSampleGradients:
+    """Context manager that records per-sample gradient information of the backward passes run
+    inside it. Hooks come off when the block exits.
+
+    Args:
+        module: the model.
+        loss_reduction: ``"sum"`` if the loss adds the examples' losses, ``"mean"`` if it
+            averages them (then captured gradients are multiplied by the batch size, so each row
+            is the gradient of that example's own loss).
+        mode: ``"materialize"`` (default here: :attr:`gradients` is available), ``"auto"`` or
+            ``"ghost"`` (norms and weighted sums only, without per-sample tensors where possible).
+        rules: rule registry (default: built-in rules plus the generic rule).
+    """
+
+    def __init__(self, module: nn.Module, *, loss_reduction: str = "sum",
+                 mode: str = "materialize", rules: RuleRegistry | None = None):
+        _validate.choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        _validate.choice("mode", mode, MODES)
+        self.module = module
+        self.mode = mode
+        self.loss_reduction = loss_reduction
+        self.batches: list[BackwardBatch] = []
+        self._recorder = Recorder(module, rules or RuleRegistry.default(), self._on_backward)
+
+    def _on_backward(self, captures) -> None:
+        self.batches.append(BackwardBatch(
+            captures, mode=self.mode, scale_by_batch=self.loss_reduction == "mean",
+            paths=self._recorder.paths))
+
+    def __enter__(self) -> PerSampleGradients:
+        self._recorder.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._recorder.detach()
+
+    @property
+    def batch(self) -> BackwardBatch:
+        """The (single) backward pass recorded; an error if there was none or several."""
+        if len(self.batches) != 1:
+            from privgrad.errors import PrivacyStateError
+
+            raise PrivacyStateError(
+                f"expected exactly one backward pass inside the block; got {len(self.batches)}. "
+                f"Run loss.backward() once per PerSampleGradients block, or read .batches.")
+        return self.batches[0]
+
+    @property
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: (batch, *shape)}`` (mode ``"materialize"``)."""
+        names = {p: n for n, p in self.module.named_parameters()}
+        return {names[p]: self.batch.per_sample_gradients(p) for p in self.batch.parameters}
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """``(batch,)`` per-sample gradient norms over all recorded parameters."""
+        sq = list(self.batch.norms_sq.values())
+        return torch.stack(sq).sum(0).sqrt() if sq else torch.zeros(self.batch.batch_size)
+
+
+def per_sample_gradients(module: nn.Module, loss_fn, *, loss_reduction: str = "sum",
+                         rules: RuleRegistry | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample gradients ``{name: (batch, *shape)}`` of ``loss_fn()``, which must run the
+    forward pass of ``module`` and return the loss (e.g. ``lambda: F.cross_entropy(model(x), y,
+    reduction="sum")``)."""
+    with PerSampleGradients(module, loss_reduction=loss_reduction, rules=rules) as psg:
+        loss_fn().backward()
+    return psg.gradients

@@ -1,0 +1,129 @@
+"""What a layer rule is, and the record of one module call that it works on.
+
+A *rule* turns one call of a module (its inputs, and the gradient of the loss with respect to its
+output) into per-sample gradients of that module's own parameters, or, where cheaper, into
+per-sample gradient norms plus the weighted sum of per-sample gradients computed straight from the
+stored inputs and output gradients (book-keeping, Bu et al. 2023). The engine never needs anything
+else from a layer, so a custom layer is supported by one small subclass of :class:`LayerRule`.
+
+Conventions: ``b`` indexes the examples of the batch. Every tensor a rule returns is per parameter
+name (the name under which the module itself registered it, e.g. ``"weight"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["Capture", "LayerRule"]
+
+
+@dataclass
+class Capture:
+    """One call of one module during a forward pass, and its output gradients after backward.
+
+    Attributes:
+        module: the module that was called.
+        args: positional inputs of the call, as passed.
+        kwargs: keyword inputs of the call, as passed.
+        output_index: positions, among the leaves of the flattened output, of the output tensors
+            that required grad (and so were hooked).
+        grad_outputs: gradient of the loss for each of those outputs, in the same order; zeros
+            where autograd produced none.
+        batch_size: number of examples in the call (the rule's :meth:`LayerRule.batch_size`).
+        names: the module's own parameters that required grad at the time of the call.
+        versions: ``_version`` counters of the tensor inputs at capture time, to detect an input
+            that was modified in place before backward used it.
+        rule: the rule serving the module (engine bookkeeping).
+        output_like: the hooked outputs until backward ends (engine bookkeeping, to build zero
+            gradients for outputs autograd did not reach).
+    """
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    batch_size: int
+    names: tuple = ()
+    output_index: tuple = ()
+    grad_outputs: list = field(default_factory=list)
+    versions: tuple = ()
+    rule: LayerRule | None = None
+    output_like: list | None = None
+
+    @property
+    def activation(self) -> torch.Tensor:
+        """The first positional input (the activation, for single-input layers)."""
+        return self.args[0]
+
+    @property
+    def grad_output(self) -> torch.Tensor:
+        """The gradient of the (single) output; zeros if autograd produced none."""
+        return self.grad_outputs[0]
+
+
+class LayerRule:
+    """Per-sample gradients, and optionally cheap per-sample norms, for one layer family.
+
+    Subclasses implement :meth:`per_sample_gradients`. A rule that can get per-sample norms
+    without materialising per-sample gradients (a *ghost* norm) sets ``has_ghost_norm = True``
+    and implements :meth:`ghost_norms_sq`, :meth:`weighted_sum` and the two cost estimates that
+    let the engine pick the cheaper exact method per call.
+
+    Privacy:
+        A rule must be *exact*: the i-th row it returns is the gradient of example i's own loss,
+        and depends on no other example. The test suite checks every built-in rule against
+        ``torch.func`` and a one-example-at-a-time loop; a custom rule should be checked the
+        same way (see ``tests/layers/test_rules.py``).
+    """
+
+    has_ghost_norm: ClassVar[bool] = False
+
+    def check(self, module: nn.Module) -> str | None:
+        """Return why this module's configuration is unsupported, or ``None`` if it is fine."""
+        return None
+
+    def batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> int:
+        """Number of examples in a call (default: size of the first input's first dimension)."""
+        return int(args[0].shape[0])
+
+    def per_sample_gradients(
+        self, module: nn.Module, capture: Capture, names: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample gradients ``{name: tensor of shape (batch, *param.shape)}``."""
+        raise NotImplementedError
+
+    # -- ghost norms (optional) ------------------------------------------------------------
+    def ghost_norms_sq(
+        self, module: nn.Module, capture: Capture, names: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
+        """Squared per-sample gradient norms ``{name: (batch,)}`` without materialising."""
+        raise NotImplementedError
+
+    def weighted_sum(
+        self, module: nn.Module, capture: Capture, names: tuple[str, ...], weights: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``sum_b weights[b] * per_sample_gradient[b]`` for each name, from the stored tensors.
+
+        The default materialises per-sample gradients; rules with a ghost norm override it
+        with one contraction of inputs and output gradients.
+        """
+        grads = self.per_sample_gradients(module, capture, names)
+        return {n: torch.einsum("b,b...->...", weights.to(g.dtype), g) for n, g in grads.items()}
+
+    def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
+        """Approximate multiply-adds of the ghost norm for this call."""
+        return float("inf")
+
+    def materialize_cost(self, module: nn.Module, capture: Capture) -> float:
+        """Approximate multiply-adds of materialising per-sample gradients for this call."""
+        return 0.0
+
+    # helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def norm_dtype(t: torch.Tensor) -> torch.dtype:
+        """Dtype for norm arithmetic: at least float32 (bf16/fp16 inputs are upcast)."""
+        return torch.promote_types(t.dtype, torch.float32)
+

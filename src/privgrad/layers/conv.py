@@ -1,0 +1,120 @@
+"""``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``: any stride, dilation, groups and padding
+(including ``"same"`` and the non-zero padding modes).
+
+A convolution is a linear layer applied at every output position to the unfolded input patch, so
+the Linear formulas apply with ``t`` = output position. Index letters: ``b`` example, ``g``
+group, ``l`` output position, ``i`` patch feature (input channels of the group times kernel
+elements), ``o`` output channel of the group.
+
+Per-sample weight gradient: ``sum_l G_bgol U_bgil``; ghost norm:
+``sum_g sum_{l,m} (U_bgl . U_bgm)(G_bgl . G_bgm)``. The engine picks the cheaper per call
+(ghost costs ``B L^2 (i + o)`` per group, materialising ``B L i o``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privgrad.layers.base import Capture, LayerRule
+from privgrad.layers.linear import linear_ghost_norm_sq
+
+
+def unfold(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Input patches of a convolution: ``(b, C_in * prod(kernel), L)``, L = output positions."""
+    nd = len(module.kernel_size)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    b, c = x.shape[:2]
+    if nd == 2:
+        return F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    # Tensor.unfold along each spatial dim: (b, c, *out, *span) views, then keep dilated taps.
+    for d in range(nd):
+        span = module.dilation[d] * (module.kernel_size[d] - 1) + 1
+        x = x.unfold(2 + d, span, module.stride[d])
+    taps = tuple(slice(None, None, dil) for dil in module.dilation)
+    x = x[(Ellipsis, *taps)]  # (b, c, *out, *kernel)
+    out_dims = tuple(range(2, 2 + nd))
+    kernel_dims = tuple(range(2 + nd, 2 + 2 * nd))
+    x = x.permute(0, 1, *kernel_dims, *out_dims)
+    return x.reshape(b, c * math.prod(module.kernel_size), -1)
+
+
+class ConvRule(LayerRule):
+    """Rule for ``nn.Conv1d/2d/3d`` (not transposed convolutions)."""
+
+    has_ghost_norm = True
+
+    def check(self, module: nn.Module) -> str | None:
+        if getattr(module, "transposed", False):
+            return "transposed convolutions have no dedicated rule"
+        return None
+
+    def _grouped(self, module, capture: Capture):
+        """Patches ``(b, g, l, i)`` and output gradients ``(b, g, l, o)``."""
+        groups = module.groups
+        u = unfold(module, capture.activation)  # (b, C_in*k, L)
+        g = capture.grad_output
+        b = g.shape[0]
+        g = g.reshape(b, groups, g.shape[1] // groups, -1).transpose(2, 3)
+        u = u.reshape(b, groups, u.shape[1] // groups, -1).transpose(2, 3)
+        return u, g
+
+    def per_sample_gradients(self, module, capture: Capture, names):
+        out = {}
+        g_full = capture.grad_output
+        if "weight" in names:
+            u, g = self._grouped(module, capture)
+            w = torch.einsum("bglo,bgli->bgoi", g, u.to(g.dtype))
+            out["weight"] = w.reshape(g.shape[0], *module.weight.shape)
+        if "bias" in names:
+            out["bias"] = g_full.reshape(g_full.shape[0], g_full.shape[1], -1).sum(-1)
+        return out
+
+    def ghost_norms_sq(self, module, capture: Capture, names):
+        g_full = capture.grad_output
+        dtype = self.norm_dtype(g_full)
+        out = {}
+        if "weight" in names:
+            u, g = self._grouped(module, capture)
+            b, groups = g.shape[:2]
+            flat_u = u.reshape(b * groups, *u.shape[2:])
+            flat_g = g.reshape(b * groups, *g.shape[2:])
+            out["weight"] = linear_ghost_norm_sq(flat_u, flat_g, dtype).view(b, groups).sum(1)
+        if "bias" in names:
+            bias = g_full.to(dtype).reshape(g_full.shape[0], g_full.shape[1], -1).sum(-1)
+            out["bias"] = bias.square().sum(1)
+        return out
+
+    def weighted_sum(self, module, capture: Capture, names, weights):
+        g_full = capture.grad_output
+        w = weights.to(g_full.dtype)
+        out = {}
+        if "weight" in names:
+            u, g = self._grouped(module, capture)
+            gw = g * w.view(-1, 1, 1, 1)
+            total = torch.einsum("bglo,bgli->goi", gw, u.to(g.dtype))
+            out["weight"] = total.reshape(module.weight.shape)
+        if "bias" in names:
+            gb = g_full.reshape(g_full.shape[0], g_full.shape[1], -1).sum(-1)
+            out["bias"] = (gb * w.view(-1, 1)).sum(0)
+        return out
+
+    def _sizes(self, module, capture: Capture):
+        g = capture.grad_output
+        positions = g[0].numel() // max(1, g.shape[1]) if g.shape[0] else 0
+        patch = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        return capture.batch_size, module.groups, positions, patch, module.out_channels // module.groups
+
+    def ghost_cost(self, module, capture: Capture) -> float:
+        b, groups, length, i, o = self._sizes(module, capture)
+        return float(b * groups * length * length * (i + o))
+
+    def materialize_cost(self, module, capture: Capture) -> float:
+        b, groups, length, i, o = self._sizes(module, capture)
+        return float(b * groups * length * i * o)

@@ -1,0 +1,86 @@
+"""``nn.Linear`` with any number of leading dimensions (and layers that compute ``x @ W.T + b``).
+
+Index letters: ``b`` example, ``t`` position (all middle dimensions flattened into one),
+``i`` input feature (d), ``o`` output feature (p).
+
+Per-sample gradient of the weight: ``G_b^T A_b`` (``o x i``), of the bias: ``sum_t G_bt``.
+Ghost norm (Li et al. 2022): ``||G_b^T A_b||_F^2 = sum_{t,s} (A_bt . A_bs)(G_bt . G_bs)``, about
+``B T^2 (d + p)`` multiply-adds against ``B T d p`` for materialising, so ghost wins when
+``T (d + p) < d p``; with ``T = 1`` it is just ``||a_b||^2 ||g_b||^2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from privgrad.layers.base import Capture, LayerRule
+
+
+def _flat(capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
+    a, g = capture.activation, capture.grad_output
+    b = a.shape[0]
+    return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+
+
+def linear_ghost_norm_sq(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``||g_b^T a_b||_F^2`` for ``a: (b, t, i)``, ``g: (b, t, o)``, in ``dtype``."""
+    a, g = a.to(dtype), g.to(dtype)
+    if a.shape[1] == 1:
+        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+class LinearRule(LayerRule):
+    """Rule for ``nn.Linear``: ``y = x W^T + b`` over the last dimension of ``x``."""
+
+    has_ghost_norm = True
+    weight_name = "weight"
+    bias_name = "bias"
+
+    def per_sample_gradients(self, module: nn.Module, capture: Capture, names):
+        a, g = _flat(capture)
+        out = {}
+        if self.weight_name in names:
+            out[self.weight_name] = self._orient(torch.einsum("bto,bti->boi", g, a.to(g.dtype)))
+        if self.bias_name in names:
+            out[self.bias_name] = g.sum(1)
+        return out
+
+    def ghost_norms_sq(self, module: nn.Module, capture: Capture, names):
+        a, g = _flat(capture)
+        dtype = self.norm_dtype(g)
+        out = {}
+        if self.weight_name in names:
+            out[self.weight_name] = linear_ghost_norm_sq(a, g, dtype)
+        if self.bias_name in names:
+            out[self.bias_name] = g.to(dtype).sum(1).square().sum(1)
+        return out
+
+    def weighted_sum(self, module: nn.Module, capture: Capture, names, weights):
+        a, g = _flat(capture)
+        gw = g * weights.to(g.dtype).view(-1, 1, 1)
+        out = {}
+        if self.weight_name in names:
+            flat_g, flat_a = gw.reshape(-1, gw.shape[-1]), a.reshape(-1, a.shape[-1]).to(g.dtype)
+            out[self.weight_name] = self._orient(flat_g.T @ flat_a)
+        if self.bias_name in names:
+            out[self.bias_name] = gw.sum((0, 1))
+        return out
+
+    def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
+        b, t = capture.batch_size, _positions(capture)
+        return float(b * t * t * (capture.activation.shape[-1] + capture.grad_output.shape[-1]))
+
+    def materialize_cost(self, module: nn.Module, capture: Capture) -> float:
+        b, t = capture.batch_size, _positions(capture)
+        return float(b * t * capture.activation.shape[-1] * capture.grad_output.shape[-1])
+
+    def _orient(self, w: torch.Tensor) -> torch.Tensor:
+        """Weight gradient in the parameter's own layout (``o x i`` for ``nn.Linear``)."""
+        return w
+
+
+def _positions(capture: Capture) -> int:
+    a = capture.activation
+    return a.numel() // max(1, a.shape[0] * a.shape[-1])

@@ -1,0 +1,105 @@
+"""Normalisation layers with an affine part: ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
+``RMSNorm``.
+
+Each normalises one example on its own, so its per-sample gradient is exact: recompute the
+normalised input ``n`` with the layer's own functional (same numerics as the forward pass), then
+``dL/dweight_b = sum over positions of G_b * n_b`` and ``dL/dbias_b = sum over positions of G_b``.
+These per-sample gradients are as small as the parameters, so materialising them is the cheapest
+exact method and the rules have no ghost norm. (BatchNorm mixes examples and is refused by the
+validator instead.)
+
+Index letters: ``b`` example; the remaining dimensions are summed over except those the
+parameter spans.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from privgrad.layers.base import Capture, LayerRule
+
+
+class _AffineNormRule(LayerRule):
+    """Shared shape logic: the parameter spans ``param_dims`` of the activation."""
+
+    def normalized(self, module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reduce(self, module, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` (same shape as the activation) down to ``(b, *param.shape)``."""
+        raise NotImplementedError
+
+    def per_sample_gradients(self, module, capture: Capture, names):
+        g = capture.grad_output
+        out = {}
+        if "weight" in names:
+            n = self.normalized(module, capture.activation).to(g.dtype)
+            out["weight"] = self._reduce(module, g * n)
+        if "bias" in names:
+            out["bias"] = self._reduce(module, g)
+        return out
+
+
+class _LastDimsRule(_AffineNormRule):
+    """Parameters span the trailing ``normalized_shape`` dimensions (LayerNorm, RMSNorm)."""
+
+    def _reduce(self, module, t):
+        k = len(module.normalized_shape)
+        return t.reshape(t.shape[0], -1, *t.shape[t.dim() - k:]).sum(1)
+
+
+class LayerNormRule(_LastDimsRule):
+    """Rule for ``nn.LayerNorm``."""
+
+    def normalized(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+class RMSNormRule(_LastDimsRule):
+    """Rule for ``nn.RMSNorm``."""
+
+    def normalized(self, module, x):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+class _ChannelRule(_AffineNormRule):
+    """Parameters span the channel dimension 1 (GroupNorm, InstanceNorm)."""
+
+    def _reduce(self, module, t):
+        return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+class GroupNormRule(_ChannelRule):
+    """Rule for ``nn.GroupNorm``."""
+
+    def normalized(self, module, x):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+class InstanceNormRule(_ChannelRule):
+    """Rule for ``nn.InstanceNorm1d/2d/3d`` with ``affine=True``.
+
+    Privacy:
+        With ``track_running_stats=True`` in training mode the layer's running statistics learn
+        from private data and are saved with the model; the validator refuses that. In eval mode
+        the running statistics (fixed) are used, as in the forward pass.
+    """
+
+    def batch_size(self, module, args, kwargs) -> int:
+        x = args[0]
+        if x.dim() == module._get_no_batch_dim():
+            from privgrad.errors import UnsupportedModuleError
+
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} needs a batch dimension; got an input of shape "
+                f"{tuple(x.shape)}. Add the batch dimension (x.unsqueeze(0)).")
+        return int(x.shape[0])
+
+    def normalized(self, module, x):
+        use_input_stats = module.training or not module.track_running_stats
+        if use_input_stats:
+            return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, var = module.running_mean.view(shape), module.running_var.view(shape)
+        return (x - mean) / torch.sqrt(var + module.eps)
+

@@ -1,0 +1,87 @@
+"""Per-sample clipping: from squared per-sample norms to the weights of the clipped sum.
+
+Flat clipping scales example ``b``'s whole gradient by ``min(1, C / ||g_b||)``; per-layer
+clipping gives parameter ``k`` its own bound ``C_k`` (by default ``C / sqrt(K)``, so that the
+per-layer bounds compose to ``sqrt(sum C_k^2) = C``) and scales each parameter's gradient by
+``min(1, C_k / ||g_bk||)``.
+
+Privacy:
+    The clipped sum ``sum_b w_b g_b`` changes by at most ``C`` (in L2) when one example is added
+    or removed, which is the sensitivity the Gaussian noise ``N(0, (sigma C)^2)`` is calibrated
+    to. An example whose norm is not finite (NaN or inf loss or gradient) gets weight 0 and is
+    reported in :attr:`ClipResult.dropped`: its contribution is removed instead of turning the
+    whole update into NaN (which would reveal that it was sampled).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CLIPPING = ("flat", "per_layer")
+
+
+@dataclass
+class ClipResult:
+    """Weights of one backward pass's clipped sum.
+
+    Attributes:
+        weights: ``(B,)`` (flat) or ``{parameter: (B,)}`` (per-layer) factors in ``[0, 1]``.
+        keep: ``(B,)`` bool, False for examples dropped because a norm was not finite.
+        clipped: number of kept examples whose norm exceeded its bound.
+        dropped: number of examples dropped.
+    """
+
+    weights: torch.Tensor | dict
+    keep: torch.Tensor
+    clipped: int
+    dropped: int
+
+
+def _factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
+    """``min(1, bound / norm)``, 0 where the norm is not finite, 1 where it is 0."""
+    finite = torch.isfinite(norm)
+    safe = torch.where(finite & (norm > 0), norm, torch.ones_like(norm))
+    return torch.where(finite, (bound / safe).clamp(max=1.0), torch.zeros_like(norm))
+
+
+def flat_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,
+              batch_size: int, device=None) -> ClipResult:
+    """Weights ``min(1, C / ||g_b||)`` with ``||g_b||^2`` summed over all parameters."""
+    if norms_sq:
+        total = torch.stack([sq.to(torch.float64 if sq.dtype == torch.float64 else torch.float32)
+                             for sq in norms_sq.values()]).sum(0)
+    else:
+        total = torch.zeros(batch_size, device=device)
+    norm = total.sqrt()
+    keep = torch.isfinite(norm)
+    weights = _factor(norm, max_grad_norm)
+    clipped = int(((norm > max_grad_norm) & keep).sum())
+    return ClipResult(weights, keep, clipped, int((~keep).sum()))
+
+
+def per_layer_clip(norms_sq: dict[nn.Parameter, torch.Tensor], bounds: dict[nn.Parameter, float],
+                   batch_size: int, device=None) -> ClipResult:
+    """Weights ``min(1, C_k / ||g_bk||)`` per parameter ``k``; an example with any non-finite
+    norm is dropped from every parameter."""
+    keep = torch.ones(batch_size, dtype=torch.bool, device=device)
+    for sq in norms_sq.values():
+        keep = keep & torch.isfinite(sq)
+    weights, over = {}, torch.zeros_like(keep)
+    for p, sq in norms_sq.items():
+        norm = sq.sqrt()
+        weights[p] = torch.where(keep, _factor(norm, bounds[p]), torch.zeros_like(norm))
+        over = over | (norm > bounds[p])
+    return ClipResult(weights, keep, int((over & keep).sum()), int((~keep).sum()))
+
+
+def per_layer_bounds(params: list[nn.Parameter], max_grad_norm) -> dict[nn.Parameter, float]:
+    """Per-parameter bounds: a float is split equally (``C / sqrt(K)``); a sequence gives one
+    bound per parameter, in order. Their root-sum-of-squares is the total bound ``C``."""
+    if isinstance(max_grad_norm, (int, float)):
+        each = float(max_grad_norm) / math.sqrt(max(1, len(params)))
+        return {p: each for p in params}
+    return dict(zip(params, (float(c) for c in max_grad_norm)))

@@ -1,0 +1,105 @@
+"""The private step, in three separate stages:
+
+1. :class:`ClippedSum` clips each physical batch's per-sample gradients and adds them up over
+   the physical batches of one logical step (virtual batches);
+2. (distributed training only) the clipped sums are added across processes;
+3. :func:`noisy_gradients` draws the noise once per logical step, adds it, and scales the result
+   like an ordinary gradient.
+
+Privacy:
+    The ordinary autograd gradient never reaches the parameters: ``p.grad`` is overwritten with
+    ``(sum_b clip(g_b) + N(0, (sigma C)^2 I)) / normaliser`` where the normaliser is 1 for
+    ``loss_reduction="sum"`` and the *expected* batch size ``q N`` for ``"mean"`` (never the
+    realised batch size, which depends on the private sampling outcome).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from privgrad.engine.batch import BackwardBatch
+from privgrad.privatize.clipping import flat_clip, per_layer_bounds, per_layer_clip
+
+
+@dataclass
+class StepStats:
+    """Counts over the physical batches of one logical step (not private: for monitoring only,
+    they depend on the sampled batch)."""
+
+    examples: int = 0
+    clipped: int = 0
+    dropped: int = 0
+    backward_passes: int = 0
+
+
+class ClippedSum:
+    """Accumulates ``sum_b clip(g_b)`` per parameter over the backward passes of one step.
+
+    Args:
+        params: the parameters privatised (those of the optimizer that require grad).
+        max_grad_norm: ``C`` (float), or one bound per parameter for per-layer clipping.
+        clipping: ``"flat"`` or ``"per_layer"``.
+    """
+
+    def __init__(self, params: list[nn.Parameter], max_grad_norm, clipping: str):
+        self.clipping = clipping
+        self.max_grad_norm = max_grad_norm
+        self.bounds = per_layer_bounds(params, max_grad_norm) if clipping == "per_layer" else None
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+        self.stats = StepStats()
+
+    def add(self, batch: BackwardBatch, params: set) -> None:
+        """Clip one backward pass's examples and add their sum. ``params``: those privatised."""
+        norms_sq = {p: sq for p, sq in batch.norms_sq.items() if p in params}
+        device = next(iter(norms_sq.values())).device if norms_sq else None
+        if self.clipping == "flat":
+            result = flat_clip(norms_sq, float(self.max_grad_norm), batch.batch_size, device)
+        else:
+            missing = [p for p in norms_sq if p not in self.bounds]
+            if missing:
+                self.bounds.update(per_layer_bounds(missing, self.max_grad_norm))
+            result = per_layer_clip(norms_sq, self.bounds, batch.batch_size, device)
+        keep = None if result.dropped == 0 else result.keep
+        for p, s in batch.weighted_sums(result.weights, keep).items():
+            if p not in params:
+                continue
+            s = s.to(torch.promote_types(p.dtype, torch.float32))
+            self.sums[p] = self.sums[p].add_(s) if p in self.sums else s
+        self.stats.examples += batch.batch_size
+        self.stats.clipped += result.clipped
+        self.stats.dropped += result.dropped
+        self.stats.backward_passes += 1
+
+    def reset(self) -> None:
+        self.sums = {}
+        self.stats = StepStats()
+
+
+def noisy_gradients(
+    params: list[nn.Parameter],
+    sums: dict[nn.Parameter, torch.Tensor],
+    *,
+    noise_std: float,
+    normaliser: float,
+    noise,
+) -> dict[nn.Parameter, torch.Tensor]:
+    """``(sum + N(0, noise_std^2)) / normaliser`` for every parameter, in its own dtype.
+
+    A parameter no example reached still gets the noise (its sum is zero): noise lands on every
+    privatised parameter exactly once per call.
+    """
+    out = {}
+    for p in params:
+        acc_dtype = torch.promote_types(p.dtype, torch.float32)
+        s = sums.get(p)
+        like = s if s is not None else torch.zeros_like(p, dtype=acc_dtype)
+        g = noise.sample(like, noise_std)
+        if s is not None:
+            g.add_(s)
+        if normaliser != 1.0:
+            g.div_(normaliser)
+        out[p] = g.to(p.dtype)
+    return out

@@ -1,0 +1,124 @@
+"""DataLoader glue: a loader over the same data set whose batches are Poisson samples.
+
+The returned loader keeps the user's data set, ``collate_fn``, workers and pinning; only the
+batch sampler changes. An empty sample still yields a batch, of size 0 and of the same structure
+as a real one (tensors with a leading dimension of 0, empty lists), so the training loop runs an
+ordinary step on it and the step still adds the full noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+from torch.utils.data.dataloader import default_collate
+
+from privgrad.errors import ConfigError
+from privgrad.sampling.poisson import PoissonSampler
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """A torch batch sampler over a :class:`PoissonSampler` (lists of indices, maybe empty)."""
+
+    def __init__(self, sampler: PoissonSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.sampler:
+            yield indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def empty_like_batch(batch):
+    """The same structure as ``batch`` with zero examples."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, Mapping):
+        items = {k: empty_like_batch(v) for k, v in batch.items()}
+        try:
+            return type(batch)(items)
+        except TypeError:
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(empty_like_batch(v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(empty_like_batch(v) for v in batch)
+    return batch
+
+
+class EmptyBatchCollate:
+    """Wraps a ``collate_fn`` so that an empty index list gives an empty batch, not an error.
+
+    The structure of an empty batch is learned once by collating the first record and cutting it
+    to zero examples (this reads a record but releases nothing about it).
+    """
+
+    def __init__(self, collate_fn, dataset):
+        self.collate_fn = collate_fn
+        self.dataset = dataset
+        self._empty = None
+
+    def __call__(self, records: Sequence):
+        if len(records):
+            return self.collate_fn(records)
+        if self._empty is None:
+            self._empty = empty_like_batch(self.collate_fn([self.dataset[0]]))
+        return self._empty
+
+
+def check_loader(data_loader: DataLoader, poisson_sampling: bool) -> None:
+    """Refuse loaders whose sampling privgrad would silently replace or cannot account for."""
+    if not isinstance(data_loader, DataLoader):
+        raise ConfigError(
+            f"data_loader must be a torch.utils.data.DataLoader; got data_loader="
+            f"{type(data_loader).__name__}. Wrap your data set: DataLoader(dataset, batch_size=...).")
+    if not poisson_sampling:
+        return
+    if isinstance(data_loader.dataset, IterableDataset):
+        raise ConfigError(
+            "Poisson sampling needs a map-style data set (indexable, with a length); got "
+            f"data_loader.dataset={type(data_loader.dataset).__name__} (an IterableDataset). Use "
+            "a map-style Dataset, or pass poisson_sampling=False and accept that the accounting "
+            "assumes Poisson sampling.")
+    batch_sampler = data_loader.batch_sampler
+    sampler = data_loader.sampler
+    plain_batches = batch_sampler is None or type(batch_sampler) is BatchSampler
+    if not plain_batches or type(sampler) not in (RandomSampler, SequentialSampler):
+        custom = type(batch_sampler if not plain_batches else sampler).__name__
+        raise ConfigError(
+            "privgrad replaces the loader's sampling with Poisson sampling, which its privacy "
+            f"accounting assumes; got a custom sampler ({custom}). Build the DataLoader with "
+            "batch_size=... and no sampler, or pass poisson_sampling=False (the accounting will "
+            "then not match your sampling).")
+
+
+def poisson_loader(data_loader: DataLoader, sampler: PoissonSampler) -> DataLoader:
+    """A DataLoader over ``data_loader.dataset`` whose batches are Poisson samples."""
+    dl = data_loader
+    collate = dl.collate_fn if dl.collate_fn is not None else default_collate
+    kwargs = dict(
+        num_workers=dl.num_workers,
+        collate_fn=EmptyBatchCollate(collate, dl.dataset),
+        pin_memory=dl.pin_memory,
+        timeout=dl.timeout,
+        worker_init_fn=dl.worker_init_fn,
+        multiprocessing_context=dl.multiprocessing_context,
+        generator=dl.generator,
+        persistent_workers=dl.persistent_workers,
+        pin_memory_device=getattr(dl, "pin_memory_device", ""),
+    )
+    if dl.num_workers > 0:
+        kwargs["prefetch_factor"] = dl.prefetch_factor
+    if hasattr(dl, "in_order"):
+        kwargs["in_order"] = dl.in_order
+    return DataLoader(dl.dataset, batch_sampler=PoissonBatchSampler(sampler), **kwargs)

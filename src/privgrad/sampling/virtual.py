@@ -1,0 +1,74 @@
+"""Virtual batches: split each logical (Poisson) batch into physical chunks that fit in memory.
+
+Privacy:
+    Splitting changes nothing in the mechanism: every example of the logical batch is clipped
+    once (in its chunk), the clipped sums of the chunks are added, and the noise is drawn once
+    per logical batch, when the last chunk's ``optimizer.step()`` runs. The steps of the other
+    chunks make no update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from privgrad.errors import ConfigError
+
+
+def batch_size_of(batch) -> int:
+    """Examples in a collated batch: the first dimension of its first tensor."""
+    leaves, _ = tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise ConfigError(
+        f"cannot split a batch without tensors into physical batches; got a batch of type "
+        f"{type(batch).__name__}. Return tensors from the data set or collate_fn.")
+
+
+def split_batch(batch, max_size: int) -> list:
+    """Chunks of at most ``max_size`` examples; tensors (and lists) whose first dimension is the
+    batch size are split, everything else is passed to every chunk unchanged. An empty batch
+    gives one empty chunk."""
+    n = batch_size_of(batch)
+    if n <= max_size:
+        return [batch]
+    leaves, spec = tree_flatten(batch)
+    chunks = []
+    for start in range(0, n, max_size):
+        part = [
+            leaf[start:start + max_size]
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == n else leaf
+            for leaf in leaves
+        ]
+        chunks.append(tree_unflatten(part, spec))
+    return chunks
+
+
+class VirtualBatches:
+    """Iterates physical chunks of the logical batches of ``data_loader``.
+
+    Args:
+        data_loader: the private (Poisson) loader.
+        max_physical_batch_size: largest chunk.
+        set_last: called with ``True`` before yielding the last chunk of a logical batch and
+            ``False`` before the others (the engine defers the release until the last one).
+    """
+
+    def __init__(self, data_loader: Iterable, max_physical_batch_size: int,
+                 set_last: Callable[[bool], None]):
+        self.data_loader = data_loader
+        self.max_physical_batch_size = max_physical_batch_size
+        self.set_last = set_last
+
+    def __iter__(self) -> Iterator:
+        try:
+            for batch in self.data_loader:
+                chunks = split_batch(batch, self.max_physical_batch_size)
+                for k, chunk in enumerate(chunks):
+                    self.set_last(k == len(chunks) - 1)
+                    yield chunk
+        finally:
+            self.set_last(True)

@@ -1,0 +1,86 @@
+"""Repairs for the findings marked fixable: each returns a replacement module with the same
+role, and ``fix`` applies them to a deep copy of the model.
+
+The list of fixers is the literal ``FIXERS`` at the bottom: ``module -> new module | None``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One module ``fix`` replaced: where, what it was, what it is now, and why."""
+
+    path: str
+    old: str
+    new: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.old} -> {self.new} ({self.reason})"
+
+
+def group_count(channels: int, preferred: int = 32) -> int:
+    """The largest divisor of ``channels`` that is at most ``preferred``."""
+    return max(g for g in range(1, min(preferred, channels) + 1) if channels % g == 0)
+
+
+def fix_batch_norm(module: nn.Module):
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return None
+    if not (any(p.requires_grad for p in module.parameters()) or
+            (module.track_running_stats and module.training)):
+        return None
+    c = module.num_features
+    g = group_count(c)
+    new = nn.GroupNorm(g, c, eps=module.eps, affine=module.affine)
+    if module.affine:  # keep a pretrained scale and shift as the starting point
+        new.weight, new.bias = module.weight, module.bias
+    return new, f"GroupNorm({g}, {c})", "BatchNorm mixes the examples of a batch"
+
+
+def fix_instance_norm_stats(module: nn.Module):
+    if not isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return None
+    if not (module.track_running_stats and module.training):
+        return None
+    new = type(module)(module.num_features, eps=module.eps, momentum=module.momentum,
+                       affine=module.affine, track_running_stats=False)
+    if module.affine:
+        new.weight, new.bias = module.weight, module.bias
+    return new, f"{type(module).__name__}(track_running_stats=False)", \
+        "running statistics would learn from private data"
+
+
+FIXERS = (fix_batch_norm, fix_instance_norm_stats)
+
+
+def fix(model: nn.Module) -> tuple[nn.Module, list[Replacement]]:
+    """A fixed deep copy of ``model`` and the list of replacements made (``model`` is untouched)."""
+    fixed = copy.deepcopy(model)
+    replacements = []
+    for path, module in list(fixed.named_modules()):
+        for fixer in FIXERS:
+            result = fixer(module)
+            if result is None:
+                continue
+            new, description, reason = result
+            new.train(module.training)
+            if path:
+                _set_submodule(fixed, path, new)
+            else:
+                fixed = new
+            replacements.append(Replacement(path, type(module).__name__, description, reason))
+            break
+    return fixed, replacements
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
