@@ -1,0 +1,142 @@
+"""``privgrad epsilon`` and ``privgrad noise``: privacy budget arithmetic from the command line.
+
+    privgrad epsilon --dataset-size 60000 --batch-size 256 --epochs 10 --noise-multiplier 1.1 --delta 1e-5
+    privgrad noise   --dataset-size 60000 --batch-size 256 --epochs 10 --target-epsilon 3 --delta 1e-5
+
+Both accept ``--accountant pld|rdp`` (default pld), ``--json`` (one object; an infinite epsilon,
+from ``--noise-multiplier 0``, is ``null``) and ``--plot FILE.png`` (epsilon against epochs for
+PLD and RDP; needs the ``plot`` extra). Bad input exits with status 2 and a one-line error. The sample rate is
+``batch_size / dataset_size`` (Poisson sampling with that expected batch size) and the step count
+is ``ceil(epochs * dataset_size / batch_size)``. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from privgrad import _validate
+from privgrad.errors import PrivgradError
+
+COMMANDS = ("epsilon", "noise")
+
+
+def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
+    """Declare the arguments of subcommand ``name`` (``"epsilon"`` or ``"noise"``)."""
+    from privgrad.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+
+    parser.add_argument("--dataset-size", type=int, required=True, help="number of training records N")
+    parser.add_argument("--batch-size", type=int, required=True, help="expected batch size (sample_rate = batch / N)")
+    when = parser.add_mutually_exclusive_group(required=True)
+    when.add_argument("--epochs", type=float, help="training length in epochs")
+    when.add_argument("--steps", type=int, help="training length in steps")
+    if name == "epsilon":
+        parser.add_argument("--noise-multiplier", type=float, required=True, help="noise std / max_grad_norm")
+    else:
+        parser.add_argument("--target-epsilon", type=float, required=True, help="the epsilon to reach")
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
+    parser.add_argument("--accountant", choices=sorted(ACCOUNTANTS), default=DEFAULT_ACCOUNTANT)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw epsilon against epochs for PLD and RDP")
+
+
+def _schedule(args: argparse.Namespace) -> tuple[float, int]:
+    """(sample_rate, steps) from the dataset size, batch size and length."""
+    n = _validate.positive_int("dataset_size", args.dataset_size, "Pass the number of training records, e.g. 60000.")
+    b = _validate.positive_int("batch_size", args.batch_size, "Pass the expected batch size, e.g. 256.")
+    if b > n:
+        raise _validate.fail("batch_size must be <= dataset_size", "batch_size", b, f"Pass at most {n}.")
+    if args.steps is not None:
+        steps = _validate.positive_int("steps", args.steps, "Pass the number of training steps, e.g. 1000.")
+    else:
+        epochs = _validate.positive("epochs", args.epochs, "Pass the number of epochs, e.g. 10.")
+        steps = max(1, math.ceil(epochs * n / b - 1e-9))
+    return b / n, steps
+
+
+def run_for(name: str, args: argparse.Namespace) -> int:
+    """Run subcommand ``name``; returns the exit status (2 on bad input)."""
+    try:
+        result = _epsilon(args) if name == "epsilon" else _noise(args)
+        if args.plot:
+            _plot(args.plot, result)
+            result["plot"] = args.plot
+    except (PrivgradError, ImportError) as e:
+        print(f"privgrad {name}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:  # JSON has no infinity: an unbounded epsilon is written as null
+        plain = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in result.items()}
+        print(json.dumps(plain, sort_keys=True))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            shown = f"{value:.6g}" if isinstance(value, float) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def _epsilon(args: argparse.Namespace) -> dict:
+    from privgrad.accounting import epsilon_for
+
+    q, steps = _schedule(args)
+    epsilon = epsilon_for(
+        noise_multiplier=args.noise_multiplier, sample_rate=q, steps=steps, delta=args.delta, accountant=args.accountant
+    )
+    return _report(args, q, steps, args.noise_multiplier, epsilon)
+
+
+def _noise(args: argparse.Namespace) -> dict:
+    from privgrad.accounting import epsilon_for, get_noise_multiplier
+
+    q, steps = _schedule(args)
+    sigma = get_noise_multiplier(
+        target_epsilon=args.target_epsilon, target_delta=args.delta, sample_rate=q, steps=steps, accountant=args.accountant
+    )
+    epsilon = epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=args.delta, accountant=args.accountant)
+    return _report(args, q, steps, sigma, epsilon)
+
+
+def _report(args: argparse.Namespace, q: float, steps: int, sigma: float, epsilon: float) -> dict:
+    return {
+        "accountant": args.accountant,
+        "sample_rate": q,
+        "steps": steps,
+        "epochs": steps * q,
+        "noise_multiplier": sigma,
+        "delta": args.delta,
+        "epsilon": epsilon,
+    }
+
+
+def _plot(path: str, result: dict) -> None:
+    """Epsilon against epochs for PLD and RDP at the result's noise and sample rate."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(
+            f"--plot needs matplotlib; got {e}. Install the plot extra: pip install 'privgrad[plot]'"
+        ) from e
+    from privgrad.accounting import make_accountant
+
+    q, steps, sigma, delta = result["sample_rate"], result["steps"], result["noise_multiplier"], result["delta"]
+    marks = sorted({max(1, round(steps * k / 40)) for k in range(1, 41)})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("pld", "rdp"):
+        acc, eps = make_accountant(name), []
+        for mark in marks:
+            acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=mark - acc.steps)
+            eps.append(acc.get_epsilon(delta))
+        ax.plot([m * q for m in marks], eps, label=name.upper())
+    ax.set_xlabel("epochs")
+    ax.set_ylabel(f"epsilon (delta = {delta:g})")
+    ax.set_title(f"noise_multiplier = {sigma:.4g}, sample_rate = {q:.4g}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""``privgrad epsilon`` and ``privgrad noise``: output, errors, plot, and no torch."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import subprocess
+import sys
+
+import pytest
+
+from privgrad import cli
+from privgrad.accounting import epsilon_for
+
+BASE = ["--dataset-size", "60000", "--batch-size", "256", "--epochs", "10", "--delta", "1e-5"]
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """Run the real ``privgrad`` entry point with only this issue's subcommands registered."""
+    mine = {name: entry for name, entry in cli.SUBCOMMANDS.items() if entry[0] == "privgrad.cli.accounting"}
+    monkeypatch.setattr(cli, "SUBCOMMANDS", mine)
+
+    def _run(*argv):
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def test_both_subcommands_are_registered():
+    assert cli.SUBCOMMANDS["epsilon"][0] == "privgrad.cli.accounting"
+    assert cli.SUBCOMMANDS["noise"][0] == "privgrad.cli.accounting"
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_epsilon_json_matches_library(run, accountant):
+    code, out, _ = run("epsilon", *BASE, "--noise-multiplier", "1.1", "--accountant", accountant, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["steps"] == 2344  # ceil(10 * 60000 / 256)
+    assert result["sample_rate"] == pytest.approx(256 / 60000)
+    expected = epsilon_for(noise_multiplier=1.1, sample_rate=256 / 60000, steps=2344, delta=1e-5, accountant=accountant)
+    assert result["epsilon"] == expected
+    assert result["accountant"] == accountant
+
+
+def test_epsilon_text_output(run):
+    code, out, _ = run("epsilon", *BASE, "--noise-multiplier", "1.1")
+    assert code == 0
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert lines["accountant"] == "pld"
+    assert lines["steps"] == "2344"
+    assert float(lines["epsilon"]) == pytest.approx(
+        epsilon_for(noise_multiplier=1.1, sample_rate=256 / 60000, steps=2344, delta=1e-5), rel=1e-5
+    )
+
+
+def test_noise_meets_target(run):
+    code, out, _ = run("noise", "--dataset-size", "60000", "--batch-size", "256", "--steps", "500",
+                       "--target-epsilon", "3", "--accountant", "rdp", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["steps"] == 500
+    assert 0 < result["epsilon"] <= 3.0
+    assert epsilon_for(noise_multiplier=result["noise_multiplier"] / 1.005, sample_rate=256 / 60000, steps=500,
+                       delta=1e-5, accountant="rdp") > 3.0
+
+
+def test_zero_noise_is_infinite_and_null_in_json(run):
+    code, out, _ = run("epsilon", *BASE, "--noise-multiplier", "0", "--json")
+    assert code == 0
+    assert json.loads(out)["epsilon"] is None
+    code, out, _ = run("epsilon", *BASE, "--noise-multiplier", "0")
+    assert out.strip().splitlines()[-1].split() == ["epsilon", "inf"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["epsilon", *BASE, "--noise-multiplier", "-1"], "noise_multiplier must be finite and >= 0; got noise_multiplier=-1.0."),
+        (["epsilon", "--dataset-size", "0", "--batch-size", "1", "--steps", "3", "--noise-multiplier", "1"], "dataset_size must be >= 1; got dataset_size=0."),
+        (["epsilon", "--dataset-size", "10", "--batch-size", "20", "--steps", "3", "--noise-multiplier", "1"], "batch_size must be <= dataset_size; got batch_size=20."),
+        (["epsilon", *BASE, "--noise-multiplier", "1", "--delta", "2"], r"delta must be in (0, 1); got delta=2.0."),
+        (["noise", *BASE, "--target-epsilon", "0"], "target_epsilon must be > 0 and finite; got target_epsilon=0.0."),
+        (["noise", *BASE, "--target-epsilon", "1e-7", "--delta", "1e-9"], "target_epsilon must be reachable with noise_multiplier <= 10000"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(run, argv, message):
+    code, out, err = run(*argv)
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"privgrad {argv[0]}: error: ")
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_length_is_an_argparse_error(run):
+    with pytest.raises(SystemExit) as info:
+        run("epsilon", "--dataset-size", "100", "--batch-size", "10", "--noise-multiplier", "1")
+    assert info.value.code == 2
+
+
+def test_plot_writes_a_png(run, tmp_path):
+    path = tmp_path / "eps.png"
+    code, out, _ = run("epsilon", "--dataset-size", "1000", "--batch-size", "50", "--epochs", "3",
+                       "--noise-multiplier", "1.0", "--plot", str(path), "--json")
+    assert code == 0
+    assert json.loads(out)["plot"] == str(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_names_the_extra(run, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code, out, err = run("epsilon", *BASE, "--noise-multiplier", "1", "--plot", str(tmp_path / "x.png"))
+    assert code == 2
+    assert "pip install 'privgrad[plot]'" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_module_never_imports_torch():
+    code = (
+        "import sys, argparse\n"
+        "import privgrad.cli.accounting as m\n"
+        "p = argparse.ArgumentParser(); m.add_arguments_for('epsilon', p)\n"
+        "args = p.parse_args(['--dataset-size', '100', '--batch-size', '10', '--steps', '5', '--noise-multiplier', '1'])\n"
+        "assert m.run_for('epsilon', args) == 0\n"
+        "bad = sorted(x for x in sys.modules if x == 'torch' or x.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
