@@ -104,8 +104,8 @@ def test_orders_are_validated():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("q", [1e-3, 0.01, 0.1, 0.5, 1.0])
-@pytest.mark.parametrize("sigma", [0.5, 0.8, 1.5, 4.0, 10.0])
+@pytest.mark.parametrize("q", [1e-3, 0.04, 0.5, 1.0])
+@pytest.mark.parametrize("sigma", [0.5, 0.8, 2.0, 10.0])
 def test_matches_opacus_rdp_on_opacus_orders(q, sigma):
     """Opacus 1.6's RDP accountant (TF Privacy lineage, its own code) on its own orders."""
     opacus_rdp = pytest.importorskip("opacus.accountants.rdp")

@@ -18,11 +18,13 @@ import math
 from functools import lru_cache
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as dp_pld
 
 from privgrad import _validate
 from privgrad.accounting.accountant import Accountant
 from privgrad.accounting.events import HistoryEntry
+from privgrad.accounting.rdp import RDPAccountant
 from privgrad.errors import ConfigTypeError
 
 __all__ = ["PLDAccountant", "choose_interval", "loss_scale"]
@@ -31,6 +33,8 @@ __all__ = ["PLDAccountant", "choose_interval", "loss_scale"]
 POINTS_PER_SCALE = 20
 #: Cap on the number of grid points the composed distribution may need.
 MAX_GRID_POINTS = 3_000_000
+#: Above this epsilon dp_accounting's PLD arithmetic overflows; we fall back to the RDP bound.
+LARGE_EPSILON = 500.0
 #: Runs longer than this are accounted on a step grid of relative spacing 1 / STEP_GRID.
 STEP_GRID = 256
 
@@ -179,7 +183,23 @@ class PLDAccountant(Accountant):
             # 2018); the tiny slack covers the root finder's tolerance.
             sigma = 1.0 / math.sqrt(sum(n / s**2 for s, _, n in self._history))
             return float(dp_accounting.get_epsilon_gaussian(sigma, delta)) + 1e-9
-        return float(self._distribution().get_epsilon_for_delta(delta))
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            epsilon = float(self._distribution().get_epsilon_for_delta(delta))
+        if epsilon > LARGE_EPSILON:
+            # dp_accounting's search divides by sum(p * exp(-loss)), which underflows for losses
+            # beyond ~700 and turns into inf; the RDP bound is finite and also an upper bound.
+            epsilon = min(epsilon, self._rdp().get_epsilon(delta))
+        return epsilon
 
     def _compute_delta(self, epsilon: float) -> float:
-        return float(self._distribution().get_delta_for_epsilon(epsilon))
+        if epsilon > LARGE_EPSILON:
+            # exp(epsilon) overflows inside dp_accounting and would give delta = 0 (optimistic):
+            # report the RDP bound instead, which is an upper bound on delta.
+            return self._rdp().get_delta(epsilon)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            return float(self._distribution().get_delta_for_epsilon(epsilon))
+
+    def _rdp(self) -> RDPAccountant:
+        rdp = RDPAccountant()
+        rdp.compose(self.event)
+        return rdp
