@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -229,8 +228,8 @@ class PrivacyEngine:
         _ATTACHED.add(module)
         _ATTACHED.add(optimizer)
         if poisson_sampling:
-            bits = os_bits if self.secure_mode else numpy_bits(np.random.default_rng(
-                int(torch.randint(0, 2**62, (), dtype=torch.int64))))
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # follows manual_seed
+            bits = os_bits if self.secure_mode else numpy_bits(seed)
             sampler = PoissonSampler(n, q, bits=bits, steps=steps_per_epoch(q))
             data_loader = poisson_loader(data_loader, sampler)
         return module, optimizer, data_loader
@@ -311,14 +310,19 @@ class PrivacyEngine:
         _check_ownership(self._module, optimizer)
         s = self.settings
         sums = self.reduce_sums(self._clipped.sums)
-        grads = noisy_gradients(params, sums, noise_std=s.noise_std, normaliser=s.normaliser,
-                                noise=self.noise)
+        grads = noisy_gradients(params, sums, noise_std=s.noise_std,
+                                normaliser=self.normaliser(), noise=self.noise)
         for p in params:
             p.grad = grads[p]
         self.accountant.step(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate)
         self.steps += 1
         self.last_step_stats = self._clipped.stats
         self._clipped.reset()
+
+    def normaliser(self) -> float:
+        """What the noisy sum is divided by: the *expected* batch size for a mean-reduced loss
+        (never the realised one, which depends on the sample), 1 for a summed loss."""
+        return self.settings.normaliser
 
     def reduce_sums(self, sums: dict) -> dict:
         """The cross-process sum of clipped sums (identity in a single process)."""

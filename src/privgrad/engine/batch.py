@@ -17,6 +17,7 @@ Modes (a performance setting: every mode gives the same update up to rounding):
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -118,7 +119,7 @@ class BackwardBatch:
                     g = g * self.scale
                     self._grads[p] = self._grads[p] + g if p in self._grads else g
         for p, g in self._grads.items():
-            self.norms_sq[p] = g.reshape(g.shape[0], -1).to(
+            self.norms_sq[p] = g.reshape(g.shape[0], math.prod(g.shape[1:])).to(
                 torch.promote_types(g.dtype, torch.float32)).square().sum(1)
 
     @property

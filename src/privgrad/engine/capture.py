@@ -24,6 +24,13 @@ from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import Capture, LayerRule, RuleRegistry
 
 
+def _inside_torch_func() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, ...): such forwards are someone
+    else's computation (a reference, an analysis), not a training step, and are not recorded."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def trainable_names(module: nn.Module) -> tuple[str, ...]:
     """Names of the parameters the module registered itself that currently require grad."""
     return tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
@@ -95,7 +102,7 @@ class Recorder:
 
     # -- hooks -------------------------------------------------------------------------------
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._busy or not torch.is_grad_enabled():
+        if self._busy or not torch.is_grad_enabled() or _inside_torch_func():
             return
         names = trainable_names(module)
         if not names:

@@ -18,7 +18,19 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-__all__ = ["Capture", "LayerRule"]
+__all__ = ["Capture", "LayerRule", "batched_size"]
+
+
+def batched_size(module: nn.Module, x: torch.Tensor, min_dim: int) -> int:
+    """``x.shape[0]``, after checking that ``x`` has a batch dimension (``>= min_dim`` dims)."""
+    if x.dim() < min_dim:
+        from privgrad.errors import UnsupportedModuleError
+
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} needs a batch dimension (an input of at least {min_dim} "
+            f"dimensions); got an input of shape {tuple(x.shape)}. Add the batch dimension "
+            f"(x.unsqueeze(0)).")
+    return int(x.shape[0])
 
 
 @dataclass
@@ -87,7 +99,7 @@ class LayerRule:
 
     def batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> int:
         """Number of examples in a call (default: size of the first input's first dimension)."""
-        return int(args[0].shape[0])
+        return batched_size(module, args[0], 1)
 
     def per_sample_gradients(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...]

@@ -14,13 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from privgrad.layers.base import Capture, LayerRule
+from privgrad.layers.base import Capture, LayerRule, batched_size
+
+
+def positions(x: torch.Tensor) -> torch.Tensor:
+    """``(b, ..., f) -> (b, t, f)``: all middle dimensions become one (works for b = 0)."""
+    return x.flatten(1, -2) if x.dim() > 2 else x.unsqueeze(1)
 
 
 def _flat(capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
-    a, g = capture.activation, capture.grad_output
-    b = a.shape[0]
-    return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    return positions(capture.activation), positions(capture.grad_output)
 
 
 def linear_ghost_norm_sq(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -37,6 +40,9 @@ class LinearRule(LayerRule):
     has_ghost_norm = True
     weight_name = "weight"
     bias_name = "bias"
+
+    def batch_size(self, module, args, kwargs) -> int:
+        return batched_size(module, args[0], 2)
 
     def per_sample_gradients(self, module: nn.Module, capture: Capture, names):
         a, g = _flat(capture)
@@ -83,4 +89,4 @@ class LinearRule(LayerRule):
 
 def _positions(capture: Capture) -> int:
     a = capture.activation
-    return a.numel() // max(1, a.shape[0] * a.shape[-1])
+    return a[0].numel() // a.shape[-1] if a.shape[0] else 0

@@ -45,7 +45,9 @@ class _LastDimsRule(_AffineNormRule):
 
     def _reduce(self, module, t):
         k = len(module.normalized_shape)
-        return t.reshape(t.shape[0], -1, *t.shape[t.dim() - k:]).sum(1)
+        if t.dim() == k + 1:
+            return t
+        return t.flatten(1, t.dim() - k - 1).sum(1)
 
 
 class LayerNormRule(_LastDimsRule):
@@ -66,7 +68,7 @@ class _ChannelRule(_AffineNormRule):
     """Parameters span the channel dimension 1 (GroupNorm, InstanceNorm)."""
 
     def _reduce(self, module, t):
-        return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+        return t.flatten(2).sum(-1) if t.dim() > 2 else t
 
 
 class GroupNormRule(_ChannelRule):

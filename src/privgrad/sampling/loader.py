@@ -40,7 +40,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
 
 def empty_like_batch(batch):
-    """The same structure as ``batch`` with zero examples."""
+    """The same structure as ``batch`` with zero examples.
+
+    Tensors keep their trailing shape and dtype; a list of plain values (strings, numbers: one
+    per example, as ``default_collate`` makes of strings) becomes empty; containers of tensors
+    keep their structure.
+    """
     if isinstance(batch, torch.Tensor):
         return batch[:0]
     if isinstance(batch, Mapping):
@@ -52,6 +57,8 @@ def empty_like_batch(batch):
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(empty_like_batch(v) for v in batch))
     if isinstance(batch, (tuple, list)):
+        if batch and all(isinstance(v, (str, bytes, int, float, bool)) or v is None for v in batch):
+            return type(batch)()
         return type(batch)(empty_like_batch(v) for v in batch)
     return batch
 

@@ -4,6 +4,11 @@ Each step includes each of the ``N`` records independently with probability ``q`
 draws are exact comparisons of 64-bit random integers against ``floor(q * 2**64)``, so the
 inclusion probability is ``q`` up to ``2**-64``, whatever the source of random bits.
 
+The reproducible source derives step ``t``'s words from ``(seed, t)`` alone, so record ``i``'s
+inclusion at step ``t`` does not depend on ``N``: a data set with one more record gives the same
+batches plus that record wherever it is drawn (the coupling the add-one tests rely on), and a
+resumed run needs only the seed and the step counter.
+
 Privacy:
     The accountant's analysis of the subsampled Gaussian mechanism assumes exactly this:
     independent inclusion with probability ``q`` at every step, and fresh randomness per step.
@@ -23,16 +28,19 @@ from privgrad import _validate
 
 __all__ = ["PoissonSampler", "numpy_bits", "os_bits", "steps_per_epoch"]
 
-Bits = Callable[[int], np.ndarray]
+Bits = Callable[[int, int], np.ndarray]  # (n, step) -> n uniform 64-bit words
 
 
-def numpy_bits(generator: np.random.Generator) -> Bits:
-    """Random 64-bit words from a NumPy generator (reproducible, not secure)."""
-    return lambda n: generator.bit_generator.random_raw(n).astype(np.uint64, copy=False)
+def numpy_bits(seed: int) -> Bits:
+    """Reproducible words: step ``t`` uses PCG64 seeded with ``(seed, t)`` (not secure)."""
+    def bits(n: int, step: int) -> np.ndarray:
+        generator = np.random.default_rng([seed, step])
+        return generator.bit_generator.random_raw(n).astype(np.uint64, copy=False)
+    return bits
 
 
-def os_bits(n: int) -> np.ndarray:
-    """Random 64-bit words from the operating system's CSPRNG (``os.urandom``)."""
+def os_bits(n: int, step: int = 0) -> np.ndarray:
+    """Words from the operating system's CSPRNG (``os.urandom``); ``step`` is ignored."""
     return np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
 
 
@@ -48,7 +56,10 @@ class PoissonSampler:
         num_records: ``N``, the number of records indices are drawn from.
         sample_rate: ``q`` in ``(0, 1]``.
         steps: number of steps per pass over the sampler (default: ``round(1 / q)``).
-        bits: a source of uniform 64-bit words, ``bits(n) -> np.ndarray[uint64]`` of length n.
+        bits: a source of uniform 64-bit words, ``bits(n, step) -> np.ndarray[uint64]``.
+
+    Attributes:
+        step: number of steps sampled so far (the state a checkpoint needs).
     """
 
     def __init__(self, num_records: int, sample_rate: float, *, bits: Bits, steps: int | None = None):
@@ -59,14 +70,17 @@ class PoissonSampler:
         self.steps = steps_per_epoch(self.sample_rate) if steps is None else _validate.positive_int(
             "steps", steps, "Pass the number of steps per epoch, e.g. round(1 / sample_rate).")
         self.bits = bits
+        self.step = 0
         self._threshold = np.uint64(min(int(Fraction(self.sample_rate) * 2**64), 2**64 - 1))
         self._all = self.sample_rate == 1.0
 
     def sample(self) -> np.ndarray:
         """One step's indices (sorted, int64)."""
+        step, self.step = self.step, self.step + 1
         if self._all:
             return np.arange(self.num_records, dtype=np.int64)
-        return np.flatnonzero(self.bits(self.num_records) < self._threshold).astype(np.int64)
+        words = self.bits(self.num_records, step)
+        return np.flatnonzero(words < self._threshold).astype(np.int64)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for _ in range(self.steps):

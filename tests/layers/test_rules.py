@@ -1,0 +1,218 @@
+"""Row 5 of PRIVACY_TESTS.md: every built-in rule's per-sample gradients, norms and weighted
+sums equal the one-example references, in every engine mode, for batch sizes 0, 1 and more."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from tests.layers.cases import check_module
+
+D = torch.float64
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=D)
+
+
+# -- Linear -----------------------------------------------------------------------------------
+@given(b=st.integers(0, 4), middle=st.lists(st.integers(1, 3), max_size=2),
+       d=st.integers(1, 5), p=st.integers(1, 5), bias=st.booleans())
+def test_linear_any_leading_dims(b, middle, d, p, bias):
+    torch.manual_seed(b * 100 + d * 10 + p)
+    check_module(nn.Linear(d, p, bias=bias).double(), (randn(b, *middle, d),))
+
+
+def test_linear_long_sequence_prefers_materialising_and_still_agrees():
+    # T (d + p) > d p: the cost model picks materialising in "auto"; all modes agree.
+    check_module(nn.Linear(2, 2).double(), (randn(3, 9, 2),))
+
+
+def test_linear_partly_frozen():
+    layer = nn.Linear(4, 3).double()
+    layer.weight.requires_grad_(False)
+    ref = check_module(layer, (randn(5, 4),))
+    assert set(ref) == {"bias"}
+
+
+# -- Convolutions -----------------------------------------------------------------------------
+CONV_CASES = [
+    (nn.Conv1d, dict(in_channels=2, out_channels=3, kernel_size=3), (4, 2, 9)),
+    (nn.Conv1d, dict(in_channels=4, out_channels=4, kernel_size=2, stride=2, groups=2, bias=False), (3, 4, 8)),
+    (nn.Conv1d, dict(in_channels=2, out_channels=2, kernel_size=4, padding="same", dilation=2), (2, 2, 10)),
+    (nn.Conv1d, dict(in_channels=2, out_channels=3, kernel_size=3, padding=2, padding_mode="circular"), (2, 2, 7)),
+    (nn.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, padding=1), (3, 3, 6, 6)),
+    (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=(2, 3), stride=(2, 1), dilation=(1, 2), groups=2), (2, 4, 7, 8)),
+    (nn.Conv2d, dict(in_channels=2, out_channels=2, kernel_size=4, padding="same"), (2, 2, 5, 6)),
+    (nn.Conv2d, dict(in_channels=2, out_channels=3, kernel_size=3, padding=1, padding_mode="reflect"), (2, 2, 5, 5)),
+    (nn.Conv2d, dict(in_channels=3, out_channels=3, kernel_size=3, groups=3, padding=1, padding_mode="replicate"), (2, 3, 4, 4)),
+    (nn.Conv3d, dict(in_channels=2, out_channels=3, kernel_size=2), (2, 2, 3, 4, 3)),
+    (nn.Conv3d, dict(in_channels=2, out_channels=2, kernel_size=3, stride=2, padding=1, dilation=(1, 2, 1), groups=2), (2, 2, 5, 6, 5)),
+    (nn.Conv3d, dict(in_channels=1, out_channels=2, kernel_size=(3, 2, 2), padding="same"), (2, 1, 4, 4, 3)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kind,kwargs,shape", CONV_CASES,
+                         ids=[f"{k.__name__}-{i}" for i, (k, _, _) in enumerate(CONV_CASES)])
+def test_convolutions(kind, kwargs, shape):
+    check_module(kind(**kwargs).double(), (randn(*shape),))
+
+
+@given(b=st.integers(0, 3), c_in=st.integers(1, 3), c_out=st.integers(1, 3),
+       k=st.integers(1, 3), stride=st.integers(1, 2), size=st.integers(3, 6))
+def test_conv2d_shapes(b, c_in, c_out, k, stride, size):
+    check_module(nn.Conv2d(c_in, c_out, k, stride=stride).double(), (randn(b, c_in, size, size),))
+
+
+# -- Embeddings -------------------------------------------------------------------------------
+@given(b=st.integers(0, 4), t=st.integers(1, 6), vocab=st.integers(1, 6),
+       padding=st.booleans())
+def test_embedding_repeated_tokens_and_padding(b, t, vocab, padding):
+    layer = nn.Embedding(vocab, 3, padding_idx=0 if padding else None).double()
+    idx = torch.randint(0, vocab, (b, t))  # small vocabularies force repeated tokens
+    check_module(layer, (idx,))
+
+
+def test_embedding_index_shapes():
+    layer = nn.Embedding(7, 2).double()
+    check_module(layer, (torch.randint(0, 7, (3,)),))
+    check_module(layer, (torch.randint(0, 7, (3, 2, 4)),))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("padding", [None, 1])
+def test_embedding_bag_2d(mode, padding):
+    layer = nn.EmbeddingBag(6, 3, mode=mode, padding_idx=padding).double()
+    idx = torch.randint(0, 6, (4, 5))
+    idx[0] = 1  # a bag made only of padding (when padding_idx=1)
+    check_module(layer, (idx,))
+
+
+def bag_example(idx, offsets, weights=None):
+    """Example i of a flat EmbeddingBag call = its own bag, with offsets [0]."""
+    bounds = offsets.tolist() + [idx.shape[0]]
+
+    def example(i):
+        a, b = bounds[i], bounds[i + 1]
+        kwargs = {"per_sample_weights": weights[a:b]} if weights is not None else {}
+        return (idx[a:b], torch.tensor([0])), kwargs
+    return example
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_offsets_with_empty_bags(mode):
+    layer = nn.EmbeddingBag(5, 2, mode=mode).double()
+    idx = torch.tensor([1, 1, 3, 4, 0, 2, 2, 2])
+    offsets = torch.tensor([0, 3, 3, 6])  # bag 1 is empty
+    check_module(layer, (idx, offsets), batch=4, example=bag_example(idx, offsets))
+
+
+def test_embedding_bag_per_sample_weights():
+    layer = nn.EmbeddingBag(5, 2, mode="sum").double()
+    idx = torch.tensor([1, 1, 3, 4, 0, 2])
+    offsets = torch.tensor([0, 2, 4])
+    w = torch.rand(6, dtype=D)
+    check_module(layer, (idx, offsets), {"per_sample_weights": w}, batch=3,
+                 example=bag_example(idx, offsets, w))
+
+
+def test_embedding_bag_include_last_offset():
+    layer = nn.EmbeddingBag(5, 2, mode="mean", include_last_offset=True).double()
+    idx = torch.tensor([1, 2, 3, 4, 4])
+    offsets = torch.tensor([0, 2, 5])
+    example = bag_example(idx, offsets[:-1])
+    check_module(layer, (idx, offsets), batch=2,
+                 example=lambda i: ((example(i)[0][0], torch.tensor([0, example(i)[0][0].shape[0]])), {}))
+
+
+# -- Normalisation ----------------------------------------------------------------------------
+NORM_CASES = [
+    (nn.LayerNorm(4), (3, 4)),
+    (nn.LayerNorm((2, 3)), (3, 5, 2, 3)),
+    (nn.LayerNorm(4, bias=False), (2, 6, 4)),
+    (nn.GroupNorm(2, 4), (3, 4, 5)),
+    (nn.GroupNorm(3, 6), (2, 6, 3, 3)),
+    (nn.InstanceNorm1d(3, affine=True), (3, 3, 7)),
+    (nn.InstanceNorm2d(2, affine=True), (2, 2, 4, 4)),
+    (nn.InstanceNorm3d(2, affine=True), (2, 2, 3, 3, 3)),
+    (nn.RMSNorm(5), (3, 5)),
+    (nn.RMSNorm(4, eps=1e-3), (2, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("layer,shape", NORM_CASES, ids=[repr(c[0]) for c in NORM_CASES])
+@pytest.mark.parametrize("b", [0, 1, 3])
+def test_norm_layers(layer, shape, b):
+    if b == 0 and isinstance(layer, nn.modules.instancenorm._InstanceNorm):
+        with pytest.raises(IndexError):  # torch's own InstanceNorm cannot run an empty batch
+            layer(randn(0, *shape[1:]))
+        return
+    check_module(layer.double(), (randn(b, *shape[1:]),))
+
+
+def test_instance_norm_eval_with_running_stats():
+    layer = nn.InstanceNorm2d(2, affine=True, track_running_stats=True).double()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.3, -0.2]))
+        layer.running_var.copy_(torch.tensor([2.0, 0.5]))
+    layer.eval()
+    check_module(layer, (randn(3, 2, 3, 3),))
+
+
+# -- Generic torch.func rule ------------------------------------------------------------------
+class ScaleShift(nn.Module):
+    """A custom layer with raw parameters and no dedicated rule."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+        self.shift = nn.Parameter(torch.randn(d))
+
+    def forward(self, x, mask=None):
+        y = torch.tanh(x * self.scale + self.shift)
+        return y if mask is None else y * mask
+
+
+def test_generic_rule_on_custom_layer():
+    check_module(ScaleShift(4).double(), (randn(5, 3, 4),))
+
+
+def test_generic_rule_unbatched_keyword_input():
+    # mask has no batch dimension: it is passed whole to every example
+    check_module(ScaleShift(4).double(), (randn(3, 2, 4),), {"mask": randn(2, 4)})
+
+
+def test_generic_rule_batch_sizes_zero_and_one():
+    for b in (0, 1):
+        check_module(ScaleShift(3).double(), (randn(b, 3),))
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return x * self.w, (x * self.w).sum(-1)
+
+
+def test_generic_rule_several_outputs():
+    module = TwoOutputs().double()
+    x = randn(4, 3)
+    r1, r2 = randn(4, 3), randn(4)
+
+    from privgrad.engine import PerSampleGradients
+    from tests.reference import assert_close, func_per_example
+
+    def loss(i, out):
+        return (out[0] * r1[i:i + 1]).sum() + (out[1] * r2[i:i + 1]).sum()
+
+    ref = func_per_example(module, lambda i: ((x[i:i + 1],), {}), loss, 4)
+    with PerSampleGradients(module) as psg:
+        a, b = module(x)
+        ((a * r1).sum() + (b * r2).sum()).backward()
+    assert_close(psg.gradients["w"], ref["w"])

@@ -1,0 +1,122 @@
+"""The privacy conformance rows of PRIVACY_TESTS.md that concern the core (1-4, 6, 7, 9-11;
+row 5 is tests/layers, row 8 tests/sampling plus the engine's loader below)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from privgrad import PrivacyEngine
+from privgrad.engine import PerSampleGradients
+from privgrad.errors import ModelValidationError
+from tests.helpers import loader
+from tests.privacy import checks
+
+MODES = ["auto", "ghost", "materialize"]
+CASES = {c.name: c for c in checks.CASES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_row1_noise_distribution(reduction):
+    checks.check_noise_distribution(reduction)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_row2_noise_on_every_parameter(mode):
+    checks.check_noise_on_every_parameter(mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_row3_clipping_bound(case, mode):
+    checks.check_clipping_bound(CASES[case], mode)
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv", "tied"])
+def test_row3_per_layer_bounds(case):
+    checks.check_clipping_bound(CASES[case], "auto", clipping="per_layer")
+
+
+@pytest.mark.parametrize("mode", ["auto", "materialize"])
+@pytest.mark.parametrize("case", ["mlp", "bag", "tied"])
+def test_row4_add_one_sensitivity(case, mode):
+    checks.check_add_one_sensitivity(CASES[case], mode)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_row6_no_cross_example_interaction(case):
+    c = CASES[case]
+    model = c.model().double()
+    g = torch.Generator().manual_seed(0)
+    x1, y1 = c.inputs(5, g)
+    x2, y2 = c.inputs(5, g)
+    x1, x2 = checks._cast(x1), checks._cast(x2)
+    x2[0], y2[0] = x1[0], y1[0]  # record 0 is the same; the other members change
+    rows = []
+    for x, y in ((x1, y1), (x2, y2)):
+        with PerSampleGradients(model) as psg:
+            c.losses(model(x), y).sum().backward()
+        rows.append({n: g[0] for n, g in psg.gradients.items()})
+        model.zero_grad()
+    for name in rows[0]:
+        assert torch.allclose(rows[0][name], rows[1][name], rtol=1e-12, atol=1e-14), name
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_row6_batch_norm_refused_even_when_frozen(frozen):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    if frozen:
+        model[1].requires_grad_(False)
+    with pytest.raises(ModelValidationError, match="BatchNorm"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=loader(torch.utils.data.TensorDataset(torch.randn(8, 3))),
+                                     noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_row7_non_finite_records(case, mode):
+    checks.check_non_finite_record(CASES[case], mode)
+
+
+def test_row7_non_finite_per_layer():
+    checks.check_non_finite_record(CASES["mlp"], "auto", clipping="per_layer")
+
+
+@pytest.mark.slow
+def test_row8_engine_loader_is_poisson():
+    checks.check_engine_loader_is_poisson()
+
+
+def test_calibrated_noise_meets_the_target():
+    checks.check_epsilon_target()
+
+
+@pytest.mark.slow
+def test_row9_empty_batches():
+    checks.check_empty_batches_are_noised_and_counted()
+
+
+def test_row10_size_declared_private():
+    checks.check_size_independent()
+
+
+def test_row10_default_treats_the_size_as_public():
+    qs = []
+    for n in (200, 201):
+        model = nn.Linear(3, 2)
+        engine = PrivacyEngine(accountant="rdp")
+        engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                            data_loader=loader(torch.utils.data.TensorDataset(torch.randn(n, 3)), 8),
+                            noise_multiplier=1.0, max_grad_norm=1.0)
+        qs.append(engine.settings.sample_rate)
+    assert qs == [8 / 200, 8 / 201]  # documented: q = batch_size / len(dataset)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["auto", "materialize"])
+def test_row11_virtual_batches(mode):
+    checks.check_virtual_batches(mode)
