@@ -1,0 +1,52 @@
+"""Empirical privacy auditing: measure, in one training run, how much privacy a run really has.
+
+White-box gradient canaries (``canaries``, torch) go through privgrad's real Poisson sampler,
+clipping and noise; the one-run lower bound of Steinke, Nasr and Jagielski (2023) and the
+conformance tests (``statistics``), the simulated band of a correct implementation
+(``simulation``) and the report with its verdict (``report``) run in NumPy. ``builtin`` is the
+audit behind ``privgrad audit``. See docs/auditing.md.
+
+Names are imported lazily, so ``import privgrad.auditing.statistics`` (or ``simulation``,
+``report``) never imports torch.
+
+>>> from privgrad.auditing import run_builtin_audit, BuiltinAudit
+>>> print(run_builtin_audit(BuiltinAudit(epsilon=4.0)).text())   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "GradientCanaries": "privgrad.auditing.canaries",
+    "CanaryDataset": "privgrad.auditing.canaries",
+    "CanaryBatch": "privgrad.auditing.canaries",
+    "ModelWithCanaries": "privgrad.auditing.canaries",
+    "BuiltinAudit": "privgrad.auditing.builtin",
+    "run_builtin_audit": "privgrad.auditing.builtin",
+    "AuditReport": "privgrad.auditing.report",
+    "Observations": "privgrad.auditing.report",
+    "evaluate": "privgrad.auditing.report",
+    "AuditSettings": "privgrad.auditing.simulation",
+    "Band": "privgrad.auditing.simulation",
+    "simulate_band": "privgrad.auditing.simulation",
+    "one_run_lower_bound": "privgrad.auditing.statistics",
+    "one_run_p_value": "privgrad.auditing.statistics",
+    "ceiling": "privgrad.auditing.statistics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'privgrad.auditing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
