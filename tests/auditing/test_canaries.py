@@ -1,0 +1,147 @@
+"""Gradient canaries through privgrad's real engine: exact contribution C, inclusion as sampled,
+the user's model untouched, and refusals of what the audit cannot describe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privgrad import PrivacyEngine
+from privgrad.auditing import CanaryBatch, GradientCanaries
+from privgrad.errors import ConfigError, PrivacyStateError
+
+N, FEATURES, CLASSES = 60, 5, 3
+
+
+def records(n: int = N) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, FEATURES, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+
+
+def private_run(canaries: GradientCanaries, *, noise_multiplier=1e-4, max_grad_norm=0.5,
+                sample_rate=0.3, loss_reduction="mean", clipping="flat", watch=True):
+    model = nn.Linear(FEATURES, CLASSES)
+    module = canaries.module_with(model)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    data = canaries.dataset(records())
+    loader = DataLoader(data, batch_size=10, collate_fn=data.collate)
+    engine = PrivacyEngine()
+    module, optimizer, loader = engine.make_private(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, sample_rate=sample_rate, clipping=clipping,
+        expected_batch_size=sample_rate * len(data), loss_reduction=loss_reduction)
+    if watch:
+        canaries.watch(engine, optimizer)
+    return engine, module, optimizer, loader, model
+
+
+def train(engine, module, optimizer, loader, canaries, steps: int, reduction="mean"):
+    while engine.steps < steps:
+        for (x, y), ids in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(module(x), y, reduction=reduction).backward()
+            canaries.backward(ids)
+            optimizer.step()
+            if engine.steps >= steps:
+                break
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_sampled_canary_adds_exactly_c(reduction):
+    canaries = GradientCanaries(40, seed=1)
+    run = private_run(canaries, loss_reduction=reduction)
+    train(*run[:4], canaries, steps=12, reduction=reduction)
+    obs = canaries.observations()
+    assert obs.released.shape == (12, 40) and obs.steps == run[0].steps
+    c = 0.5
+    assert obs.sampled.any()
+    np.testing.assert_allclose(obs.released[obs.sampled], c, atol=1e-3 * c)
+    assert np.abs(obs.released[~obs.sampled]).max() < 1e-3 * c
+    assert not obs.sampled[:, ~obs.included].any()  # excluded canaries are not in the data
+    assert obs.sampled.sum() > 0 and np.array_equal(obs.included, canaries.included)
+
+
+def test_the_user_model_is_untouched():
+    canaries = GradientCanaries(10, seed=2)
+    model = nn.Linear(FEATURES, CLASSES)
+    keys = list(model.state_dict())
+    both = canaries.module_with(model)
+    assert both.model is model and both.canaries is canaries.head
+    assert list(model.state_dict()) == keys
+    x = torch.randn(4, FEATURES)
+    assert torch.equal(both(x), model(x))
+
+
+def test_collate_splits_records_and_canaries():
+    canaries = GradientCanaries(30, seed=3)
+    data = canaries.dataset(records(8))
+    assert len(data) == 8 + int(canaries.included.sum())
+    ids = np.flatnonzero(canaries.included)
+    batch = data.collate([data[0], data[9], data[3], data[8]])
+    assert isinstance(batch, CanaryBatch)
+    assert batch.records[0].shape == (2, FEATURES) and batch.canary_ids.tolist() == [ids[1], ids[0]]
+    only_canaries = data.collate([data[8]])
+    assert only_canaries.records[0].shape == (0, FEATURES) and only_canaries.records[1].shape == (0,)
+    no_records = GradientCanaries(5, seed=4).dataset(records(0))
+    assert no_records.collate([no_records[0]]).records is None
+
+
+def test_report_of_a_small_run_uses_the_engine_settings():
+    canaries = GradientCanaries(100, seed=5)
+    engine, *rest = private_run(canaries, noise_multiplier=2.0, max_grad_norm=1.0)
+    train(engine, *rest[:3], canaries, steps=20)
+    report = canaries.report(engine, delta=1e-5, guesses=(10, 10), simulations=100, seed=6)
+    s = report.settings
+    assert (s.num_canaries, s.steps, s.noise_multiplier, s.max_grad_norm) == (100, 20, 2.0, 1.0)
+    assert s.sample_rate == engine.settings.sample_rate
+    assert report.accountant_epsilon == engine.get_epsilon(1e-5)
+    assert report.verdict == "consistent", report.text()
+
+
+def test_watch_refuses_what_the_audit_cannot_describe():
+    canaries = GradientCanaries(10, seed=7)
+    engine = PrivacyEngine()
+    with pytest.raises(PrivacyStateError, match="canaries.watch needs an engine after make_private"):
+        canaries.watch(engine, torch.optim.SGD(canaries.head.parameters(), lr=0.1))
+    canaries = GradientCanaries(10, seed=7)
+    engine, _, optimizer, *_ = private_run(canaries, clipping="per_layer", watch=False)
+    with pytest.raises(ConfigError, match="the canary audit needs flat clipping"):
+        canaries.watch(engine, optimizer)
+    canaries = GradientCanaries(10, seed=7, magnitude=100.0)
+    engine, _, optimizer, *_ = private_run(canaries, watch=False)
+    with pytest.raises(ConfigError, match="max_grad_norm must be below magnitude / 1000"):
+        canaries.watch(engine, optimizer)
+    canaries = GradientCanaries(10, seed=7)
+    engine, module, optimizer, *_ = private_run(canaries, watch=False)
+    with pytest.raises(ConfigError, match="the optimizer passed to make_private"):
+        canaries.watch(engine, torch.optim.SGD(module.parameters(), lr=0.1))
+
+
+def test_watch_refuses_a_frozen_head():
+    canaries = GradientCanaries(10, seed=8)
+    canaries.head.weight.requires_grad_(False)
+    engine, _, optimizer, *_ = private_run(canaries, watch=False)
+    with pytest.raises(ConfigError, match="the optimizer must update the canary head"):
+        canaries.watch(engine, optimizer)
+
+
+def test_every_step_must_be_seen_once():
+    canaries = GradientCanaries(20, seed=9)
+    engine, module, optimizer, loader, _ = private_run(canaries, watch=False)
+    with pytest.raises(PrivacyStateError, match="the canaries recorded no step"):
+        canaries.observations()
+    train(engine, module, optimizer, loader, canaries, steps=1)
+    with pytest.raises(PrivacyStateError, match="must be called once, before the first step"):
+        canaries.watch(engine, optimizer)
+
+
+def test_a_canary_twice_in_one_step_is_refused():
+    canaries = GradientCanaries(20, seed=10)
+    private_run(canaries)
+    canaries.backward(torch.tensor([1, 2]))
+    with pytest.raises(PrivacyStateError, match="each canary may enter a step at most once"):
+        canaries.backward(torch.tensor([2]))
