@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "demo": ("privgrad.cli.demo", "train a small model privately on bundled real data"),
     "epsilon": ("privgrad.cli.accounting", "epsilon of a training run (PLD or RDP accountant)"),
     "noise": ("privgrad.cli.accounting", "noise multiplier that reaches a target epsilon"),
+    "audit": ("privgrad.cli.audit", "audit privgrad's privacy empirically on a built-in model (one run)"),
 }
 
 
