@@ -301,12 +301,23 @@ class PrivacyEngine:
                               paths=self._recorder.paths)
         self._clipped.add(batch, set(_privatised(self._optimizer)))
 
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def _before_step(self, optimizer, args, kwargs):
+        replaced = None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: optimizer
+        if closure is not None:
+            # optimizer.step(closure) (LBFGS, Lightning): step pre-hooks run before the optimizer
+            # calls the closure, whose backward would then leave the raw gradient in p.grad.
+            # Run it here, privatise its gradients, and give the optimizer a closure that only
+            # returns the same loss.
+            with torch.enable_grad():
+                loss = closure()
+            replaced = (args if "closure" in kwargs else args[:1] + args[2:],
+                        {**kwargs, "closure": lambda: loss})
         params = _privatised(optimizer)
         if not self._release_now:  # an earlier chunk of a virtual batch: no update yet
             for p in params:
                 p.grad = None
-            return
+            return replaced
         _check_ownership(self._module, optimizer)
         s = self.settings
         sums = self.reduce_sums(self._clipped.sums)
@@ -318,6 +329,7 @@ class PrivacyEngine:
         self.steps += 1
         self.last_step_stats = self._clipped.stats
         self._clipped.reset()
+        return replaced
 
     def normaliser(self) -> float:
         """What the noisy sum is divided by: the *expected* batch size for a mean-reduced loss
