@@ -108,17 +108,29 @@ def test_input_modified_in_place_after_use_is_an_error():
             out.sum().backward()
 
 
-def test_broadcast_batch_of_one_is_an_error():
-    class Positional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok, self.pos = nn.Embedding(5, 3), nn.Embedding(4, 3)
+class Positional(nn.Module):
+    """Position embeddings looked up with a batch dimension of 1, as BERT and GPT-2 do."""
 
-        def forward(self, idx):
-            positions = torch.arange(idx.shape[1]).unsqueeze(0)  # batch dimension of 1
-            return self.tok(idx) + self.pos(positions)
+    def __init__(self, positions_first=False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(5, 3), nn.Embedding(4, 3)
+        self.positions_first = positions_first
 
-    model = Positional()
+    def forward(self, idx):
+        positions = torch.arange(idx.shape[1]).unsqueeze(0)  # batch dimension of 1
+        if self.positions_first:
+            p = self.pos(positions)
+            return p + self.tok(idx)
+        return self.tok(idx) + self.pos(positions)
+
+
+def test_batch_of_one_broadcast_over_the_batch_gets_per_example_gradients():
+    ref = check_module(Positional().double(), (torch.randint(0, 5, (3, 4)),))
+    assert ref["pos.weight"].shape == (3, 4, 3)
+
+
+def test_batch_of_one_before_any_batch_is_still_an_error():
+    model = Positional(positions_first=True)
     with pytest.raises(PrivacyStateError, match="same number of examples"):
         with PerSampleGradients(model):
             model(torch.randint(0, 5, (3, 4))).sum().backward()

@@ -22,7 +22,6 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from privgrad.errors import PrivacyStateError
 from privgrad.layers import Capture
@@ -40,20 +39,9 @@ def _use_ghost(capture: Capture, mode: str) -> bool:
 
 
 def masked(capture: Capture, keep: torch.Tensor) -> Capture:
-    """A copy of ``capture`` whose batch-major float tensors are zero for dropped examples."""
-    b = capture.batch_size
-
-    def zero_rows(x):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() and x.shape[0] == b:
-            return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return x
-
-    return Capture(
-        module=capture.module, args=tree_map(zero_rows, capture.args),
-        kwargs=tree_map(zero_rows, capture.kwargs), batch_size=b, names=capture.names,
-        output_index=capture.output_index,
-        grad_outputs=[zero_rows(g) for g in capture.grad_outputs], rule=capture.rule,
-    )
+    """A copy of ``capture`` in which dropped examples contribute zero (the rule knows where its
+    tensors keep the batch)."""
+    return capture.rule.masked(capture, keep)
 
 
 class BackwardBatch:
@@ -93,29 +81,29 @@ class BackwardBatch:
         uses: dict[nn.Parameter, int] = defaultdict(int)
         for c in captures:
             for n in c.names:
-                uses[getattr(c.module, n)] += 1
+                uses[c.module.get_parameter(n)] += 1
 
         for c in captures:
             module = c.module
-            shared = tuple(n for n in c.names if uses[getattr(module, n)] > 1)
+            shared = tuple(n for n in c.names if uses[module.get_parameter(n)] > 1)
             single = tuple(n for n in c.names if n not in shared)
             ghost = bool(single) and _use_ghost(c, mode)
             self.methods[paths.get(module, type(module).__name__)] = (
                 "ghost" if ghost else "materialize")
             if self.batch_size == 0:
                 for n in c.names:
-                    p = getattr(module, n)
+                    p = module.get_parameter(n)
                     self._grads[p] = p.new_zeros((0, *p.shape))
                 continue
             if ghost:
                 for n, sq in c.rule.ghost_norms_sq(module, c, single).items():
-                    self.norms_sq[getattr(module, n)] = sq * self.scale**2
+                    self.norms_sq[module.get_parameter(n)] = sq * self.scale**2
                 self._ghost.append((c, single))
                 single = ()
             names = single + shared
             if names:
                 for n, g in c.rule.per_sample_gradients(module, c, names).items():
-                    p = getattr(module, n)
+                    p = module.get_parameter(n)
                     g = g * self.scale
                     self._grads[p] = self._grads[p] + g if p in self._grads else g
         for p, g in self._grads.items():
@@ -152,7 +140,7 @@ class BackwardBatch:
                 c = masked(c, keep)
             groups = [names] if not isinstance(weights, dict) else [(n,) for n in names]
             for group in groups:
-                w = w_of(getattr(c.module, group[0])) * self.scale
+                w = w_of(c.module.get_parameter(group[0])) * self.scale
                 for n, s in c.rule.weighted_sum(c.module, c, group, w).items():
-                    out[getattr(c.module, n)] = s
+                    out[c.module.get_parameter(n)] = s
         return out

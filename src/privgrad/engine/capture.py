@@ -9,6 +9,20 @@ callback queued on its engine hands the completed captures over in one list.
 
 Nothing is stored on the module or its parameters: the recorder keeps its own list, cleared
 after every backward pass, and removes its hooks through their handles on :meth:`detach`.
+
+A call that sees one example while the rest of the forward pass sees ``B`` (position embeddings
+built from ``arange(T).unsqueeze(0)``, as in BERT and GPT-2) is *broadcast*: its inputs and
+outputs are expanded to ``B`` identical rows before anything uses them, so the tensor hook
+receives each example's own output gradient instead of their sum, and the rule sees an ordinary
+batch of ``B``.
+
+Privacy:
+    Broadcasting is exact when the batch-of-one output meets the batch through broadcasting
+    arithmetic (``x + pos``, ``x * mask``), which is how such outputs are used. Code that instead
+    indexes or reduces that output along dimension 0 (``pos[0]``, ``pos.sum(0)``) would send the
+    whole batch's gradient through one row; compute such a tensor without a batch dimension of 1
+    (or freeze the layer). A call whose batch is 1 before any call has seen ``B`` is not
+    broadcast, and the pass is refused as before.
 """
 
 from __future__ import annotations
@@ -18,7 +32,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import Capture, LayerRule, RuleRegistry
@@ -31,9 +45,13 @@ def _inside_torch_func() -> bool:
     return peek is not None and peek() is not None
 
 
-def trainable_names(module: nn.Module) -> tuple[str, ...]:
-    """Names of the parameters the module registered itself that currently require grad."""
-    return tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+def trainable_names(module: nn.Module, children: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Names of the parameters the module registered itself that currently require grad, then
+    those of ``children`` (as ``"child.name"``) that its rule serves."""
+    own = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+    return own + tuple(
+        f"{c}.{n}" for c in children
+        for n, p in module.get_submodule(c).named_parameters(recurse=False) if p.requires_grad)
 
 
 def unsupported_message(path: str, module: nn.Module, reason: str) -> str:
@@ -68,6 +86,8 @@ class Recorder:
         self.on_backward = on_backward
         self.paths = {m: name for name, m in module.named_modules(remove_duplicate=False)}
         self._rules: dict[nn.Module, LayerRule] = {}
+        self._children: dict[nn.Module, tuple[str, ...]] = {}
+        self._forward_batch: int | None = None  # batch of the first call in this forward pass
         self._captures: list[Capture] = []
         self._handles: list = []
         self._callback_queued = False
@@ -78,6 +98,13 @@ class Recorder:
         """Hook every module that owns parameters (trainable now or possibly later)."""
         for m in {m for m in self.paths if any(True for _ in m.parameters(recurse=False))}:
             self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
+            rule = self.registry.dedicated(m)
+            if rule is not None and rule.serves_children:
+                self._children[m] = rule.serves_children
+        self._handles.append(self.module.register_forward_pre_hook(self._forward_starts))
+
+    def _forward_starts(self, module: nn.Module, args: tuple) -> None:
+        self._forward_batch = None
 
     def detach(self) -> None:
         for h in self._handles:
@@ -101,25 +128,34 @@ class Recorder:
         return rule
 
     # -- hooks -------------------------------------------------------------------------------
-    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if self._busy or not torch.is_grad_enabled() or _inside_torch_func():
-            return
-        names = trainable_names(module)
+            return None
+        names = trainable_names(module, self._children.get(module, ()))
         if not names:
-            return
+            return None
         rule = self.rule_for(module)
-        leaves, _ = tree_flatten(output)
+        leaves, spec = tree_flatten(output)
         index = tuple(
             i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad
         )
         if not index:
-            return
+            return None
+        batch, replaced = rule.batch_size(module, args, kwargs), None
+        if self._forward_batch is None:
+            self._forward_batch = batch
+        elif batch == 1 < self._forward_batch and rule.batch_dim(module) == 0 and all(
+                leaves[i].dim() and leaves[i].shape[0] == 1 for i in index):
+            batch = self._forward_batch
+            args, kwargs = tree_map(partial(_expand_one, batch), (args, kwargs))
+            leaves = [_expand_one(batch, x) if i in index else x for i, x in enumerate(leaves)]
+            replaced = tree_unflatten(leaves, spec)
         inputs, _ = tree_flatten((args, kwargs))
         capture = Capture(
             module=module,
             args=args,
             kwargs=kwargs,
-            batch_size=rule.batch_size(module, args, kwargs),
+            batch_size=batch,
             names=names,
             output_index=index,
             grad_outputs=[None] * len(index),
@@ -130,6 +166,7 @@ class Recorder:
         self._captures.append(capture)
         for slot, i in enumerate(index):
             leaves[i].register_hook(partial(self._grad_hook, capture, slot))
+        return replaced  # None keeps the module's own output
 
     def _grad_hook(self, capture: Capture, slot: int, grad: torch.Tensor) -> None:
         capture.grad_outputs[slot] = grad
@@ -139,6 +176,7 @@ class Recorder:
 
     def _backward_end(self) -> None:
         self._callback_queued = False
+        self._forward_batch = None
         captures, self._captures = self._captures, []
         done = []
         for c in captures:
@@ -168,3 +206,10 @@ class Recorder:
                 f"place after the module used it, so its per-sample gradients cannot be computed "
                 f"from it. Replace the in-place operation that follows {path} with an "
                 f"out-of-place one (e.g. x = x + y instead of x += y).")
+
+
+def _expand_one(batch: int, x):
+    """``x`` with a leading dimension of 1 expanded (a view) to ``batch`` rows; others as is."""
+    if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    return x

@@ -7,7 +7,8 @@ stored inputs and output gradients (book-keeping, Bu et al. 2023). The engine ne
 else from a layer, so a custom layer is supported by one small subclass of :class:`LayerRule`.
 
 Conventions: ``b`` indexes the examples of the batch. Every tensor a rule returns is per parameter
-name (the name under which the module itself registered it, e.g. ``"weight"``).
+name (the name under which the module itself registered it, e.g. ``"weight"``, or
+``"child.weight"`` for a child listed in :attr:`LayerRule.serves_children`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 __all__ = ["Capture", "LayerRule", "batched_size"]
 
@@ -52,6 +54,8 @@ class Capture:
         rule: the rule serving the module (engine bookkeeping).
         output_like: the hooked outputs until backward ends (engine bookkeeping, to build zero
             gradients for outputs autograd did not reach).
+        scratch: the rule's own per-call working space (e.g. a recomputation that both the norm
+            and the weighted sum need), dropped with the capture after the step.
     """
 
     module: nn.Module
@@ -64,6 +68,7 @@ class Capture:
     versions: tuple = ()
     rule: LayerRule | None = None
     output_like: list | None = None
+    scratch: dict = field(default_factory=dict)
 
     @property
     def activation(self) -> torch.Tensor:
@@ -92,6 +97,9 @@ class LayerRule:
     """
 
     has_ghost_norm: ClassVar[bool] = False
+    #: Children whose parameters this rule also serves (as ``"child.name"``), because the module
+    #: applies them itself instead of calling the child (``nn.MultiheadAttention.out_proj``).
+    serves_children: ClassVar[tuple[str, ...]] = ()
 
     def check(self, module: nn.Module) -> str | None:
         """Return why this module's configuration is unsupported, or ``None`` if it is fine."""
@@ -100,6 +108,33 @@ class LayerRule:
     def batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> int:
         """Number of examples in a call (default: size of the first input's first dimension)."""
         return batched_size(module, args[0], 1)
+
+    def batch_dim(self, module: nn.Module) -> int | None:
+        """The batch dimension of the module's tensor inputs and outputs: 0 (the default), 1 for
+        sequence-first layers, ``None`` where it differs between them. The engine broadcasts a
+        batch-of-one call to the forward pass's batch only when this is 0."""
+        return 0
+
+    def masked(self, capture: Capture, keep: torch.Tensor) -> Capture:
+        """A copy of ``capture`` in which dropped examples (``keep[b]`` False) contribute zero.
+
+        The default zeroes the rows of every batch-major floating tensor (inputs and output
+        gradients). A rule whose tensors are not all batch-major overrides it.
+        """
+        b = capture.batch_size
+
+        def zero_rows(x):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() and x.shape[0] == b:
+                return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x,
+                                   torch.zeros((), dtype=x.dtype, device=x.device))
+            return x
+
+        return Capture(
+            module=capture.module, args=tree_map(zero_rows, capture.args),
+            kwargs=tree_map(zero_rows, capture.kwargs), batch_size=b, names=capture.names,
+            output_index=capture.output_index,
+            grad_outputs=[zero_rows(g) for g in capture.grad_outputs], rule=capture.rule,
+        )
 
     def per_sample_gradients(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...]
