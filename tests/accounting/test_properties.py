@@ -70,7 +70,7 @@ def test_never_nan_or_negative(name, sigma, q, steps, delta):
     assert math.isinf(value) == (sigma == 0 and steps > 0)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=names,
     target=st.floats(0.5, 10.0),
