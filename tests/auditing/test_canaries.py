@@ -39,12 +39,11 @@ def private_run(canaries: GradientCanaries, *, noise_multiplier=1e-4, max_grad_n
     return engine, module, optimizer, loader, model
 
 
-def train(engine, module, optimizer, loader, canaries, steps: int, reduction="mean"):
+def train(engine, module, optimizer, loader, canaries, steps: int):
     while engine.steps < steps:
         for (x, y), ids in loader:
             optimizer.zero_grad()
-            F.cross_entropy(module(x), y, reduction=reduction).backward()
-            canaries.backward(ids)
+            canaries.loss(F.cross_entropy(module(x), y, reduction="none"), ids).backward()
             optimizer.step()
             if engine.steps >= steps:
                 break
@@ -54,7 +53,7 @@ def train(engine, module, optimizer, loader, canaries, steps: int, reduction="me
 def test_a_sampled_canary_adds_exactly_c(reduction):
     canaries = GradientCanaries(40, seed=1)
     run = private_run(canaries, loss_reduction=reduction)
-    train(*run[:4], canaries, steps=12, reduction=reduction)
+    train(*run[:4], canaries, steps=12)
     obs = canaries.observations()
     assert obs.released.shape == (12, 40) and obs.steps == run[0].steps
     c = 0.5
@@ -76,18 +75,38 @@ def test_the_user_model_is_untouched():
     assert torch.equal(both(x), model(x))
 
 
-def test_collate_splits_records_and_canaries():
+def test_collate_puts_a_filler_row_per_canary():
     canaries = GradientCanaries(30, seed=3)
     data = canaries.dataset(records(8))
     assert len(data) == 8 + int(canaries.included.sum())
     ids = np.flatnonzero(canaries.included)
     batch = data.collate([data[0], data[9], data[3], data[8]])
     assert isinstance(batch, CanaryBatch)
-    assert batch.records[0].shape == (2, FEATURES) and batch.canary_ids.tolist() == [ids[1], ids[0]]
+    x, y = batch.records
+    assert x.shape == (4, FEATURES) and batch.canary_ids.tolist() == [-1, -1, ids[1], ids[0]]
+    assert torch.equal(x[2], records(8)[0][0]) and torch.equal(x[3], records(8)[0][0])
     only_canaries = data.collate([data[8]])
-    assert only_canaries.records[0].shape == (0, FEATURES) and only_canaries.records[1].shape == (0,)
-    no_records = GradientCanaries(5, seed=4).dataset(records(0))
-    assert no_records.collate([no_records[0]]).records is None
+    assert only_canaries.records[0].shape == (1, FEATURES)
+    empty = data.collate([])
+    assert empty.records[0].shape == (0, FEATURES) and empty.canary_ids.shape == (0,)
+    with pytest.raises(ConfigError, match="the canaries need a filler record"):
+        GradientCanaries(5, seed=4).dataset(records(0))
+    no_records = GradientCanaries(5, seed=4).dataset(records(0), filler=records(1)[0])
+    assert no_records.collate([no_records[0]]).records[0].shape == (1, FEATURES)
+
+
+def test_filler_rows_add_nothing_to_the_model():
+    """A batch of canaries only, noise off: the model's parameters get exactly zero."""
+    canaries = GradientCanaries(30, seed=11)
+    engine, module, optimizer, _, model = private_run(canaries, noise_multiplier=0.0)
+    data = canaries.dataset(records())
+    (x, y), ids = data.collate([data[N], data[N + 1]])
+    optimizer.zero_grad()
+    canaries.loss(F.cross_entropy(module(x), y, reduction="none"), ids).backward()
+    optimizer.step()
+    assert torch.count_nonzero(model.weight.grad) == 0 and torch.count_nonzero(model.bias.grad) == 0
+    released = canaries.observations().released[0]
+    assert np.count_nonzero(released) == 2
 
 
 def test_report_of_a_small_run_uses_the_engine_settings():
@@ -134,14 +153,21 @@ def test_every_step_must_be_seen_once():
     engine, module, optimizer, loader, _ = private_run(canaries, watch=False)
     with pytest.raises(PrivacyStateError, match="the canaries recorded no step"):
         canaries.observations()
-    train(engine, module, optimizer, loader, canaries, steps=1)
+    (x, y), _ = next(iter(loader))
+    F.cross_entropy(module(x), y).backward()  # a step the canaries do not see
+    optimizer.step()
     with pytest.raises(PrivacyStateError, match="must be called once, before the first step"):
         canaries.watch(engine, optimizer)
 
 
-def test_a_canary_twice_in_one_step_is_refused():
+def test_loss_refuses_misuse():
     canaries = GradientCanaries(20, seed=10)
+    losses, ids = torch.zeros(3), torch.tensor([-1, 1, 2])
+    with pytest.raises(PrivacyStateError, match="canaries.loss needs canaries.watch"):
+        canaries.loss(losses, ids)
     private_run(canaries)
-    canaries.backward(torch.tensor([1, 2]))
+    with pytest.raises(ConfigError, match="losses must have one value per row of the batch"):
+        canaries.loss(torch.zeros(()), ids)
+    canaries.loss(losses, ids)
     with pytest.raises(PrivacyStateError, match="each canary may enter a step at most once"):
-        canaries.backward(torch.tensor([2]))
+        canaries.loss(torch.zeros(2), torch.tensor([-1, 2]))

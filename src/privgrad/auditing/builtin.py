@@ -129,8 +129,8 @@ def run_builtin_audit(config: BuiltinAudit | None = None, *, guesses=None,
         while engine.steps < cfg.steps:
             for (x, y), canary_ids in loader:
                 optimizer.zero_grad()
-                F.cross_entropy(module(x), y).backward()
-                canaries.backward(canary_ids)
+                losses = F.cross_entropy(module(x), y, reduction="none")
+                canaries.loss(losses, canary_ids).backward()
                 optimizer.step()
                 if on_step is not None:
                     on_step(engine.steps)

@@ -3,12 +3,14 @@
 Each of the ``m`` canaries owns one coordinate: row ``i`` of a dedicated ``nn.Embedding(m, 1)``
 (the *canary head*), which no other record touches. A canary is a virtual record: an index in
 the training data set after the user's own records, sampled by the real Poisson loader like any
-record. When a batch holds canaries, :meth:`GradientCanaries.backward` runs a separate forward and
-backward pass through the head whose loss is ``magnitude * sum(head(ids))``, so canary ``i``'s
-per-sample gradient is ``magnitude`` (times the batch size under mean reduction) on its own
-coordinate and zero everywhere else; flat clipping scales it to exactly ``C``. After the engine
-has written the noisy gradient, a step pre-hook reads the head's gradient, the released value of
-every canary coordinate at every step, and the canary ids the step's batches held.
+record. In the batch it takes one row, which the user's model sees as a *filler* input (a copy of
+the data set's first record) whose loss is masked to zero, and which the head sees as the canary's
+id. :meth:`GradientCanaries.loss` combines the user's per-example losses with the canaries' term
+``magnitude * head(id)`` into the one loss of the step, so canary ``i``'s per-sample gradient is a
+huge multiple of its own basis vector and zero everywhere else, and flat clipping scales it to
+exactly ``C``. After the engine has written the noisy gradient, a step pre-hook reads the head's
+gradient, the released value of every canary coordinate at every step, and the canary ids the
+step's batch held.
 
 A canary is included in the training set with probability 1/2, independently, from the
 canaries' own seed. Excluded canaries are never in the data set, so their coordinates show the
@@ -24,16 +26,17 @@ pure noise of every step.
     canaries.watch(engine, optimizer)
     for records, canary_ids in loader:
         optimizer.zero_grad()
-        x, y = records
-        F.cross_entropy(module(x), y).backward()   # the user's own loss, unchanged
-        canaries.backward(canary_ids)
+        x, y = records                             # the user's rows, then one filler per canary
+        losses = F.cross_entropy(module(x), y, reduction="none")
+        canaries.loss(losses, canary_ids).backward()
         optimizer.step()
     print(canaries.report(engine, delta=1e-5).text())
 
 Privacy:
     The canaries audit the mechanism privgrad runs on the model's parameters: one flat-clipped,
     Poisson-sampled Gaussian release per step. They need flat clipping (a per-layer bound would
-    clip the canary to its own share of ``C``) and an unchanged model across steps otherwise.
+    clip the canary to its own share of ``C``). A filler row adds exactly zero to the update: its
+    loss is masked, so its per-sample gradient is zero on every parameter.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ from privgrad.sampling.loader import empty_like_batch
 __all__ = ["CanaryBatch", "CanaryDataset", "GradientCanaries", "ModelWithCanaries"]
 
 CanaryBatch = namedtuple("CanaryBatch", ["records", "canary_ids"])
-CanaryBatch.__doc__ = ("A batch of a :class:`CanaryDataset`: the user's collated records and "
-                       "the ``(k,)`` long tensor of canary ids sampled with them.")
+CanaryBatch.__doc__ = (
+    "A batch of a :class:`CanaryDataset`: the user's collated records (their own rows, then one "
+    "filler row per canary) and the ``(B,)`` long tensor of canary ids, -1 on the user's rows.")
 
 
 @dataclass(frozen=True)
@@ -69,16 +73,23 @@ class CanaryDataset(Dataset):
     """The user's records followed by the included canaries (virtual records).
 
     Args:
-        records: the user's map-style data set.
+        records: the user's map-style data set (at least one record, the filler).
         canary_ids: ids of the included canaries, one record each.
         collate_fn: how to collate the user's records (default: PyTorch's ``default_collate``).
+        filler: what the user's model sees on a canary's row (default: ``records[0]``); its loss
+            is masked, so its value does not matter as long as the model computes a finite loss.
     """
 
-    def __init__(self, records, canary_ids: np.ndarray, collate_fn=None):
+    def __init__(self, records, canary_ids: np.ndarray, collate_fn=None, filler=None):
         self.records = records
         self.canary_ids = np.asarray(canary_ids, dtype=np.int64)
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self._num_records = len(records)
+        if filler is None and self._num_records == 0:
+            raise _validate.fail(
+                "the canaries need a filler record for the model", "len(records)", 0,
+                "Pass at least one record, or filler=an example input of your model.")
+        self.filler = filler if filler is not None else records[0]
 
     def __len__(self) -> int:
         return self._num_records + len(self.canary_ids)
@@ -89,16 +100,15 @@ class CanaryDataset(Dataset):
         return _Canary(int(self.canary_ids[index - self._num_records]))
 
     def collate(self, items: list) -> CanaryBatch:
-        """Collate a list of items into a :class:`CanaryBatch` (use as the loader's collate_fn)."""
+        """Collate items into a :class:`CanaryBatch`: the user's records first, then a filler row
+        per canary (use as the loader's ``collate_fn``)."""
         real = [x for x in items if not isinstance(x, _Canary)]
-        ids = torch.tensor([x.index for x in items if isinstance(x, _Canary)], dtype=torch.long)
-        if real:
-            records = self.collate_fn(real)
-        elif self._num_records:
-            records = empty_like_batch(self.collate_fn([self.records[0]]))
-        else:
-            records = None
-        return CanaryBatch(records, ids)
+        ids = [x.index for x in items if isinstance(x, _Canary)]
+        rows = real + [self.filler] * len(ids)
+        records = (self.collate_fn(rows) if rows
+                   else empty_like_batch(self.collate_fn([self.filler])))
+        canary_ids = torch.tensor([-1] * len(real) + ids, dtype=torch.long)
+        return CanaryBatch(records, canary_ids)
 
 
 class ModelWithCanaries(nn.Module):
@@ -142,6 +152,7 @@ class GradientCanaries:
         self._pending: list[np.ndarray] = []
         self._handle = None
         self._normaliser = 1.0
+        self._reduction: str | None = None
 
     @property
     def num_canaries(self) -> int:
@@ -156,10 +167,11 @@ class GradientCanaries:
                                  "Pass your model.")
         return ModelWithCanaries(model, self.head)
 
-    def dataset(self, records, collate_fn=None) -> CanaryDataset:
+    def dataset(self, records, collate_fn=None, filler=None) -> CanaryDataset:
         """The user's ``records`` followed by the included canaries; build the loader with
-        ``collate_fn=dataset.collate`` (``collate_fn`` here collates the user's records)."""
-        return CanaryDataset(records, np.flatnonzero(self.included), collate_fn)
+        ``collate_fn=dataset.collate`` (``collate_fn`` here collates the user's records; see
+        :class:`CanaryDataset` for ``filler``)."""
+        return CanaryDataset(records, np.flatnonzero(self.included), collate_fn, filler)
 
     def watch(self, engine, optimizer: torch.optim.Optimizer) -> None:
         """Start recording what each step releases on the canary coordinates.
@@ -199,6 +211,7 @@ class GradientCanaries:
                 f"{weight.requires_grad} or an optimizer without it. Leave the head trainable and "
                 f"build the optimizer from canaries.module_with(model).parameters().")
         self._normaliser = float(settings.normaliser)
+        self._reduction = settings.loss_reduction
         # Registered after make_private, so it runs after the engine wrote the noisy gradient.
         self._handle = optimizer.register_step_pre_hook(self._record)
 
@@ -209,27 +222,46 @@ class GradientCanaries:
             self._handle = None
 
     # -- during training -------------------------------------------------------------------
-    def backward(self, canary_ids: torch.Tensor) -> None:
-        """Run the canaries of one batch through the head and backpropagate their loss.
+    def loss(self, losses: torch.Tensor, canary_ids: torch.Tensor) -> torch.Tensor:
+        """The step's one loss: the user's per-example ``losses`` on their own rows, the canaries'
+        term on theirs, reduced as the engine's ``loss_reduction`` says (mean over all ``B`` rows,
+        or sum).
 
-        Call it once per batch, besides the user's own ``loss.backward()``, before
-        ``optimizer.step()``. An empty ``canary_ids`` does nothing.
+        Args:
+            losses: ``(B,)`` per-example losses of the batch (``reduction="none"``); the values
+                on canary rows (the filler's) are masked out.
+            canary_ids: the batch's ``canary_ids`` (``-1`` on the user's rows).
 
         Raises:
-            PrivacyStateError: a canary enters the same step twice.
+            PrivacyStateError: before :meth:`watch`, or a canary entering the same step twice.
         """
+        if self._reduction is None:
+            raise PrivacyStateError(
+                "canaries.loss needs canaries.watch(engine, optimizer) first; got no watched "
+                "engine. Call watch after make_private and before the first step.")
         ids = torch.as_tensor(canary_ids, dtype=torch.long).reshape(-1)
-        if ids.numel() == 0:
-            return
-        seen = np.concatenate([*self._pending, ids.cpu().numpy()])
+        if losses.shape != ids.shape:
+            raise _validate.fail("losses must have one value per row of the batch", "losses.shape",
+                                 tuple(losses.shape), f"Pass reduction='none' losses of shape "
+                                 f"{tuple(ids.shape)}.")
+        is_canary = ids >= 0
+        taken = ids[is_canary].cpu().numpy()
+        seen = np.concatenate([*self._pending, taken])
         if np.unique(seen).size != seen.size:
             raise PrivacyStateError(
                 "each canary may enter a step at most once; got a canary twice before one "
-                "optimizer.step(). Call canaries.backward once per logical batch (with virtual "
-                "batches, the canary ids are passed whole to every chunk: use them in one chunk).")
-        out = self.head(ids.to(self.head.weight.device))
-        (out.sum() * self.magnitude).backward()
-        self._pending.append(ids.cpu().numpy())
+                "optimizer.step(). Call canaries.loss once per batch (with virtual batches, once "
+                "per logical batch).")
+        device = self.head.weight.device
+        is_canary = is_canary.to(device)
+        out = self.head(ids.clamp(min=0).to(device)).reshape(-1) * self.magnitude
+        zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+        per_row = torch.where(is_canary.to(losses.device), zero, losses) + torch.where(
+            is_canary, out, torch.zeros((), dtype=out.dtype, device=device)).to(losses.device)
+        self._pending.append(taken)
+        if self._reduction == "sum":
+            return per_row.sum()
+        return per_row.sum() / max(1, per_row.numel())
 
     def _record(self, optimizer, args, kwargs) -> None:
         grad = self.head.weight.grad
