@@ -64,6 +64,22 @@ def test_a_sampled_canary_adds_exactly_c(reduction):
     assert obs.sampled.sum() > 0 and np.array_equal(obs.included, canaries.included)
 
 
+def test_virtual_batches_release_once_per_logical_batch():
+    canaries = GradientCanaries(40, seed=12)
+    engine, module, optimizer, loader, _ = private_run(canaries, sample_rate=0.5)
+    chunks = 0
+    with engine.virtual_batches(loader, max_physical_batch_size=4) as physical:
+        for (x, y), ids in physical:
+            optimizer.zero_grad()
+            canaries.loss(F.cross_entropy(module(x), y, reduction="none"), ids).backward()
+            optimizer.step()
+            chunks += 1
+    obs = canaries.observations()
+    assert obs.steps == engine.steps == len(loader) < chunks
+    np.testing.assert_allclose(obs.released[obs.sampled], 0.5, atol=1e-3)
+    assert np.abs(obs.released[~obs.sampled]).max() < 1e-3
+
+
 def test_the_user_model_is_untouched():
     canaries = GradientCanaries(10, seed=2)
     model = nn.Linear(FEATURES, CLASSES)
