@@ -296,3 +296,37 @@ def test_large_delta_warns():
     engine, *_ = private()
     with pytest.warns(PrivacyWarning, match="at least 1/N"):
         engine.get_epsilon(0.05)
+
+
+# -- one backward pass per step ---------------------------------------------------------------
+def test_two_backward_passes_before_a_step_are_refused():
+    engine, model, optimizer, _ = private()
+    x, y = classification_data()[:8]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(PrivacyStateError, match="one backward pass per optimizer.step"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_backward_twice_on_one_forward_is_refused():
+    engine, model, optimizer, _ = private()
+    x, y = classification_data()[:8]
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(PrivacyStateError, match="clip them twice"):
+        loss.backward()
+
+
+def test_generic_rule_use_is_reported(caplog):
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(Scale(), mlp())
+    with caplog.at_level("INFO", logger="privgrad"):
+        engine, *_ = private(model)
+    assert engine.layer_rules == {"0": "GenericRule", "1.0": "LinearRule", "1.2": "LinearRule"}
+    assert "generic torch.func rule serves 0" in caplog.text

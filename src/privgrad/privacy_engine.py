@@ -9,6 +9,7 @@ and :meth:`PrivacyEngine.detach` removes them all.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import weakref
@@ -35,6 +36,8 @@ from privgrad.validate import validate
 # Opacus's grad_sample_mode names, accepted so that switching is a change of import.
 _MODE_ALIASES = {"hooks": "materialize", "functorch": "materialize", "ew": "materialize",
                  "ghost": "auto"}
+
+_log = logging.getLogger("privgrad")
 
 # Modules and optimizers under a privacy engine (weak: a dropped model leaves no trace).
 _ATTACHED: weakref.WeakSet = weakref.WeakSet()
@@ -105,6 +108,7 @@ class PrivacyEngine:
         self.performance: PerformanceSettings | None = None
         self.steps = 0
         self.last_step_stats: StepStats | None = None
+        self.layer_rules: dict[str, str] = {}  # module path -> rule serving it (a report)
         self._dataset_size: int | None = None
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -112,6 +116,7 @@ class PrivacyEngine:
         self._clipped: ClippedSum | None = None
         self._handles: list = []
         self._release_now = True  # False while a virtual batch's earlier chunks run
+        self._backward_since_step = False  # at most one backward pass per optimizer step
 
     def _noise_source(self):
         if not self.secure_mode:
@@ -220,6 +225,13 @@ class PrivacyEngine:
         self._batch_norms = [(path, m) for path, m in module.named_modules()
                              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._recorder = Recorder(module, registry, self._on_backward)
+        self.layer_rules = {
+            path or "<root>": type(registry.lookup(m)).__name__ for path, m in module.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))}
+        generic = [path for path, rule in self.layer_rules.items() if rule == "GenericRule"]
+        if generic:
+            _log.info("privgrad: the generic torch.func rule serves %s (exact, slower than a "
+                      "dedicated rule; see docs/custom_layers.md)", ", ".join(generic))
         self._recorder.attach()
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -296,6 +308,14 @@ class PrivacyEngine:
                     f"with GroupNorm (privgrad.fix).")
 
     def _on_backward(self, captures) -> None:
+        if self._backward_since_step:
+            raise PrivacyStateError(
+                "one backward pass per optimizer.step() is allowed; got a second backward pass "
+                "before the step. A second pass on the same examples would clip them twice, and "
+                "one on another batch would put two samples under one noise draw; either "
+                "breaks the guarantee. Combine the losses into one before backward(), or split "
+                "a large batch with engine.virtual_batches(...), which steps per chunk.")
+        self._backward_since_step = True
         batch = BackwardBatch(captures, mode=self.performance.grad_sample_mode,
                               scale_by_batch=self.settings.loss_reduction == "mean",
                               paths=self._recorder.paths)
@@ -314,6 +334,7 @@ class PrivacyEngine:
             replaced = (args if "closure" in kwargs else args[:1] + args[2:],
                         {**kwargs, "closure": lambda: loss})
         params = _privatised(optimizer)
+        self._backward_since_step = False
         if not self._release_now:  # an earlier chunk of a virtual batch: no update yet
             for p in params:
                 p.grad = None
