@@ -4,6 +4,9 @@ Lookup: the exact type first; then a subclass of a registered type *whose forwar
 registered type's own forward* (a subclass that overrides ``forward`` may compute something else,
 so it does not inherit the rule); then the generic ``torch.func`` rule, if allowed.
 
+Types of optional libraries (Hugging Face ``transformers``) are keyed by their qualified class
+name, ``"module.QualName"``, and matched by name: privgrad never imports those libraries.
+
 >>> registry = RuleRegistry.default().with_rule(MyLayer, MyLayerRule())   # doctest: +SKIP
 >>> engine.make_private(..., rules=registry)                               # doctest: +SKIP
 """
@@ -14,16 +17,21 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from privgrad.layers.attention import MultiheadAttentionRule
 from privgrad.layers.base import LayerRule
 from privgrad.layers.conv import ConvRule
 from privgrad.layers.embedding import EmbeddingBagRule, EmbeddingRule
 from privgrad.layers.generic import GenericRule
 from privgrad.layers.linear import LinearRule
 from privgrad.layers.norm import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+from privgrad.layers.rnn import RecurrentRule
+from privgrad.layers.transformers import NeutralWeightNormRule, TransposedLinearRule
 
-_conv, _instance = ConvRule(), InstanceNormRule()
+_conv, _instance, _recurrent = ConvRule(), InstanceNormRule(), RecurrentRule()
+_rms_hf = NeutralWeightNormRule(neutral=1.0)  # weight * normalised(x)
+_rms_one_plus = NeutralWeightNormRule(neutral=0.0)  # (1 + weight) * normalised(x)
 
-BUILTIN_RULES: Mapping[type[nn.Module], LayerRule] = {
+BUILTIN_RULES: Mapping[type[nn.Module] | str, LayerRule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
@@ -36,6 +44,17 @@ BUILTIN_RULES: Mapping[type[nn.Module], LayerRule] = {
     nn.InstanceNorm2d: _instance,
     nn.InstanceNorm3d: _instance,
     nn.RMSNorm: RMSNormRule(),
+    nn.RNN: _recurrent,
+    nn.LSTM: _recurrent,
+    nn.GRU: _recurrent,
+    nn.MultiheadAttention: MultiheadAttentionRule(),
+    # Hugging Face transformers, by qualified name (the library is never imported here).
+    "transformers.pytorch_utils.Conv1D": TransposedLinearRule(),
+    "transformers.models.llama.modeling_llama.LlamaRMSNorm": _rms_hf,
+    "transformers.models.mistral.modeling_mistral.MistralRMSNorm": _rms_hf,
+    "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm": _rms_hf,
+    "transformers.models.t5.modeling_t5.T5LayerNorm": _rms_hf,
+    "transformers.models.gemma.modeling_gemma.GemmaRMSNorm": _rms_one_plus,
 }
 
 GENERIC_RULE = GenericRule()
@@ -51,7 +70,8 @@ class RuleRegistry:
             error that names it and the fixes.
     """
 
-    def __init__(self, rules: Mapping[type[nn.Module], LayerRule], *, allow_generic: bool = True):
+    def __init__(self, rules: Mapping[type[nn.Module] | str, LayerRule], *,
+                 allow_generic: bool = True):
         self._rules = dict(rules)
         self.allow_generic = allow_generic
 
@@ -59,8 +79,10 @@ class RuleRegistry:
     def default(cls) -> RuleRegistry:
         return cls(BUILTIN_RULES)
 
-    def with_rule(self, module_type: type[nn.Module], rule: LayerRule) -> RuleRegistry:
-        """A new registry with ``rule`` serving ``module_type``; this one is unchanged."""
+    def with_rule(self, module_type: type[nn.Module] | str, rule: LayerRule) -> RuleRegistry:
+        """A new registry with ``rule`` serving ``module_type`` (a class, or a class's qualified
+        name ``"package.module.Class"`` to avoid importing an optional library); this one is
+        unchanged."""
         if not isinstance(rule, LayerRule):
             from privgrad.errors import ConfigTypeError
 
@@ -76,12 +98,18 @@ class RuleRegistry:
     def dedicated(self, module: nn.Module) -> LayerRule | None:
         """The dedicated rule for ``module``, or ``None``."""
         kind = type(module)
-        if kind in self._rules:
-            return self._rules[kind]
+        rule = self._entry(kind)
+        if rule is not None:
+            return rule
         for base in kind.__mro__[1:]:
-            if base in self._rules and kind.forward is base.forward:
-                return self._rules[base]
+            rule = self._entry(base)
+            if rule is not None and kind.forward is base.forward:
+                return rule
         return None
+
+    def _entry(self, kind: type) -> LayerRule | None:
+        rule = self._rules.get(kind)
+        return rule if rule is not None else self._rules.get(qualified_name(kind))
 
     def lookup(self, module: nn.Module) -> LayerRule | None:
         """The rule for ``module``: dedicated, else generic if allowed, else ``None``."""
@@ -90,5 +118,11 @@ class RuleRegistry:
             return GENERIC_RULE
         return rule
 
-    def __contains__(self, module_type: type) -> bool:
-        return module_type in self._rules
+    def __contains__(self, module_type: type | str) -> bool:
+        return module_type in self._rules or (
+            isinstance(module_type, type) and qualified_name(module_type) in self._rules)
+
+
+def qualified_name(kind: type) -> str:
+    """``"package.module.Class"``: how optional libraries' types are keyed."""
+    return f"{kind.__module__}.{kind.__qualname__}"

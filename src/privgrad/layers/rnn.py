@@ -1,0 +1,224 @@
+"""Recurrent layers: ``nn.RNN``, ``nn.LSTM`` (with ``proj_size``), ``nn.GRU``; any number of layers,
+bidirectional, ``batch_first`` either way, tensor or ``PackedSequence`` input, with or without an
+initial state.
+
+Every weight of a recurrent layer enters through a linear map applied at every time step::
+
+    input projection    gi_t = W_ih x_t + b_ih        (x_t: the layer's input at step t)
+    hidden projection   gh_t = W_hh h_{t-1} + b_hh
+    LSTM projection     h_t  = W_hr m_t               (proj_size > 0; m_t = o_t * tanh(c_t))
+
+so, given the gradients of the loss with respect to ``gi_t``, ``gh_t`` and ``h_t``, each weight's
+per-sample gradient, ghost norm and weighted sum are those of a linear layer over the ``T`` steps
+(``projections.py``). The native kernels do not expose those gradients, so the rule recomputes
+the layer step by step with autograd from the captured input and initial state and pulls the
+captured output gradients (of the output sequence, ``h_n`` and ``c_n``) back through it: about
+one more forward and backward pass of the layer, once per call.
+
+Padded steps of a ``PackedSequence`` keep the state unchanged and output zero, exactly as the
+packed kernel skips them, so they contribute nothing.
+
+Index letters: ``b`` example, ``t`` step, ``g`` gate feature (``G`` = ``H`` for RNN, ``4H`` for
+LSTM, ``3H`` for GRU).
+
+Privacy:
+    Exact: example ``b``'s rows depend only on example ``b``'s input, initial state and output
+    gradients. Dropout between stacked layers (``dropout > 0`` with ``num_layers > 1``, in
+    training mode) draws a mask the recomputation cannot reproduce, so such a call is refused
+    (the validator reports it; ``privgrad.fix`` sets that dropout to 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from privgrad.errors import UnsupportedModuleError
+from privgrad.layers.base import Capture
+from privgrad.layers.projections import Projection, ProjectionRule
+
+
+def recurrent_dropout_active(module: nn.RNNBase) -> bool:
+    """True if the layer draws a dropout mask between its stacked layers in this mode."""
+    return module.training and module.dropout > 0 and module.num_layers > 1
+
+
+class RecurrentRule(ProjectionRule):
+    """Rule for ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU``."""
+
+    def batch_size(self, module, args, kwargs) -> int:
+        x = args[0] if args else kwargs["input"]
+        if isinstance(x, PackedSequence):
+            return int(x.batch_sizes[0]) if len(x.batch_sizes) else 0
+        if x.dim() != 3:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} needs a batch dimension (a 3-d input); got an input of "
+                f"shape {tuple(x.shape)}. Add the batch dimension (x.unsqueeze("
+                f"{0 if module.batch_first else 1})).")
+        return int(x.shape[0] if module.batch_first else x.shape[1])
+
+    def batch_dim(self, module) -> None:
+        return None  # h_n keeps the batch in dimension 1 whatever batch_first says
+
+    def compute(self, module: nn.RNNBase, capture: Capture) -> list[Projection]:
+        if recurrent_dropout_active(module):
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} with dropout={module.dropout} between its "
+                f"{module.num_layers} layers cannot have exact per-sample gradients in training "
+                f"mode: the dropout mask is drawn inside the native kernel and cannot be "
+                f"reproduced; got dropout={module.dropout}. Set dropout=0 (privgrad.fix(model) "
+                f"does this) and put nn.Dropout between single-layer modules if you need it.")
+        x, lengths, state, grads = _batch_first(module, capture)
+        return _Recompute(module, x, lengths, state).projections(grads)
+
+
+def _batch_first(module: nn.RNNBase, capture: Capture):
+    """The call's input ``(b, t, i)``, lengths (or ``None``), initial state and output
+    gradients ``(output (b, t, d*h), h_n, c_n or None)``, all in the original example order."""
+    args, kwargs = capture.args, capture.kwargs
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    grads = dict(zip(capture.output_index, capture.grad_outputs))
+    lstm = isinstance(module, nn.LSTM)
+    if isinstance(x, PackedSequence):
+        packed = x
+        x, lengths = pad_packed_sequence(packed, batch_first=True)
+        first_state = 4  # output leaves: data, batch_sizes, sorted_indices, unsorted_indices, h_n, c_n
+        g_data = grads.get(0, torch.zeros((packed.data.shape[0], _out_features(module)),
+                                          dtype=x.dtype, device=x.device))
+        g_out, _ = pad_packed_sequence(packed._replace(data=g_data), batch_first=True,
+                                       total_length=x.shape[1])
+    else:
+        lengths = None
+        if not module.batch_first:
+            x = x.transpose(0, 1)
+        first_state = 1
+        g_out = grads.get(0)
+        if g_out is None:
+            g_out = x.new_zeros((*x.shape[:2], _out_features(module)))
+        elif not module.batch_first:
+            g_out = g_out.transpose(0, 1)
+    b = x.shape[0]
+    d = 2 if module.bidirectional else 1
+    h_shape = (module.num_layers * d, b, module.proj_size or module.hidden_size)
+    c_shape = (module.num_layers * d, b, module.hidden_size)
+    if hx is None:
+        h0, c0 = x.new_zeros(h_shape), (x.new_zeros(c_shape) if lstm else None)
+    else:
+        h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
+    g_h = grads.get(first_state, x.new_zeros(h_shape))
+    g_c = grads.get(first_state + 1, x.new_zeros(c_shape)) if lstm else None
+    return x.detach(), lengths, (h0.detach(), None if c0 is None else c0.detach()), (g_out, g_h, g_c)
+
+
+def _out_features(module: nn.RNNBase) -> int:
+    return (2 if module.bidirectional else 1) * (module.proj_size or module.hidden_size)
+
+
+class _Recompute:
+    """The layer's forward pass, step by step, keeping the linear maps' inputs and outputs."""
+
+    def __init__(self, module: nn.RNNBase, x, lengths, state):
+        self.module, self.x, self.state = module, x, state
+        t = x.shape[1]
+        self.mask = None if lengths is None else (
+            torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)).to(x.device)  # (b, t)
+        # (weight name, bias name, inputs a (b, t, i), outputs: one (b, t, o) or t of (b, o))
+        self.maps: list[tuple[str, str | None, torch.Tensor, torch.Tensor | list]] = []
+
+    def projections(self, grads) -> list[Projection]:
+        g_out, g_h, g_c = grads
+        with torch.enable_grad():
+            out, h_n, c_n = self._run()
+            loss = (out * g_out).sum() + (h_n * g_h).sum()
+            if c_n is not None:
+                loss = loss + (c_n * g_c).sum()
+            steps = [ys if isinstance(ys, list) else [ys] for _, _, _, ys in self.maps]
+            targets = [y for ys in steps for y in ys]
+            found = torch.autograd.grad(loss, targets, allow_unused=True)
+        result, k = [], 0
+        for (weight, bias, a, ys), outs in zip(self.maps, steps):
+            dy = [g if g is not None else torch.zeros_like(y)
+                  for g, y in zip(found[k:k + len(outs)], outs)]
+            k += len(outs)
+            g = torch.stack(dy, 1) if isinstance(ys, list) else dy[0]
+            result.append(Projection(g=g, a=a, weight=weight, bias=bias))
+        return result
+
+    def _param(self, name: str):
+        p = getattr(self.module, name, None)
+        return None if p is None else p.detach()
+
+    def _track(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` as a node autograd can report a gradient for (inputs without grad give leaves)."""
+        return y if y.requires_grad else y.requires_grad_()
+
+    def _run(self):
+        m = self.module
+        d = 2 if m.bidirectional else 1
+        h0, c0 = self.state
+        layer_in, h_n, c_n = self.x, [], []
+        for layer in range(m.num_layers):
+            outs = []
+            for direction in range(d):
+                k = layer * d + direction
+                out, h, c = self._direction(layer_in, layer, direction, h0[k],
+                                            None if c0 is None else c0[k])
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = torch.cat(outs, -1) if d > 1 else outs[0]
+        return layer_in, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+    def _direction(self, x, layer: int, direction: int, h, c):
+        m, sfx = self.module, f"_l{layer}" + ("_reverse" if direction else "")
+        w_ih, w_hh = self._param("weight_ih" + sfx), self._param("weight_hh" + sfx)
+        b_ih, b_hh = self._param("bias_ih" + sfx), self._param("bias_hh" + sfx)
+        w_hr = self._param("weight_hr" + sfx)
+        gi = self._track(F.linear(x, w_ih, b_ih))  # (b, t, g): all steps at once
+        steps = range(x.shape[1])
+        gh_all, h_prev, outs = [], [], [None] * x.shape[1]
+        m_all, hr_all = [], []
+        for t in (reversed(steps) if direction else steps):
+            h_prev.append(h.detach())
+            gh = self._track(F.linear(h, w_hh, b_hh))
+            gh_all.append(gh)
+            h_new, c_new, pre = self._cell(gi[:, t], gh, h, c)
+            if w_hr is not None:
+                m_all.append(pre.detach())
+                h_new = self._track(F.linear(pre, w_hr))
+                hr_all.append(h_new)
+            if self.mask is None:
+                h, c, outs[t] = h_new, c_new, h_new
+            else:
+                keep = self.mask[:, t].unsqueeze(1)
+                h = torch.where(keep, h_new, h)
+                c = None if c is None else torch.where(keep, c_new, c)
+                outs[t] = torch.where(keep, h_new, torch.zeros((), dtype=h_new.dtype))
+        order = (lambda seq: seq[::-1]) if direction else (lambda seq: seq)
+        self.maps.append(("weight_ih" + sfx, "bias_ih" + sfx if b_ih is not None else None,
+                          x.detach(), gi))
+        self.maps.append(("weight_hh" + sfx, "bias_hh" + sfx if b_hh is not None else None,
+                          torch.stack(order(h_prev), 1), order(gh_all)))
+        if w_hr is not None:
+            self.maps.append(("weight_hr" + sfx, None, torch.stack(order(m_all), 1), order(hr_all)))
+        return torch.stack(outs, 1), h, c
+
+    def _cell(self, gi, gh, h, c):
+        """One step: ``(h_new, c_new, pre)``; ``pre`` is the LSTM's ``m_t`` before projection."""
+        mode = self.module.mode
+        if mode == "LSTM":
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            pre = torch.sigmoid(o) * torch.tanh(c_new)
+            return pre, c_new, pre
+        if mode == "GRU":
+            i_r, i_z, i_n = gi.chunk(3, 1)
+            h_r, h_z, h_n = gh.chunk(3, 1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            return (1 - z) * n + z * h, None, None
+        act = torch.tanh if mode == "RNN_TANH" else torch.relu
+        return act(gi + gh), None, None

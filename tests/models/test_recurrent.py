@@ -1,0 +1,178 @@
+"""nn.RNN, nn.LSTM and nn.GRU: per-sample gradients against one-example references for every
+layout (stacked, bidirectional, batch_first either way, PackedSequence, initial state, LSTM
+projection), batch sizes 0 and 1 included, and private steps of an LSTM text classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from privgrad.engine import PerSampleGradients
+from privgrad.errors import UnsupportedModuleError
+from tests.layers.cases import check_module
+from tests.models.harness import check_per_sample, check_private_step, references
+
+D = torch.float64
+
+
+class Readout(nn.Module):
+    """Every output of a recurrent layer (sequence, h_n, c_n) in one batch-first tensor."""
+
+    def __init__(self, rnn: nn.RNNBase, packed: bool = False):
+        super().__init__()
+        self.rnn, self.packed = rnn, packed
+
+    def forward(self, x, lengths=None, hx=None):
+        t = x.shape[1 if self.rnn.batch_first else 0]
+        if self.packed:
+            x = pack_padded_sequence(x, lengths, batch_first=self.rnn.batch_first,
+                                     enforce_sorted=False)
+        out, h = self.rnn(x, hx)
+        if self.packed:
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
+        elif not self.rnn.batch_first:
+            out = out.transpose(0, 1)
+        states = h if isinstance(h, tuple) else (h,)
+        return torch.cat([out.flatten(1)] + [s.transpose(0, 1).flatten(1) for s in states], 1)
+
+
+LAYOUTS = [
+    (nn.RNN, dict(num_layers=2)),
+    (nn.RNN, dict(nonlinearity="relu", bidirectional=True)),
+    (nn.LSTM, dict(num_layers=2, bidirectional=True)),
+    (nn.LSTM, dict(proj_size=2, bidirectional=True)),
+    (nn.LSTM, dict(num_layers=2, bias=False)),
+    (nn.GRU, dict(num_layers=2, bidirectional=True)),
+    (nn.GRU, dict()),
+]
+IDS = [f"{k.__name__}-{'-'.join(f'{a}={b}' for a, b in kw.items()) or 'plain'}" for k, kw in LAYOUTS]
+
+
+@pytest.mark.parametrize("kind,kwargs", LAYOUTS, ids=IDS)
+def test_batch_first(kind, kwargs):
+    model = Readout(kind(3, 4, batch_first=True, **kwargs)).double()
+    check_module(model, (torch.randn(4, 5, 3, dtype=D),))
+
+
+@pytest.mark.parametrize("kind,kwargs", LAYOUTS[2:4] + LAYOUTS[5:6], ids=IDS[2:4] + IDS[5:6])
+def test_sequence_first_with_initial_state(kind, kwargs):
+    rnn = kind(3, 4, **kwargs).double()
+    model = Readout(rnn)
+    b, d = 3, 2 if rnn.bidirectional else 1
+    x = torch.randn(5, b, 3, dtype=D)  # (t, b, i)
+    h0 = torch.randn(rnn.num_layers * d, b, rnn.proj_size or 4, dtype=D)
+    hx = (h0, torch.randn(rnn.num_layers * d, b, 4, dtype=D)) if kind is nn.LSTM else h0
+
+    def example(i):
+        one = tuple(h[:, i:i + 1] for h in hx) if isinstance(hx, tuple) else hx[:, i:i + 1]
+        return (x[:, i:i + 1],), {"hx": one}
+
+    check_module(model, (x,), {"hx": hx}, batch=b, example=example)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_packed_sequences_of_different_lengths(kind, batch_first):
+    # torch.func cannot run the packed kernel, so the reference is the one-example loop.
+    model = Readout(kind(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first),
+                    packed=True).double()
+    x = torch.randn(4, 6, 3, dtype=D)
+    lengths = torch.tensor([6, 2, 4, 1])
+    xs = x if batch_first else x.transpose(0, 1)
+    r = torch.randn_like(model(xs, lengths))
+
+    def example(i):
+        return ((x[i:i + 1] if batch_first else xs[:, i:i + 1]), lengths[i:i + 1]), {}
+
+    check_per_sample(model, (xs, lengths), {}, example, lambda rows, out: (out * r[rows]).sum(),
+                     4, func=False)
+
+
+@given(b=st.integers(0, 3), t=st.integers(1, 4), kind=st.sampled_from([nn.RNN, nn.LSTM, nn.GRU]),
+       bidirectional=st.booleans())
+def test_shapes_including_empty_and_single_batches(b, t, kind, bidirectional):
+    torch.manual_seed(b * 10 + t)
+    model = Readout(kind(2, 3, batch_first=True, bidirectional=bidirectional)).double()
+    check_module(model, (torch.randn(b, t, 2, dtype=D),))
+
+
+def test_partly_frozen():
+    rnn = nn.LSTM(3, 4, batch_first=True).double()
+    rnn.weight_hh_l0.requires_grad_(False)
+    ref = check_module(Readout(rnn), (torch.randn(3, 4, 3, dtype=D),))
+    assert set(ref) == {"rnn.weight_ih_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"}
+
+
+def test_dropout_between_layers_is_refused_in_training_and_fine_in_eval():
+    model = Readout(nn.GRU(3, 4, num_layers=2, dropout=0.5, batch_first=True)).double()
+    x = torch.randn(3, 4, 3, dtype=D)
+    with pytest.raises(UnsupportedModuleError, match=r"dropout=0.5 between its 2 layers.*privgrad.fix"):
+        with PerSampleGradients(model):
+            model(x).sum().backward()
+    check_module(model.eval(), (x,))
+
+
+def test_unbatched_input_is_refused():
+    rnn = nn.LSTM(3, 4)
+    with pytest.raises(UnsupportedModuleError, match=r"needs a batch dimension.*unsqueeze\(1\)"):
+        with PerSampleGradients(rnn):
+            rnn(torch.randn(5, 3))[0].sum().backward()
+
+
+class TextClassifier(nn.Module):
+    """Embedding -> LSTM -> linear head on the last hidden state (the speed issue's LSTM model,
+    shrunk)."""
+
+    def __init__(self, vocab=20, width=8, hidden=6, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, idx):
+        _, (h, _) = self.lstm(self.embed(idx))
+        return self.head(h[-1])
+
+
+def classifier_case(b=5, t=7):
+    model = TextClassifier().double()
+    idx, y = torch.randint(0, 20, (b, t)), torch.randint(0, 3, (b,))
+
+    def loss(rows, logits):
+        return nn.functional.cross_entropy(logits, y[rows], reduction="sum")
+
+    return model, (idx,), {}, lambda i: ((idx[i:i + 1],), {}), loss, b
+
+
+def test_text_classifier_per_sample():
+    check_per_sample(*classifier_case())
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_text_classifier_private_step(mode):
+    check_private_step(*classifier_case(), mode=mode)
+
+
+def test_dropped_non_finite_example_is_masked_in_the_rules_own_layout():
+    # A dropped example's rows are zeroed inside the rule's own batch-first tensors: here h_n has
+    # 2 rows (directions) in dimension 0, which zeroing rows "by batch" would wrongly hit.
+    model = Readout(nn.LSTM(3, 4, bidirectional=True, batch_first=True)).double()
+    x = torch.randn(2, 5, 3, dtype=D)
+    x[1, 2, 0] = float("nan")
+    r = torch.randn(2, 5 * 8 + 2 * 2 * 4, dtype=D)  # output, then h_n and c_n of 2 directions
+    ref = references(model, lambda i: ((x[:1],), {}), lambda rows, out: (out * r[:1]).sum(), 1,
+                     func=False)  # example 0 alone
+    names = {p: n for n, p in model.named_parameters()}
+    for mode in ("ghost", "materialize"):
+        with PerSampleGradients(model, mode=mode) as psg:
+            (model(x) * r).sum().backward()
+        model.zero_grad()
+        assert torch.isnan(psg.norms[1]) and torch.isfinite(psg.norms[0])
+        sums = psg.batch.weighted_sums(torch.tensor([0.5, 0.0], dtype=D),
+                                       keep=torch.tensor([True, False]))
+        for p, s in sums.items():
+            torch.testing.assert_close(s, 0.5 * ref[names[p]][0], rtol=1e-9, atol=1e-12)
