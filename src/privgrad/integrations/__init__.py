@@ -1,0 +1,9 @@
+"""Glue for the training frameworks people already use; each is an optional extra.
+
+* :mod:`privgrad.integrations.lightning`: ``DPCallback`` for PyTorch Lightning
+  (``pip install 'privgrad[lightning]'``).
+* :mod:`privgrad.integrations.huggingface`: ``DPTrainer`` for the Hugging Face ``Trainer``
+  (``pip install 'privgrad[hf]'``).
+
+Importing this package imports neither framework.
+"""
