@@ -1,0 +1,167 @@
+"""Hugging Face ``Trainer``: private fine-tuning by swapping ``Trainer`` for ``DPTrainer``.
+
+>>> from privgrad.integrations.huggingface import DPTrainer    # pip install 'privgrad[hf]'
+>>> trainer = DPTrainer(model=model, args=training_args, train_dataset=train_set,
+...                     target_epsilon=3.0, target_delta=1e-5, max_grad_norm=1.0)  # doctest: +SKIP
+>>> trainer.train()                                                              # doctest: +SKIP
+
+When training starts, ``DPTrainer`` builds the optimizer (``Trainer.create_optimizer``, or the
+one passed in ``optimizers``), calls :meth:`PrivacyEngine.make_private` on the model, that
+optimizer and a loader over ``train_dataset`` with ``per_device_train_batch_size``, and trains on
+the returned Poisson loader. Every log line carries ``epsilon``; with ``max_epsilon`` training
+stops cleanly before the step that would exceed it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "privgrad.integrations.huggingface needs transformers; got no module "
+        f"{e.name!r}. Install it: pip install 'privgrad[hf]'.") from e
+
+from torch.utils.data import DataLoader
+
+from privgrad import _validate
+from privgrad.errors import ConfigError
+from privgrad.monitoring import BudgetStop
+from privgrad.privacy_engine import PrivacyEngine
+
+__all__ = ["DPTrainer"]
+
+
+class _BudgetCallback(TrainerCallback):
+    """Asks the trainer to stop once the next step would exceed the budget."""
+
+    def __init__(self, trainer: DPTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        budget = self.trainer.budget
+        if budget is not None and budget.exhausted:
+            control.should_training_stop = True
+        return control
+
+
+class DPTrainer(Trainer):
+    """A ``transformers.Trainer`` whose training is DP-SGD with per-example privacy.
+
+    Takes every ``Trainer`` argument, plus (keyword only) exactly one of ``noise_multiplier`` or
+    ``target_epsilon``.
+
+    Args:
+        max_grad_norm: C, the per-example clipping bound (``TrainingArguments.max_grad_norm``
+            clips the *batch* gradient and does not matter here).
+        noise_multiplier: sigma.
+        target_epsilon: the epsilon to reach at ``target_delta`` after
+            ``TrainingArguments.num_train_epochs`` epochs (or ``epochs``).
+        target_delta: the delta epsilon is reported and calibrated at.
+        epochs: epochs for calibration, if not ``num_train_epochs``.
+        max_epsilon: stop before the first step that would exceed it.
+        accountant: ``"pld"`` (default) or ``"rdp"``.
+        **kwargs: the ``Trainer``'s own arguments; ``privacy_kwargs`` (a dict) passes more
+            :meth:`PrivacyEngine.make_private` arguments (``grad_sample_mode``, ...).
+
+    Attributes:
+        engine: the :class:`~privgrad.PrivacyEngine`; ``engine.get_epsilon(delta)`` at any time.
+
+    Privacy:
+        Per *example* of ``train_dataset`` (a sequence, not a token): each example's gradient is
+        clipped as a whole, under Poisson sampling with rate ``batch_size / len(train_dataset)``.
+        It assumes the loss is a mean over examples (true for sequence classification); a
+        token-level loss averaged over all tokens of the batch makes each example's gradient
+        depend on the others' lengths, which the guarantee does not cover. Gradient accumulation
+        (``gradient_accumulation_steps > 1``) and multi-process training are refused. The logged
+        loss is not a private release.
+    """
+
+    def __init__(self, *args, max_grad_norm: float, noise_multiplier: float | None = None,
+                 target_epsilon: float | None = None, target_delta: float = 1e-5,
+                 epochs: float | None = None, max_epsilon: float | None = None,
+                 accountant: str = "pld", privacy_kwargs: dict[str, Any] | None = None,
+                 **kwargs):
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise _validate.fail(
+                "exactly one of noise_multiplier and target_epsilon must be given",
+                "(noise_multiplier, target_epsilon)", (noise_multiplier, target_epsilon),
+                "Pass noise_multiplier=1.0, or target_epsilon=3.0 to calibrate the noise.")
+        super().__init__(*args, **kwargs)
+        self.privacy = dict(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                            target_epsilon=target_epsilon, epochs=epochs,
+                            **(privacy_kwargs or {}))
+        self.delta = _validate.open_unit("target_delta", target_delta,
+                                         "Pass a delta well below 1/N, e.g. 1e-5.")
+        self.max_epsilon = max_epsilon
+        self.engine = PrivacyEngine(accountant=accountant)
+        self.budget: BudgetStop | None = None
+        self._private_loader: DataLoader | None = None
+        self.add_callback(_BudgetCallback(self))
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The Poisson loader of the private run (made, with the optimizer, on first call)."""
+        if self._private_loader is None:
+            self._make_private()
+        return self._private_loader
+
+    def _make_private(self) -> None:
+        args = self.args
+        if args.gradient_accumulation_steps != 1:
+            raise _validate.fail(
+                "gradient_accumulation_steps must be 1", "gradient_accumulation_steps",
+                args.gradient_accumulation_steps, "Each accumulated batch would be a separate "
+                "Poisson sample inside one accounted step: raise per_device_train_batch_size "
+                "instead (privgrad's virtual batches keep memory down).")
+        if args.world_size != 1:
+            raise ConfigError(f"DPTrainer trains in one process; got world_size={args.world_size}. "
+                              f"Run a single process.")
+        if self.train_dataset is None:
+            raise ConfigError("DPTrainer needs a train_dataset; got train_dataset=None. Pass the "
+                              "training examples.")
+        dataset, collate = self.train_dataset, self.data_collator
+        try:
+            import datasets  # only to drop the model's unused columns, as Trainer does
+        except ImportError:
+            datasets = None
+        if datasets is not None and isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="training")
+        loader = DataLoader(dataset, batch_size=self._train_batch_size, collate_fn=collate,
+                            num_workers=args.dataloader_num_workers,
+                            pin_memory=args.dataloader_pin_memory)
+        self.create_optimizer()  # the Trainer reuses self.optimizer afterwards
+        p = dict(self.privacy)
+        epochs, target = p.pop("epochs"), p.pop("target_epsilon")
+        common = dict(module=self.model, optimizer=self.optimizer, data_loader=loader)
+        if target is not None:
+            p.pop("noise_multiplier")
+            epochs = epochs if epochs is not None else args.num_train_epochs
+            if epochs != int(epochs) or epochs < 1:
+                raise _validate.fail("calibration needs a whole number of epochs", "epochs", epochs,
+                                     "Pass DPTrainer(epochs=...) or a whole num_train_epochs.")
+            _, _, self._private_loader = self.engine.make_private_with_epsilon(
+                target_epsilon=target, target_delta=self.delta, epochs=int(epochs), **common, **p)
+        else:
+            _, _, self._private_loader = self.engine.make_private(**common, **p)
+        if self.max_epsilon is not None:
+            self.budget = BudgetStop(self.engine, self.max_epsilon, self.delta)
+            self.budget.check()  # not even one step fits: say so before training starts
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.budget is not None:
+            self.budget.check()  # a hard stop, should the stop signal be missed
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Every log line also reports ``epsilon`` (at ``target_delta``)."""
+        if self.engine.settings is not None:
+            logs["epsilon"] = self.engine.get_epsilon(self.delta)
+        super().log(logs, start_time)
+
+    def detach(self) -> None:
+        """Remove privgrad's hooks from the model and optimizer."""
+        self.engine.detach()
+

@@ -1,0 +1,90 @@
+"""DPTrainer on a tiny BERT classifier (random weights, CPU, a few steps)."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+from privgrad.errors import ConfigError
+from privgrad.integrations.huggingface import DPTrainer
+from privgrad.monitoring import epsilon_after
+
+DELTA = 1e-5
+
+
+class Examples(torch.utils.data.Dataset):
+    def __init__(self, n=96, length=8):
+        g = torch.Generator().manual_seed(2)
+        self.ids = torch.randint(1, 50, (n, length), generator=g)
+        self.labels = (self.ids[:, 0] > 25).long()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
+                "labels": self.labels[i]}
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def arguments(tmp_path, **kwargs):
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=32, num_train_epochs=2,
+                   logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                   disable_tqdm=True, learning_rate=1e-3)
+    options.update(kwargs)
+    return TrainingArguments(**options)
+
+
+def test_training_is_private_and_logs_epsilon(tmp_path):
+    model = tiny_bert()
+    keys = list(model.state_dict())
+    trainer = DPTrainer(model=model, args=arguments(tmp_path), train_dataset=Examples(),
+                        target_epsilon=4.0, target_delta=DELTA, max_grad_norm=1.0, accountant="rdp")
+    trainer.train()
+    engine = trainer.engine
+    assert engine.steps == trainer.state.global_step > 0
+    assert engine.settings.sample_rate == pytest.approx(32 / 96)
+    logged = [h["epsilon"] for h in trainer.state.log_history if "epsilon" in h]
+    assert len(logged) >= engine.steps and logged == sorted(logged)
+    assert logged[-1] == pytest.approx(engine.get_epsilon(DELTA))
+    assert 0 < logged[-1] <= 4.0
+    assert list(model.state_dict()) == keys
+    trainer.detach()
+
+
+def test_update_is_clipped_per_example(tmp_path):
+    model = tiny_bert()
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = DPTrainer(model=model, args=arguments(tmp_path, max_steps=1),
+                        train_dataset=Examples(), optimizers=(optimizer, None),
+                        noise_multiplier=0.0, max_grad_norm=1e-4)
+    trainer.train()
+    change = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    assert trainer.engine.steps == 1
+    assert 0 < change.norm() <= 1e-4 * (1 + 1e-5)  # lr * C: the mean of clipped gradients, no noise
+
+
+def test_budget_stop(tmp_path):
+    trainer = DPTrainer(model=tiny_bert(), args=arguments(tmp_path, num_train_epochs=50),
+                        train_dataset=Examples(), noise_multiplier=1.0, max_grad_norm=1.0,
+                        max_epsilon=4.0)
+    trainer.train()
+    assert trainer.state.global_step < 50 * 3
+    assert trainer.engine.get_epsilon(DELTA) <= 4.0 < epsilon_after(trainer.engine, DELTA, 1)
+    trainer.detach()
+
+
+def test_refuses_accumulation_and_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of noise_multiplier and target_epsilon"):
+        DPTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=Examples(),
+                  max_grad_norm=1.0)
+    trainer = DPTrainer(model=tiny_bert(), args=arguments(tmp_path, gradient_accumulation_steps=2),
+                        train_dataset=Examples(), noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be 1; got gradient_accumulation_steps=2"):
+        trainer.train()
