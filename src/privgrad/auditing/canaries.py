@@ -250,8 +250,8 @@ class GradientCanaries:
         if np.unique(seen).size != seen.size:
             raise PrivacyStateError(
                 "each canary may enter a step at most once; got a canary twice before one "
-                "optimizer.step(). Call canaries.loss once per batch (with virtual batches, once "
-                "per logical batch).")
+                "optimizer.step(). Call canaries.loss once per batch (per chunk with virtual "
+                "batches) on the loader's own canary_ids.")
         device = self.head.weight.device
         is_canary = is_canary.to(device)
         out = self.head(ids.clamp(min=0).to(device)).reshape(-1) * self.magnitude

@@ -152,8 +152,8 @@ class AuditReport:
         width = max(len(t.name) for t in self.tests) if self.tests else 0
         for t in self.tests:
             mark = "ok" if t.passed(self.alpha) else "FAIL"
-            lines.append(f"  {t.name:<{width}}  {t.claim:<44} expected {t.expected:<9.4g} "
-                         f"observed {t.observed:<9.4g} p={t.p_value:<9.3g} {mark}")
+            lines.append(f"  {t.name:<{width}}  {t.claim:<43} expected {t.expected:<10.4g} "
+                         f"observed {t.observed:<10.4g} p={t.p_value:<9.3g} {mark}")
         lines.append(f"verdict: {self.verdict}")
         lines += [f"  - {e}" for e in self.evidence]
         return "\n".join(lines)

@@ -7,9 +7,10 @@ A correct DP-SGD run gives canary ``i`` (included with probability 1/2) the scor
 
 because at each of the ``T`` steps an included canary is sampled with probability ``q`` and then
 contributes exactly ``C`` (its gradient is clipped from far above ``C``), and every step adds
-independent noise ``N(0, (sigma C)^2)`` to its coordinate. The sum over steps is a sufficient
-statistic of this Gaussian model, so drawing ``K_i`` and ``Z_i`` directly has exactly the
-distribution of a step-by-step simulation, at the cost of ``m`` draws per simulated run.
+independent noise ``N(0, (sigma C)^2)`` to its coordinate. The sum of the ``T`` per-step values
+is exactly ``C K_i + sigma C sqrt(T) Z_i``, so drawing ``K_i`` and ``Z_i`` directly gives the
+score's exact distribution at the cost of ``m`` draws per simulated run (a test checks it against
+a step-by-step simulation).
 
 The simulations serve twice: to fix the number of guesses *before* looking at the real run
 (:func:`choose_guesses`, from public settings only), and to give the band of lower bounds that a
