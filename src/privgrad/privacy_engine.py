@@ -31,7 +31,7 @@ from privgrad.privatize import CLIPPING, ClippedSum, StepStats, TorchGaussian, n
 from privgrad.sampling import PoissonSampler, numpy_bits, os_bits, steps_per_epoch
 from privgrad.sampling.loader import check_loader, poisson_loader
 from privgrad.sampling.virtual import VirtualBatches
-from privgrad.validate import validate
+from privgrad.validation import validate
 
 # Opacus's grad_sample_mode names, accepted so that switching is a change of import.
 _MODE_ALIASES = {"hooks": "materialize", "functorch": "materialize", "ew": "materialize",

@@ -1,7 +1,9 @@
 """Repairs for the findings marked fixable: each returns a replacement module with the same
 role, and ``fix`` applies them to a deep copy of the model.
 
-The list of fixers is the literal ``FIXERS`` at the bottom: ``module -> new module | None``.
+The list of fixers is the literal ``FIXERS`` at the bottom: ``module -> (new module, what it
+is now, why) | None``. Fixers that only change a setting (a dropout inside a layer, the layout
+of a transformer) change the copy's module in place and return it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,15 @@ import copy
 from dataclasses import dataclass
 
 from torch import nn
+
+from privgrad.layers.attention import attention_dropout_active
+from privgrad.layers.rnn import recurrent_dropout_active
+from privgrad.validation.replacements import (
+    SEQUENCE_FIRST,
+    FrozenBatchNorm,
+    make_batch_first_inside,
+    sequence_first,
+)
 
 
 @dataclass(frozen=True)
@@ -31,11 +42,15 @@ def group_count(channels: int, preferred: int = 32) -> int:
 
 
 def fix_batch_norm(module: nn.Module):
+    """Trainable BatchNorm -> GroupNorm; frozen BatchNorm -> :class:`FrozenBatchNorm`."""
     if not isinstance(module, nn.modules.batchnorm._BatchNorm):
         return None
-    if not (any(p.requires_grad for p in module.parameters()) or
-            (module.track_running_stats and module.training)):
+    trainable = any(p.requires_grad for p in module.parameters())
+    if not (trainable or module.training or not module.track_running_stats):
         return None
+    if not trainable and module.track_running_stats:
+        return FrozenBatchNorm(module), "FrozenBatchNorm (its eval-mode forward, in every mode)", \
+            "a frozen BatchNorm in training mode mixes the batch and learns running statistics"
     c = module.num_features
     g = group_count(c)
     new = nn.GroupNorm(g, c, eps=module.eps, affine=module.affine)
@@ -57,7 +72,37 @@ def fix_instance_norm_stats(module: nn.Module):
         "running statistics would learn from private data"
 
 
-FIXERS = (fix_batch_norm, fix_instance_norm_stats)
+def fix_recurrent_dropout(module: nn.Module):
+    if not (isinstance(module, nn.RNNBase) and recurrent_dropout_active(module)):
+        return None
+    module.dropout = 0.0
+    return module, f"{type(module).__name__}(dropout=0.0)", \
+        "dropout inside the recurrent kernel cannot be reproduced for per-sample gradients"
+
+
+def fix_attention_dropout(module: nn.Module):
+    if not (isinstance(module, nn.MultiheadAttention) and attention_dropout_active(module)):
+        return None
+    module.dropout = 0.0
+    return module, "MultiheadAttention(dropout=0.0)", \
+        "dropout inside the attention cannot be reproduced for per-sample gradients"
+
+
+def fix_sequence_first(module: nn.Module):
+    if not (sequence_first(module) and type(module) in SEQUENCE_FIRST):
+        return None
+    name = SEQUENCE_FIRST[type(module)].__name__
+    return make_batch_first_inside(module), f"{name} (sequence-first outside, batch first inside)", \
+        "per-sample rules need the batch in dimension 0 of every submodule's tensors"
+
+
+FIXERS = (
+    fix_batch_norm,
+    fix_instance_norm_stats,
+    fix_recurrent_dropout,
+    fix_attention_dropout,
+    fix_sequence_first,
+)
 
 
 def fix(model: nn.Module) -> tuple[nn.Module, list[Replacement]]:
@@ -65,6 +110,7 @@ def fix(model: nn.Module) -> tuple[nn.Module, list[Replacement]]:
     fixed = copy.deepcopy(model)
     replacements = []
     for path, module in list(fixed.named_modules()):
+        old = type(module).__name__  # before a fixer that works in place renames it
         for fixer in FIXERS:
             result = fixer(module)
             if result is None:
@@ -75,7 +121,7 @@ def fix(model: nn.Module) -> tuple[nn.Module, list[Replacement]]:
                 _set_submodule(fixed, path, new)
             else:
                 fixed = new
-            replacements.append(Replacement(path, type(module).__name__, description, reason))
+            replacements.append(Replacement(path, old, description, reason))
             break
     return fixed, replacements
 

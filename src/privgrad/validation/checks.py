@@ -1,0 +1,216 @@
+"""The checks: each looks at one module and may return a :class:`Finding`.
+
+The list of checks is the literal ``CHECKS`` at the bottom; each is a function
+``(path, module, registry) -> Finding | None``. A finding on a module covers the modules inside
+it for the same check (a sequence-first ``nn.TransformerEncoder`` is one finding, not one per
+layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from privgrad.layers import RuleRegistry
+from privgrad.layers.attention import attention_dropout_active
+from privgrad.layers.generic import GenericRule
+from privgrad.layers.rnn import recurrent_dropout_active
+from privgrad.validation.replacements import SEQUENCE_FIRST, sequence_first
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem with one module.
+
+    Attributes:
+        path: the module's path in the model (``""`` for the root).
+        module_type: its class name.
+        problem: what is wrong.
+        why: why it matters for privacy.
+        fix: what to do (``privgrad.fix`` applies it where ``fixable``).
+        fixable: whether ``privgrad.fix(model)`` repairs it.
+    """
+
+    path: str
+    module_type: str
+    problem: str
+    why: str
+    fix: str
+    fixable: bool = False
+
+    def __str__(self) -> str:
+        where = self.path or "<root>"
+        return f"{where} ({self.module_type}): {self.problem}. Why: {self.why}. Fix: {self.fix}"
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def check_batch_norm(path: str, module: nn.Module, registry: RuleRegistry) -> Finding | None:
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return None
+    batch_statistics = module.training or not module.track_running_stats
+    if not (_trainable(module) or batch_statistics):
+        return None  # frozen and in eval mode: uses fixed statistics only
+    if _trainable(module):
+        what, fix = "has trainable parameters", (
+            "replace it with GroupNorm (privgrad.fix(model) does this, keeping its scale and "
+            "shift), or freeze it and keep it in eval mode")
+    elif module.track_running_stats:
+        what, fix = "is frozen but in training mode, so its running statistics keep learning", (
+            "privgrad.fix(model) swaps in privgrad.validation.FrozenBatchNorm (the eval-mode "
+            "layer, same state_dict keys), or call module.eval() after every model.train()")
+    else:
+        what, fix = "has no running statistics (track_running_stats=False), so it always "\
+            "normalises with batch statistics", "replace it with GroupNorm (privgrad.fix(model) "\
+            "does this)"
+    return Finding(
+        path, type(module).__name__, f"BatchNorm {what}",
+        "BatchNorm normalises each example with statistics of the whole batch, so one example's "
+        "gradient depends on the others and its running statistics (saved with the model) are "
+        "computed from private data without noise",
+        fix, fixable=True)
+
+
+def check_instance_norm_stats(path: str, module: nn.Module, registry) -> Finding | None:
+    if not isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return None
+    if module.track_running_stats and module.training:
+        return Finding(
+            path, type(module).__name__,
+            "InstanceNorm with track_running_stats=True in training mode",
+            "its running statistics are averaged over private examples without noise and saved "
+            "with the model",
+            "construct it with track_running_stats=False (privgrad.fix(model) does this)",
+            fixable=True)
+    return None
+
+
+def check_recurrent_dropout(path: str, module: nn.Module, registry) -> Finding | None:
+    if not (isinstance(module, nn.RNNBase) and recurrent_dropout_active(module)):
+        return None
+    return Finding(
+        path, type(module).__name__,
+        f"dropout={module.dropout} between its {module.num_layers} stacked layers in training mode",
+        "the dropout mask is drawn inside the native kernel, so the per-sample gradients cannot "
+        "be recomputed exactly and training would stop with an error at the first step",
+        "set dropout=0 (privgrad.fix(model) does this; apply nn.Dropout to the output instead), "
+        "or stack single-layer modules with nn.Dropout between them",
+        fixable=True)
+
+
+def check_attention_dropout(path: str, module: nn.Module, registry) -> Finding | None:
+    if not (isinstance(module, nn.MultiheadAttention) and attention_dropout_active(module)):
+        return None
+    return Finding(
+        path, type(module).__name__, f"attention dropout={module.dropout} in training mode",
+        "the mask is drawn inside the attention, so the per-sample gradients cannot be "
+        "recomputed exactly and training would stop with an error at the first step",
+        "set the attention's dropout to 0 (privgrad.fix(model) does this; dropout around the "
+        "attention, as in nn.TransformerEncoderLayer, is unaffected and fine)",
+        fixable=True)
+
+
+def check_sequence_first(path: str, module: nn.Module, registry) -> Finding | None:
+    if not sequence_first(module):
+        return None
+    fixable = type(module) in SEQUENCE_FIRST
+    return Finding(
+        path, type(module).__name__, "sequence-first layout (batch_first=False)",
+        "its Linear and LayerNorm submodules receive (sequence, batch, feature) tensors, so their "
+        "rules would take positions for examples: wrong per-sample gradients when the sequence "
+        "length equals the batch size, an error otherwise",
+        ("privgrad.fix(model) swaps in a subclass that takes the same sequence-first inputs and "
+         "runs batch first inside (same outputs and state_dict keys)" if fixable else
+         "construct it with batch_first=True and transpose your inputs"),
+        fixable=fixable)
+
+
+def check_generic_randomness(path: str, module: nn.Module, registry: RuleRegistry) -> Finding | None:
+    if not _trainable(module) or not isinstance(registry.lookup(module), GenericRule):
+        return None
+    random = [p for p, m in module.named_modules() if p and m.training
+              and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if not random:
+        return None
+    return Finding(
+        path, type(module).__name__,
+        f"served by the generic torch.func rule, which re-runs its forward per example, but it "
+        f"contains dropout ({', '.join(random)}) whose mask cannot be drawn again",
+        "the per-sample gradients would use other masks than the forward pass did, so the "
+        "rule refuses and training would stop with an error at the first step",
+        "write a rule for it (docs/custom_layers.md), set that dropout's p to 0, or keep its "
+        "own parameters in a child module that has a rule")
+
+
+def check_uncalled_parameters(path: str, module: nn.Module, registry) -> Finding | None:
+    if not _trainable(module) or type(module).forward is not nn.Module.forward:
+        return None
+    return Finding(
+        path, type(module).__name__,
+        "trainable parameters on a module that is never called (it has no forward)",
+        "another module uses these parameters directly, and per-sample gradients come from "
+        "module calls: no rule would see that use, so they would receive noise but no signal "
+        "(peft keeps LoRA adapters of embeddings in such containers)",
+        "freeze them (requires_grad_(False)), or write a rule for the module that uses them that "
+        "serves them (LayerRule.serves_children, see docs/custom_layers.md)")
+
+
+def check_rule(path: str, module: nn.Module, registry: RuleRegistry) -> Finding | None:
+    if not _trainable(module):
+        return None
+    rule = registry.lookup(module)
+    if rule is None:
+        return Finding(
+            path, type(module).__name__, "trainable parameters with no per-sample rule",
+            "DP-SGD must clip every example's gradient; a parameter without per-sample "
+            "gradients cannot be clipped or privatised",
+            "write a rule (docs/custom_layers.md), freeze the module (requires_grad_(False)), "
+            "or allow the generic torch.func rule (RuleRegistry.default())")
+    reason = rule.check(module)
+    if reason is not None:
+        return Finding(
+            path, type(module).__name__, reason,
+            "its per-sample gradients cannot be computed exactly as configured",
+            "change the configuration as described, or freeze the module")
+    return None
+
+
+CHECKS = (
+    check_batch_norm,
+    check_instance_norm_stats,
+    check_recurrent_dropout,
+    check_attention_dropout,
+    check_sequence_first,
+    check_generic_randomness,
+    check_uncalled_parameters,
+    check_rule,
+)
+
+
+def validate(model: nn.Module, *, rules: RuleRegistry | None = None) -> list[Finding]:
+    """Every finding for ``model``, in module order (an empty list means ready to train).
+
+    Args:
+        model: the model to check (not modified).
+        rules: the rule registry training will use (default: the built-in rules plus the
+            generic rule).
+    """
+    registry = rules if rules is not None else RuleRegistry.default()
+    findings, covered = [], {check: [] for check in CHECKS}
+    for path, module in model.named_modules():
+        for check in CHECKS:
+            if any(_inside(path, outer) for outer in covered[check]):
+                continue
+            finding = check(path, module, registry)
+            if finding is not None:
+                findings.append(finding)
+                covered[check].append(path)
+    return findings
+
+
+def _inside(path: str, outer: str) -> bool:
+    """True if module ``path`` lies strictly inside module ``outer``."""
+    return path != outer and (outer == "" or path.startswith(f"{outer}."))
