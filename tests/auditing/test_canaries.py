@@ -80,6 +80,15 @@ def test_virtual_batches_release_once_per_logical_batch():
     assert np.abs(obs.released[~obs.sampled]).max() < 1e-3
 
 
+def test_empty_steps_still_release_noise_on_every_canary():
+    canaries = GradientCanaries(30, seed=13)
+    run = private_run(canaries, noise_multiplier=1.0, sample_rate=1e-9)
+    train(*run[:4], canaries, steps=3)
+    obs = canaries.observations()
+    assert obs.steps == 3 and not obs.sampled.any()
+    assert np.all(obs.released != 0) and np.all(np.isfinite(obs.released))
+
+
 def test_the_user_model_is_untouched():
     canaries = GradientCanaries(10, seed=2)
     model = nn.Linear(FEATURES, CLASSES)
