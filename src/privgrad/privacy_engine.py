@@ -22,10 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from privgrad import _validate
-from privgrad import checkpoint as _checkpoint
 from privgrad.accounting import get_noise_multiplier, make_accountant
-from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
-from privgrad.engine.amp import ScalerLink, check_grad_scaler, float32_captures
 from privgrad.engine.batch import MODES, BackwardBatch
 from privgrad.engine.capture import Recorder
 from privgrad.errors import ConfigError, ModelValidationError, PrivacyStateError
@@ -111,7 +108,6 @@ class PrivacyEngine:
         self.performance: PerformanceSettings | None = None
         self.steps = 0
         self.last_step_stats: StepStats | None = None
-        self.dropped_examples = 0  # non-finite examples dropped so far (monitoring, not private)
         self.layer_rules: dict[str, str] = {}  # module path -> rule serving it (a report)
         self._dataset_size: int | None = None
         self._module: nn.Module | None = None
@@ -121,10 +117,6 @@ class PrivacyEngine:
         self._handles: list = []
         self._release_now = True  # False while a virtual batch's earlier chunks run
         self._backward_since_step = False  # at most one backward pass per optimizer step
-        self._distributed: DataParallel | None = None  # data-parallel training only
-        self._amp: ScalerLink | None = None  # a GradScaler's loss scale (mixed precision)
-        self._sampler: PoissonSampler | None = None  # the loader's sampler (for checkpoints)
-        self._sampler_seed: int | None = None  # None in secure mode (OS randomness)
 
     def _noise_source(self):
         if not self.secure_mode:
@@ -149,8 +141,6 @@ class PrivacyEngine:
         expected_batch_size: float | None = None,
         grad_sample_mode: str = "auto",
         rules: RuleRegistry | None = None,
-        distributed: bool | None = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
 
@@ -173,14 +163,6 @@ class PrivacyEngine:
             grad_sample_mode: performance only: ``"auto"`` (cheapest exact method per layer),
                 ``"ghost"`` or ``"materialize"`` (Opacus's names are accepted as aliases).
             rules: a :class:`~privgrad.layers.RuleRegistry` with custom layer rules.
-            distributed: data-parallel training on ``torch.distributed`` (docs/distributed.md):
-                ``None`` (default) joins the default process group when one is initialised,
-                ``True`` requires one, ``False`` trains this process alone. The module may be
-                wrapped in ``DistributedDataParallel``. Performance only: the world size changes
-                neither epsilon nor the distribution of the update.
-            grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (fp16 mixed
-                precision): the engine divides its scale out of the per-sample gradients before
-                clipping and keeps private data out of its skip decision (docs/reliability.md).
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -210,8 +192,6 @@ class PrivacyEngine:
                                  type(optimizer).__name__, "Pass your optimizer.")
         params = _privatised(optimizer)
         bound = _check_bound(max_grad_norm, clipping, len(params))
-        grad_scaler = check_grad_scaler(grad_scaler)
-        ranks = data_parallel(distributed, module, poisson_sampling)
         check_loader(data_loader, poisson_sampling)
         n = _dataset_size(data_loader)
         q, expected = _sampling_rate(data_loader, n, sample_rate, expected_batch_size,
@@ -235,30 +215,16 @@ class PrivacyEngine:
                 "accounting assumes Poisson sampling, so the reported epsilon does not describe "
                 "this training run.", PrivacyWarning, stacklevel=2)
 
-        settings = PrivacySettings(sigma, bound, clipping, q, expected, loss_reduction,
-                                   poisson_sampling)
-        if ranks is not None:  # the same configuration on every rank, or an error on every rank
-            ranks.agree(privacy_fingerprint(
-                settings, accountant=self.accountant.name, secure_mode=self.secure_mode,
-                dataset_size=n, parameters=[(tuple(p.shape), str(p.dtype)) for p in params]))
-
         # 2. attach
-        if ranks is not None:
-            ranks.attach(module)  # rank 0's parameters for all; a DDP model kept off the wire
-        self._distributed = ranks
-        self._amp = ScalerLink(grad_scaler) if grad_scaler is not None else None
-        self.settings = settings
+        self.settings = PrivacySettings(sigma, bound, clipping, q, expected, loss_reduction,
+                                        poisson_sampling)
         self.performance = PerformanceSettings(mode)
         self._dataset_size = n
         self._module, self._optimizer = module, optimizer
         self._clipped = ClippedSum(params, bound, clipping)
         self._batch_norms = [(path, m) for path, m in module.named_modules()
                              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # Private training overwrites p.grad, so autograd need not form the parameter
-        # gradients; but DDP's reducer and GradScaler.step expect them to exist.
-        skip = grad_scaler is None and not isinstance(module, nn.parallel.DistributedDataParallel)
-        self._recorder = Recorder(module, registry, self._on_backward,
-                                  skip_parameter_grads=skip)
+        self._recorder = Recorder(module, registry, self._on_backward)
         self.layer_rules = {
             path or "<root>": type(registry.lookup(m)).__name__ for path, m in module.named_modules()
             if any(p.requires_grad for p in m.parameters(recurse=False))}
@@ -275,13 +241,8 @@ class PrivacyEngine:
         _ATTACHED.add(optimizer)
         if poisson_sampling:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # follows manual_seed
-            if ranks is not None:
-                seed = ranks.broadcast_seed(seed)  # one global sample per step for the job
             bits = os_bits if self.secure_mode else numpy_bits(seed)
             sampler = PoissonSampler(n, q, bits=bits, steps=steps_per_epoch(q))
-            self._sampler, self._sampler_seed = sampler, (None if self.secure_mode else seed)
-            if ranks is not None:
-                sampler = ranks.shard(sampler)  # this rank's share: indices i % world == rank
             data_loader = poisson_loader(data_loader, sampler)
         return module, optimizer, data_loader
 
@@ -326,21 +287,6 @@ class PrivacyEngine:
             _warn_large_delta(delta, self._dataset_size, "delta")
         return self.accountant.get_epsilon(delta=delta)
 
-    # -- checkpoints -----------------------------------------------------------------------
-    def save_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler=None, extra=None) -> None:
-        """Write model, optimizer, scheduler, accountant, sampler and counters to ``path``,
-        atomically (see :func:`privgrad.checkpoint.save_checkpoint`)."""
-        _checkpoint.save_checkpoint(self, path, module=module, optimizer=optimizer,
-                                    scheduler=scheduler, extra=extra)
-
-    def load_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler=None, restore_rng: bool = True):
-        """Resume from ``path`` after ``make_private`` with the same settings; return the saved
-        ``extra`` (see :func:`privgrad.checkpoint.load_checkpoint`)."""
-        return _checkpoint.load_checkpoint(self, path, module=module, optimizer=optimizer,
-                                           scheduler=scheduler, restore_rng=restore_rng)
-
     # -- virtual batches -------------------------------------------------------------------
     @contextmanager
     def virtual_batches(self, data_loader, max_physical_batch_size: int):
@@ -372,9 +318,6 @@ class PrivacyEngine:
                     f"with GroupNorm (privgrad.fix).")
 
     def _on_backward(self, captures) -> None:
-        if self._amp is not None and self._backward_since_step:  # GradScaler skipped the step
-            self._amp.discard(self._clipped)
-            self._backward_since_step = False
         if self._backward_since_step:
             raise PrivacyStateError(
                 "one backward pass per optimizer.step() is allowed; got a second backward pass "
@@ -383,15 +326,10 @@ class PrivacyEngine:
                 "breaks the guarantee. Combine the losses into one before backward(), or split "
                 "a large batch with engine.virtual_batches(...), which steps per chunk.")
         self._backward_since_step = True
-        loss_scale = self._amp.loss_scale() if self._amp is not None else 1.0
-        batch = BackwardBatch(float32_captures(captures, loss_scale),  # AMP: float32, unscaled
-                              mode=self.performance.grad_sample_mode,
+        batch = BackwardBatch(captures, mode=self.performance.grad_sample_mode,
                               scale_by_batch=self.settings.loss_reduction == "mean",
                               paths=self._recorder.paths)
-        params = _privatised(self._optimizer)
-        self._clipped.add(batch, set(params))
-        if self._amp is not None:
-            self._amp.hide_raw_gradients(params)
+        self._clipped.add(batch, set(_privatised(self._optimizer)))
 
     def _before_step(self, optimizer, args, kwargs):
         replaced = None
@@ -413,21 +351,14 @@ class PrivacyEngine:
             return replaced
         _check_ownership(self._module, optimizer)
         s = self.settings
-        # Data-parallel: reduce_sums adds the ranks' clipped sums up on rank 0, which alone draws
-        # the noise, on that total, as one process would; every rank then gets rank 0's release.
         sums = self.reduce_sums(self._clipped.sums)
-        noise_std = (s.noise_std if self._distributed is None
-                     else self._distributed.noise_share(s.noise_std))
-        grads = noisy_gradients(params, sums, noise_std=noise_std,
+        grads = noisy_gradients(params, sums, noise_std=s.noise_std,
                                 normaliser=self.normaliser(), noise=self.noise)
-        if self._distributed is not None:
-            grads = self._distributed.broadcast_release(grads)
         for p in params:
             p.grad = grads[p]
         self.accountant.step(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate)
         self.steps += 1
         self.last_step_stats = self._clipped.stats
-        self.dropped_examples += self.last_step_stats.dropped
         self._clipped.reset()
         return replaced
 
@@ -437,19 +368,12 @@ class PrivacyEngine:
         return self.settings.normaliser
 
     def reduce_sums(self, sums: dict) -> dict:
-        """The cross-process sum of clipped sums (identity in a single process). In
-        data-parallel training the total lands on rank 0 and the other ranks get an empty dict:
-        they receive rank 0's release instead (see :mod:`privgrad.distributed`)."""
-        if self._distributed is None:
-            return sums
-        return self._distributed.reduce_sums(sums, _privatised(self._optimizer))
+        """The cross-process sum of clipped sums (identity in a single process)."""
+        return sums
 
     # -- detaching -------------------------------------------------------------------------
     def detach(self) -> None:
         """Remove every hook; the model and optimizer are plain PyTorch objects again."""
-        if self._distributed is not None:
-            self._distributed.detach()  # a DDP model gets its gradient all-reduce back
-            self._distributed = None
         if self._recorder is not None:
             self._recorder.detach()
         for h in self._handles:
