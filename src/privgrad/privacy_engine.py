@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from privgrad import _validate
 from privgrad.accounting import get_noise_multiplier, make_accountant
+from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
 from privgrad.engine.batch import MODES, BackwardBatch
 from privgrad.engine.capture import Recorder
 from privgrad.errors import ConfigError, ModelValidationError, PrivacyStateError
@@ -31,7 +32,7 @@ from privgrad.privatize import CLIPPING, ClippedSum, StepStats, TorchGaussian, n
 from privgrad.sampling import PoissonSampler, numpy_bits, os_bits, steps_per_epoch
 from privgrad.sampling.loader import check_loader, poisson_loader
 from privgrad.sampling.virtual import VirtualBatches
-from privgrad.validation import validate
+from privgrad.validate import validate
 
 # Opacus's grad_sample_mode names, accepted so that switching is a change of import.
 _MODE_ALIASES = {"hooks": "materialize", "functorch": "materialize", "ew": "materialize",
@@ -116,6 +117,7 @@ class PrivacyEngine:
         self._clipped: ClippedSum | None = None
         self._handles: list = []
         self._release_now = True  # False while a virtual batch's earlier chunks run
+        self._distributed: DataParallel | None = None  # data-parallel training only
         self._backward_since_step = False  # at most one backward pass per optimizer step
 
     def _noise_source(self):
@@ -141,6 +143,7 @@ class PrivacyEngine:
         expected_batch_size: float | None = None,
         grad_sample_mode: str = "auto",
         rules: RuleRegistry | None = None,
+        distributed: bool | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
 
@@ -163,6 +166,11 @@ class PrivacyEngine:
             grad_sample_mode: performance only: ``"auto"`` (cheapest exact method per layer),
                 ``"ghost"`` or ``"materialize"`` (Opacus's names are accepted as aliases).
             rules: a :class:`~privgrad.layers.RuleRegistry` with custom layer rules.
+            distributed: data-parallel training on ``torch.distributed`` (docs/distributed.md):
+                ``None`` (default) joins the default process group when one is initialised,
+                ``True`` requires one, ``False`` trains this process alone. The module may be
+                wrapped in ``DistributedDataParallel``. Performance only: the world size changes
+                neither epsilon nor the distribution of the update.
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -192,6 +200,7 @@ class PrivacyEngine:
                                  type(optimizer).__name__, "Pass your optimizer.")
         params = _privatised(optimizer)
         bound = _check_bound(max_grad_norm, clipping, len(params))
+        ranks = data_parallel(distributed, module, poisson_sampling)
         check_loader(data_loader, poisson_sampling)
         n = _dataset_size(data_loader)
         q, expected = _sampling_rate(data_loader, n, sample_rate, expected_batch_size,
@@ -215,9 +224,18 @@ class PrivacyEngine:
                 "accounting assumes Poisson sampling, so the reported epsilon does not describe "
                 "this training run.", PrivacyWarning, stacklevel=2)
 
+        settings = PrivacySettings(sigma, bound, clipping, q, expected, loss_reduction,
+                                   poisson_sampling)
+        if ranks is not None:  # the same configuration on every rank, or an error on every rank
+            ranks.agree(privacy_fingerprint(
+                settings, accountant=self.accountant.name, secure_mode=self.secure_mode,
+                dataset_size=n, parameters=[(tuple(p.shape), str(p.dtype)) for p in params]))
+
         # 2. attach
-        self.settings = PrivacySettings(sigma, bound, clipping, q, expected, loss_reduction,
-                                        poisson_sampling)
+        if ranks is not None:
+            ranks.attach(module)  # rank 0's parameters for all; a DDP model kept off the wire
+        self._distributed = ranks
+        self.settings = settings
         self.performance = PerformanceSettings(mode)
         self._dataset_size = n
         self._module, self._optimizer = module, optimizer
@@ -241,8 +259,12 @@ class PrivacyEngine:
         _ATTACHED.add(optimizer)
         if poisson_sampling:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # follows manual_seed
+            if ranks is not None:
+                seed = ranks.broadcast_seed(seed)  # one global sample per step for the job
             bits = os_bits if self.secure_mode else numpy_bits(seed)
             sampler = PoissonSampler(n, q, bits=bits, steps=steps_per_epoch(q))
+            if ranks is not None:
+                sampler = ranks.shard(sampler)  # this rank's share: indices i % world == rank
             data_loader = poisson_loader(data_loader, sampler)
         return module, optimizer, data_loader
 
@@ -268,16 +290,6 @@ class PrivacyEngine:
                                      accountant=self.accountant.name)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
-
-    @property
-    def module(self) -> nn.Module | None:
-        """The model this engine privatises (``None`` before ``make_private``/after ``detach``)."""
-        return self._module
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer this engine privatises (``None`` before ``make_private``/after ``detach``)."""
-        return self._optimizer
 
     # -- the budget ------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
@@ -351,9 +363,15 @@ class PrivacyEngine:
             return replaced
         _check_ownership(self._module, optimizer)
         s = self.settings
+        # Data-parallel: reduce_sums adds the ranks' clipped sums up on rank 0, which alone draws
+        # the noise, on that total, as one process would; every rank then gets rank 0's release.
         sums = self.reduce_sums(self._clipped.sums)
-        grads = noisy_gradients(params, sums, noise_std=s.noise_std,
+        noise_std = (s.noise_std if self._distributed is None
+                     else self._distributed.noise_share(s.noise_std))
+        grads = noisy_gradients(params, sums, noise_std=noise_std,
                                 normaliser=self.normaliser(), noise=self.noise)
+        if self._distributed is not None:
+            grads = self._distributed.broadcast_release(grads)
         for p in params:
             p.grad = grads[p]
         self.accountant.step(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate)
@@ -368,12 +386,19 @@ class PrivacyEngine:
         return self.settings.normaliser
 
     def reduce_sums(self, sums: dict) -> dict:
-        """The cross-process sum of clipped sums (identity in a single process)."""
-        return sums
+        """The cross-process sum of clipped sums (identity in a single process). In
+        data-parallel training the total lands on rank 0 and the other ranks get an empty dict:
+        they receive rank 0's release instead (see :mod:`privgrad.distributed`)."""
+        if self._distributed is None:
+            return sums
+        return self._distributed.reduce_sums(sums, _privatised(self._optimizer))
 
     # -- detaching -------------------------------------------------------------------------
     def detach(self) -> None:
         """Remove every hook; the model and optimizer are plain PyTorch objects again."""
+        if self._distributed is not None:
+            self._distributed.detach()  # a DDP model gets its gradient all-reduce back
+            self._distributed = None
         if self._recorder is not None:
             self._recorder.detach()
         for h in self._handles:

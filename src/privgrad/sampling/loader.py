@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
+    DistributedSampler,
     IterableDataset,
     RandomSampler,
     Sampler,
@@ -91,6 +92,15 @@ def check_loader(data_loader: DataLoader, poisson_sampling: bool) -> None:
             f"{type(data_loader).__name__}. Wrap your data set: DataLoader(dataset, batch_size=...).")
     if not poisson_sampling:
         return
+    inner = getattr(data_loader.batch_sampler, "sampler", None)
+    if isinstance(data_loader.sampler, DistributedSampler) or isinstance(inner, DistributedSampler):
+        raise ConfigError(
+            "the data loader must cover the whole data set: privgrad itself splits one global "
+            "Poisson sample between the ranks (each example included with probability q, exactly "
+            "once across ranks), and a sharding sampler would make batch_size a per-rank size; "
+            "got data_loader.sampler=DistributedSampler. Build DataLoader(full_dataset, "
+            "batch_size=<expected batch size of the whole job>) with no sampler, the same on every "
+            "rank (see docs/distributed.md).")
     if isinstance(data_loader.dataset, IterableDataset):
         raise ConfigError(
             "Poisson sampling needs a map-style data set (indexable, with a length); got "
