@@ -32,7 +32,7 @@ from privgrad.privatize import CLIPPING, ClippedSum, StepStats, TorchGaussian, n
 from privgrad.sampling import PoissonSampler, numpy_bits, os_bits, steps_per_epoch
 from privgrad.sampling.loader import check_loader, poisson_loader
 from privgrad.sampling.virtual import VirtualBatches
-from privgrad.validate import validate
+from privgrad.validation import validate
 
 # Opacus's grad_sample_mode names, accepted so that switching is a change of import.
 _MODE_ALIASES = {"hooks": "materialize", "functorch": "materialize", "ew": "materialize",
@@ -290,6 +290,16 @@ class PrivacyEngine:
                                      accountant=self.accountant.name)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The model this engine privatises (``None`` before ``make_private``/after ``detach``)."""
+        return self._module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer this engine privatises (``None`` before ``make_private``/after ``detach``)."""
+        return self._optimizer
 
     # -- the budget ------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
