@@ -242,7 +242,11 @@ class PrivacyEngine:
         self._clipped = ClippedSum(params, bound, clipping)
         self._batch_norms = [(path, m) for path, m in module.named_modules()
                              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self._recorder = Recorder(module, registry, self._on_backward)
+        # Private training overwrites p.grad, so autograd need not form the parameter
+        # gradients; but DDP's reducer expects them to exist.
+        skip = not isinstance(module, nn.parallel.DistributedDataParallel)
+        self._recorder = Recorder(module, registry, self._on_backward,
+                                  skip_parameter_grads=skip)
         self.layer_rules = {
             path or "<root>": type(registry.lookup(m)).__name__ for path, m in module.named_modules()
             if any(p.requires_grad for p in m.parameters(recurse=False))}

@@ -19,11 +19,12 @@ def slicer(args, kwargs, batch):
 
 
 def check_module(module, args, kwargs=None, *, batch=None, example=None, modes=MODES,
-                 rtol=1e-5, rules=None):
+                 rtol=1e-5, rules=None, skip_parameter_grads=False):
     """Assert the engine's per-sample results for ``module`` on the batch equal the references.
 
     The loss is ``sum(output * R)`` with a fixed random ``R``, so example ``i``'s own loss is
-    ``sum(output_i * R_i)``.
+    ``sum(output_i * R_i)``. ``skip_parameter_grads`` runs the engine as private training does
+    (autograd forms no parameter gradient where a rule gives the input gradient alone).
     """
     kwargs = kwargs or {}
     with torch.no_grad():
@@ -45,7 +46,8 @@ def check_module(module, args, kwargs=None, *, batch=None, example=None, modes=M
     weights = torch.rand(batch, dtype=torch.float64)
     names = {p: n for n, p in module.named_parameters()}
     for mode in modes:
-        with PerSampleGradients(module, mode=mode, rules=rules) as psg:
+        with PerSampleGradients(module, mode=mode, rules=rules,
+                                skip_parameter_grads=skip_parameter_grads) as psg:
             (module(*args, **kwargs) * r).sum().backward()
         module.zero_grad(set_to_none=True)
         assert_close(psg.norms, ref_norms, rtol, f"{mode}: per-sample norms")

@@ -68,6 +68,7 @@ def zero_gradient_steps(model: nn.Module, optimizer, loader, steps: int, engine:
         (model(x).sum() * 0.0).backward()
         optimizer.step()
         for n, p in names.items():
+            assert p.grad is not None, f"{n}: the step released no gradient (so no noise) for it"
             out[n].append(p.grad.detach().reshape(-1).double().numpy().copy())
     return {n: np.stack(v) for n, v in out.items()}
 

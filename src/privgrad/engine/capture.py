@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from privgrad.engine.outputs import input_only, unviewed
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import Capture, LayerRule, RuleRegistry
 
@@ -73,6 +74,11 @@ class Recorder:
         registry: the rules to use.
         on_backward: called once at the end of every backward pass that reached a recorded
             output, with the list of completed captures.
+        skip_parameter_grads: performance only: where the rule gives the input gradient alone
+            (:meth:`~privgrad.layers.LayerRule.input_backward`), autograd forms no gradient for
+            the module's parameters (their ``.grad`` stays untouched by backward). For private
+            training, which overwrites those gradients anyway; see
+            :mod:`privgrad.engine.outputs`.
     """
 
     def __init__(
@@ -80,10 +86,13 @@ class Recorder:
         module: nn.Module,
         registry: RuleRegistry,
         on_backward: Callable[[list[Capture]], None],
+        *,
+        skip_parameter_grads: bool = False,
     ):
         self.module = module
         self.registry = registry
         self.on_backward = on_backward
+        self.skip_parameter_grads = skip_parameter_grads
         self.paths = {m: name for name, m in module.named_modules(remove_duplicate=False)}
         self._rules: dict[nn.Module, LayerRule] = {}
         self._children: dict[nn.Module, tuple[str, ...]] = {}
@@ -151,6 +160,17 @@ class Recorder:
             leaves = [_expand_one(batch, x) if i in index else x for i, x in enumerate(leaves)]
             replaced = tree_unflatten(leaves, spec)
         inputs, _ = tree_flatten((args, kwargs))
+        backward = None
+        if self.skip_parameter_grads and len(index) == 1:
+            backward = self._input_backward(module, rule, args, kwargs, inputs)
+        if backward is not None:
+            i = index[0]
+            leaves[i] = input_only(leaves[i], args[0], module.get_parameter(names[0]), backward)
+            replaced = tree_unflatten(leaves, spec)
+        elif any(leaves[i]._is_view() for i in index):  # see privgrad.engine.outputs
+            leaves = [unviewed(x) if i in index and x._is_view() else x
+                      for i, x in enumerate(leaves)]
+            replaced = tree_unflatten(leaves, spec)
         capture = Capture(
             module=module,
             args=args,
@@ -167,6 +187,16 @@ class Recorder:
         for slot, i in enumerate(index):
             leaves[i].register_hook(partial(self._grad_hook, capture, slot))
         return replaced  # None keeps the module's own output
+
+    @staticmethod
+    def _input_backward(module, rule: LayerRule, args, kwargs, inputs):
+        """The rule's input-only backward for this call, where it applies (else ``None``)."""
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        if any(isinstance(x, torch.Tensor) and x.requires_grad and x is not args[0]
+               for x in inputs):
+            return None  # another input needs its gradient: keep autograd's backward
+        return rule.input_backward(module, args, kwargs)
 
     def _grad_hook(self, capture: Capture, slot: int, grad: torch.Tensor) -> None:
         capture.grad_outputs[slot] = grad

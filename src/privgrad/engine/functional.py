@@ -35,17 +35,22 @@ class PerSampleGradients:
         mode: ``"materialize"`` (default here: :attr:`gradients` is available), ``"auto"`` or
             ``"ghost"`` (norms and weighted sums only, without per-sample tensors where possible).
         rules: rule registry (default: built-in rules plus the generic rule).
+        skip_parameter_grads: performance only: autograd forms no ordinary gradient for the
+            parameters of layers whose rule gives the input gradient alone (``p.grad`` stays as
+            it was); what :class:`~privgrad.PrivacyEngine` does, since it overwrites ``p.grad``.
     """
 
     def __init__(self, module: nn.Module, *, loss_reduction: str = "sum",
-                 mode: str = "materialize", rules: RuleRegistry | None = None):
+                 mode: str = "materialize", rules: RuleRegistry | None = None,
+                 skip_parameter_grads: bool = False):
         _validate.choice("loss_reduction", loss_reduction, ("mean", "sum"))
         _validate.choice("mode", mode, MODES)
         self.module = module
         self.mode = mode
         self.loss_reduction = loss_reduction
         self.batches: list[BackwardBatch] = []
-        self._recorder = Recorder(module, rules or RuleRegistry.default(), self._on_backward)
+        self._recorder = Recorder(module, rules or RuleRegistry.default(), self._on_backward,
+                                  skip_parameter_grads=skip_parameter_grads)
 
     def _on_backward(self, captures) -> None:
         self.batches.append(BackwardBatch(

@@ -142,6 +142,17 @@ class LayerRule:
         """Per-sample gradients ``{name: tensor of shape (batch, *param.shape)}``."""
         raise NotImplementedError
 
+    def input_backward(self, module: nn.Module, args: tuple, kwargs: dict):
+        """The gradient of the first input alone, for private training (optional).
+
+        Returns a function ``grad_output -> gradient of args[0]`` that forms no parameter
+        gradient, or ``None`` (the default) to keep autograd's own backward for this call. The
+        engine uses it to skip the parameter gradients that private training discards (see
+        :mod:`privgrad.engine.outputs`); it is only asked when ``args[0]`` is the only tensor
+        input that requires grad.
+        """
+        return None
+
     # -- ghost norms (optional) ------------------------------------------------------------
     def ghost_norms_sq(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...]

@@ -14,6 +14,7 @@ Per-sample weight gradient: ``sum_l G_bgol U_bgil``; ghost norm:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,41 @@ def unfold(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     x = x.permute(0, 1, *kernel_dims, *out_dims)
     length = math.prod(x.shape[2 + nd:])  # output positions, now last
     return x.reshape(b, c * math.prod(module.kernel_size), length)
+
+
+_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+               3: torch.nn.grad.conv3d_input}
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}
+
+
+def symmetric_padding(module: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
+    """The zero padding per spatial dimension when it is the same on both sides of each (what
+    the convolution kernels take), else ``None`` (other modes, or asymmetric ``"same"``)."""
+    pad = module._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+    if module.padding_mode != "zeros" or any(pad[2 * d] != pad[2 * d + 1]
+                                               for d in range(len(pad) // 2)):
+        return None
+    return tuple(pad[2 * d] for d in reversed(range(len(pad) // 2)))
+
+
+def _conv_input_grad(module, shape, dtype, padding, g: torch.Tensor) -> torch.Tensor:
+    """Gradient of a convolution's input from its output gradient ``g`` (no weight gradient)."""
+    grad = _INPUT_GRAD[len(module.kernel_size)](
+        shape, module.weight.to(g.dtype), g, module.stride, padding, module.dilation, module.groups)
+    return grad.to(dtype)
+
+
+def conv_weight_sum(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``sum_b`` of the per-sample weight gradients for inputs ``x`` and output gradients ``g``:
+    the ordinary weight gradient, by the convolution backward kernel (no patches built)."""
+    padding = symmetric_padding(module)
+    if padding is None:  # pad explicitly, as the module's forward does
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), 0
+    return _WEIGHT_GRAD[len(module.kernel_size)](
+        x.to(g.dtype), module.weight.shape, g, module.stride, padding, module.dilation,
+        module.groups)
 
 
 class ConvRule(LayerRule):
@@ -98,15 +134,20 @@ class ConvRule(LayerRule):
         g_full = capture.grad_output
         w = weights.to(g_full.dtype)
         out = {}
-        if "weight" in names:
-            u, g = self._grouped(module, capture)
-            gw = g * w.view(-1, 1, 1, 1)
-            total = torch.einsum("bglo,bgli->goi", gw, u.to(g.dtype))
-            out["weight"] = total.reshape(module.weight.shape)
+        if "weight" in names:  # the weights scale each example's output gradient
+            gw = g_full * w.view(-1, *([1] * (g_full.dim() - 1)))
+            out["weight"] = conv_weight_sum(module, capture.activation, gw)
         if "bias" in names:
-            gb = g_full.flatten(2).sum(-1)
-            out["bias"] = (gb * w.view(-1, 1)).sum(0)
+            out["bias"] = w @ g_full.flatten(2).sum(-1)
         return out
+
+    def input_backward(self, module, args, kwargs):
+        """``torch.nn.grad.conv*_input`` (a transposed convolution), for zero padding that is
+        the same on both sides of every dimension (other paddings keep autograd's backward)."""
+        padding = symmetric_padding(module)
+        if padding is None or kwargs or len(args) != 1:
+            return None
+        return partial(_conv_input_grad, module, args[0].shape, args[0].dtype, padding)
 
     def _sizes(self, module, capture: Capture):
         g = capture.grad_output

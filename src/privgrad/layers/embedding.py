@@ -83,6 +83,10 @@ class EmbeddingRule(LayerRule):
     def ghost_cost(self, module, capture: Capture) -> float:
         return float(capture.grad_output.numel())
 
+    def input_backward(self, module, args, kwargs):
+        """Indices have no gradient: nothing to compute."""
+        return _no_input_grad
+
     def materialize_cost(self, module, capture: Capture) -> float:
         return float(capture.batch_size * module.weight.numel())
 
@@ -157,8 +161,17 @@ class EmbeddingBagRule(LayerRule):
     def ghost_cost(self, module, capture: Capture) -> float:
         return float(capture.args[0].numel() * capture.grad_output.shape[-1])
 
+    def input_backward(self, module, args, kwargs):
+        """Indices and offsets have no gradient (a ``per_sample_weights`` that requires grad
+        keeps autograd's backward: the engine does not ask then)."""
+        return _no_input_grad
+
     def materialize_cost(self, module, capture: Capture) -> float:
         return float(capture.batch_size * module.weight.numel())
+
+
+def _no_input_grad(grad_output: torch.Tensor) -> None:
+    return None
 
 
 def _bag_layout(module: nn.EmbeddingBag, args: tuple, kwargs: dict):

@@ -11,6 +11,8 @@ Ghost norm (Li et al. 2022): ``||G_b^T A_b||_F^2 = sum_{t,s} (A_bt . A_bs)(G_bt 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -29,8 +31,9 @@ def _flat(capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
 def linear_ghost_norm_sq(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``||g_b^T a_b||_F^2`` for ``a: (b, t, i)``, ``g: (b, t, o)``, in ``dtype``."""
     a, g = a.to(dtype), g.to(dtype)
-    if a.shape[1] == 1:
-        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+    if a.shape[1] == 1:  # ||a_b||^2 ||g_b||^2
+        a, g = a.flatten(1), g.flatten(1)
+        return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(g, g)
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
@@ -65,13 +68,17 @@ class LinearRule(LayerRule):
 
     def weighted_sum(self, module: nn.Module, capture: Capture, names, weights):
         a, g = _flat(capture)
-        gw = g * weights.to(g.dtype).view(-1, 1, 1)
+        a, w = a.to(g.dtype), weights.to(g.dtype)
         out = {}
-        if self.weight_name in names:
-            flat_g, flat_a = gw.reshape(-1, gw.shape[-1]), a.reshape(-1, a.shape[-1]).to(g.dtype)
-            out[self.weight_name] = self._orient(flat_g.T @ flat_a)
+        if self.weight_name in names:  # one GEMM over (b, t); the narrower side is scaled
+            if a.shape[-1] <= g.shape[-1]:
+                lhs, rhs = g, a * w.view(-1, 1, 1)
+            else:
+                lhs, rhs = g * w.view(-1, 1, 1), a
+            out[self.weight_name] = self._orient(
+                lhs.reshape(-1, lhs.shape[-1]).T @ rhs.reshape(-1, rhs.shape[-1]))
         if self.bias_name in names:
-            out[self.bias_name] = gw.sum((0, 1))
+            out[self.bias_name] = w @ g.sum(1)
         return out
 
     def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
@@ -82,9 +89,21 @@ class LinearRule(LayerRule):
         b, t = capture.batch_size, _positions(capture)
         return float(b * t * capture.activation.shape[-1] * capture.grad_output.shape[-1])
 
+    def input_backward(self, module: nn.Module, args, kwargs):
+        """``grad_x = G W`` (``o`` contracted), for ``nn.Linear`` and subclasses with its forward."""
+        if not isinstance(module, nn.Linear) or kwargs or len(args) != 1:
+            return None
+        return partial(_linear_input_grad, module.weight, args[0].dtype)
+
     def _orient(self, w: torch.Tensor) -> torch.Tensor:
         """Weight gradient in the parameter's own layout (``o x i`` for ``nn.Linear``)."""
         return w
+
+
+def _linear_input_grad(weight: torch.Tensor, dtype: torch.dtype, g: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``x`` for ``y = x W^T + b``: ``G W`` (in the output gradient's dtype, as
+    autograd computes it under autocast, then in the input's dtype)."""
+    return torch.matmul(g, weight.to(g.dtype)).to(dtype)
 
 
 def _positions(capture: Capture) -> int:

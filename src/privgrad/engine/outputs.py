@@ -1,0 +1,77 @@
+"""What the recorder's forward hook hands back in place of a module's output.
+
+Both functions return a tensor with the module's own output values, on the same storage and
+sharing its version counter (so autograd's checks for in-place modification of a saved tensor
+still fire), but with a ``grad_fn`` of privgrad's:
+
+- :func:`unviewed`: identity in backward. For an output that is a *view* (``nn.Linear`` on an
+  input with more than two dimensions returns one): an in-place operation on a view rewrites
+  its autograd history, and a tensor hook registered on the view before would never fire, so
+  the layer's output gradient would be lost. The replacement is not a view, so its hook fires.
+- :func:`input_only`: backward computes only the gradient of the module's first input, with the
+  rule's formula (:meth:`~privgrad.layers.LayerRule.input_backward`). Private training
+  overwrites ``p.grad`` of every privatised parameter with the noisy clipped sum, so the
+  parameter gradients autograd would form (for a Linear or Conv layer as much work as the
+  forward pass) are never used; with this backward they are never computed, and ``p.grad`` of
+  the layer's parameters stays as it was until the optimizer step writes the private gradient.
+  The module's own graph for the call is no longer referenced and is freed at once.
+
+Nothing is wrapped or patched: returning a replacement output is what a forward hook may do.
+
+Privacy:
+    Neither changes what is released: the private step writes ``p.grad`` for every privatised
+    parameter whether or not autograd filled it. :func:`input_only` applies only where the rule
+    gives the input gradient and the first input is the only tensor input requiring grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class _Unviewed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, output):  # noqa: D102 - torch.autograd.Function API
+        return output.detach()  # a new tensor object on the same storage, not a view
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102 - torch.autograd.Function API
+        return grad_output
+
+
+class _InputOnly(torch.autograd.Function):
+    """Identity on ``output``; backward: ``input_grad(grad_output)`` for ``x``, nothing else.
+
+    ``anchor`` is one of the layer's trainable parameters: it makes the result require grad
+    when ``x`` does not (a first layer), and receives no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, input_grad, output, anchor, x):  # noqa: D102 - torch.autograd.Function API
+        ctx.input_grad = input_grad
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102 - torch.autograd.Function API
+        grad_x = ctx.input_grad(grad_output) if ctx.needs_input_grad[3] else None
+        return None, None, None, grad_x
+
+
+def unviewed(output: torch.Tensor) -> torch.Tensor:
+    """``output`` as a tensor that is not a view, with the same values and gradient."""
+    return _Unviewed.apply(output)
+
+
+def input_only(output: torch.Tensor, x, anchor: torch.Tensor,
+               input_grad: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``output``'s values with a backward that only computes the gradient of ``x``.
+
+    Args:
+        output: the module's output (its own autograd graph is dropped).
+        x: the module's first input (an index tensor gets no gradient).
+        anchor: a parameter of the module that requires grad.
+        input_grad: ``grad_output -> gradient of x`` (the rule's formula).
+    """
+    return _InputOnly.apply(input_grad, output.detach(), anchor, x)
