@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from privgrad.engine import PerSampleGradients
@@ -178,3 +180,18 @@ def test_transformer_classifier_per_sample():
 @pytest.mark.parametrize("mode", ["auto", "materialize"])
 def test_transformer_classifier_private_step(mode):
     check_private_step(*classifier_case(), mode=mode)
+
+
+@given(b=st.integers(0, 3), t=st.integers(1, 3), s=st.integers(1, 3), heads=st.sampled_from([1, 2]),
+       batch_first=st.booleans(), need_weights=st.booleans())
+def test_shapes_including_empty_and_single_batches(b, t, s, heads, batch_first, need_weights):
+    torch.manual_seed(b * 100 + t * 10 + s)
+    model = Attend(nn.MultiheadAttention(4, heads, batch_first=batch_first, kdim=3, vdim=2),
+                   need_weights=need_weights).double()
+    q, k, v = (torch.randn(b, n, f, dtype=D) for n, f in ((t, 4), (s, 3), (s, 2)))
+    if batch_first:
+        check_module(model, (q, k, v))
+    else:
+        first = [x.transpose(0, 1) for x in (q, k, v)]
+        check_module(model, tuple(first), batch=b,
+                     example=lambda i: (tuple(x[:, i:i + 1] for x in first), {}))

@@ -41,9 +41,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """Four stages of two basic blocks; widths 8-16-32-32 for a test-sized model."""
+    """Four stages of two basic blocks; widths 4-8-16-32 for a test-sized model."""
 
-    def __init__(self, widths=(8, 16, 32, 32), classes=5):
+    def __init__(self, widths=(4, 8, 16, 32), classes=5):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
@@ -66,8 +66,8 @@ def test_validator_finds_every_batch_norm_and_fix_replaces_them():
     assert len(findings) == 20 and all(f.module_type == "BatchNorm2d" and f.fixable for f in findings)
     fixed, replacements = privgrad.fix(model)
     assert {str(r).split(": ", 1)[1].split(" (")[0] for r in replacements} == {
-        "BatchNorm2d -> GroupNorm(8, 8)", "BatchNorm2d -> GroupNorm(16, 16)",
-        "BatchNorm2d -> GroupNorm(32, 32)"}
+        "BatchNorm2d -> GroupNorm(4, 4)", "BatchNorm2d -> GroupNorm(8, 8)",
+        "BatchNorm2d -> GroupNorm(16, 16)", "BatchNorm2d -> GroupNorm(32, 32)"}
     assert len(replacements) == 20 and privgrad.validate(fixed) == []
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # original untouched
 
@@ -100,7 +100,7 @@ def shared_dropout_masks(model: nn.Module, batch: int):
 def case(b=3):
     fixed, _ = privgrad.fix(ResNet18())
     model = fixed.double().train()
-    x, y = torch.randn(b, 3, 8, 8, dtype=D), torch.randint(0, 5, (b,))
+    x, y = torch.randn(b, 3, 16, 16, dtype=D), torch.randint(0, 5, (b,))
 
     def loss(rows, logits):
         return F.cross_entropy(logits, y[rows], reduction="sum")
@@ -127,7 +127,7 @@ def test_fixed_resnet_private_step():
 def test_fixed_resnet_trains_privately():
     torch.manual_seed(3)
     model, _ = privgrad.fix(ResNet18())
-    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))
+    data = TensorDataset(torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = PrivacyEngine(accountant="rdp")
     model, optimizer, loader = engine.make_private(
