@@ -22,3 +22,12 @@ class TorchGaussian:
         """A new tensor shaped like ``like`` (same dtype and device) of ``N(0, std^2)`` draws."""
         out = torch.empty_like(like)
         return out.normal_(0.0, std) if std > 0 else out.zero_()
+
+    def add_noise(self, total: torch.Tensor, std: float) -> torch.Tensor:
+        """``total + N(0, std^2)`` as a new tensor (the noise is drawn first, then added).
+
+        Every noise source has this method: the engine hands it the clipped sum, so that a
+        secure source can control how the addition is rounded
+        (:class:`~privgrad.privatize.secure.SecureGaussian`).
+        """
+        return self.sample(total, std).add_(total)

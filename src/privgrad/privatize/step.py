@@ -95,10 +95,8 @@ def noisy_gradients(
     for p in params:
         acc_dtype = torch.promote_types(p.dtype, torch.float32)
         s = sums.get(p)
-        like = s if s is not None else torch.zeros_like(p, dtype=acc_dtype)
-        g = noise.sample(like, noise_std)
-        if s is not None:
-            g.add_(s)
+        total = s if s is not None else torch.zeros_like(p, dtype=acc_dtype)
+        g = noise.add_noise(total, noise_std)  # the source adds: secure mode snaps the result
         if normaliser != 1.0:
             g.div_(normaliser)
         out[p] = g.to(p.dtype)
