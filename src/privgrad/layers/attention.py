@@ -94,7 +94,8 @@ class MultiheadAttentionRule(ProjectionRule):
 
         names, blocks = _in_projection(module)
         with torch.enable_grad():
-            q, k, v = (_tracked(F.linear(x, w, b)) for x, (w, b) in zip((query, key, value), blocks))
+            q, k, v = (_tracked(F.linear(x, w, b))
+                       for x, (w, b) in zip((query, key, value), blocks))
             extra = []
             if module.bias_k is not None:
                 extra = [_tracked(p.detach().expand(query.shape[0], 1, -1).clone())
@@ -106,13 +107,14 @@ class MultiheadAttentionRule(ProjectionRule):
                 w = weights.mean(1) if a["average_attn_weights"] else weights
                 loss = loss + (w * g_weights).sum()
             found = torch.autograd.grad(loss, [q, k, v, *extra], allow_unused=True)
-        found = [g if g is not None else torch.zeros_like(t) for g, t in zip(found, [q, k, v, *extra])]
+        found = [g if g is not None else torch.zeros_like(t)
+                 for g, t in zip(found, [q, k, v, *extra])]
         result = [Projection(g=g, a=x, weight=w, bias=b)
                   for g, x, (w, b) in zip(found[:3], (query, key, value), names)]
         if extra:
             result += [Projection(g=found[3], bias="bias_k"), Projection(g=found[4], bias="bias_v")]
-        result.append(Projection(g=g_out, a=o.detach(), weight="out_proj.weight",
-                                 bias="out_proj.bias" if module.out_proj.bias is not None else None))
+        out_bias = "out_proj.bias" if module.out_proj.bias is not None else None
+        result.append(Projection(g=g_out, a=o.detach(), weight="out_proj.weight", bias=out_bias))
         return result
 
 

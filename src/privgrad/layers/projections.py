@@ -65,7 +65,8 @@ class ProjectionRule(LayerRule):
         def zero(x):
             if x is None:
                 return None
-            return torch.where(keep.view(-1, 1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            return torch.where(keep.view(-1, 1, 1), x, zero)
 
         kept = [replace(p, g=zero(p.g), a=zero(p.a))
                 for p in self.projections(capture.module, capture)]

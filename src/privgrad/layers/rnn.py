@@ -85,7 +85,7 @@ def _batch_first(module: nn.RNNBase, capture: Capture):
     if isinstance(x, PackedSequence):
         packed = x
         x, lengths = pad_packed_sequence(packed, batch_first=True)
-        first_state = 4  # output leaves: data, batch_sizes, sorted_indices, unsorted_indices, h_n, c_n
+        first_state = 4  # leaves: data, batch_sizes, sorted_indices, unsorted_indices, h_n, c_n
         g_data = grads.get(0, torch.zeros((packed.data.shape[0], _out_features(module)),
                                           dtype=x.dtype, device=x.device))
         g_out, _ = pad_packed_sequence(packed._replace(data=g_data), batch_first=True,
@@ -110,7 +110,8 @@ def _batch_first(module: nn.RNNBase, capture: Capture):
         h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
     g_h = grads.get(first_state, x.new_zeros(h_shape))
     g_c = grads.get(first_state + 1, x.new_zeros(c_shape)) if lstm else None
-    return x.detach(), lengths, (h0.detach(), None if c0 is None else c0.detach()), (g_out, g_h, g_c)
+    state = (h0.detach(), None if c0 is None else c0.detach())
+    return x.detach(), lengths, state, (g_out, g_h, g_c)
 
 
 def _out_features(module: nn.RNNBase) -> int:

@@ -51,5 +51,5 @@ class NeutralWeightNormRule(LayerRule):
         neutral = torch.full_like(module.weight, self.neutral)
         with torch.no_grad():
             n = functional_call(module, {"weight": neutral}, capture.args, capture.kwargs)
-        prod = (g * n.to(g.dtype))
+        prod = g * n.to(g.dtype)
         return {"weight": prod.flatten(1, -2).sum(1) if prod.dim() > 2 else prod}

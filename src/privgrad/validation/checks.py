@@ -128,7 +128,8 @@ def check_sequence_first(path: str, module: nn.Module, registry) -> Finding | No
         fixable=fixable)
 
 
-def check_generic_randomness(path: str, module: nn.Module, registry: RuleRegistry) -> Finding | None:
+def check_generic_randomness(path: str, module: nn.Module,
+                             registry: RuleRegistry) -> Finding | None:
     if not _trainable(module) or not isinstance(registry.lookup(module), GenericRule):
         return None
     random = [p for p, m in module.named_modules() if p and m.training

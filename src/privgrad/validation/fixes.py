@@ -92,7 +92,8 @@ def fix_sequence_first(module: nn.Module):
     if not (sequence_first(module) and type(module) in SEQUENCE_FIRST):
         return None
     name = SEQUENCE_FIRST[type(module)].__name__
-    return make_batch_first_inside(module), f"{name} (sequence-first outside, batch first inside)", \
+    description = f"{name} (sequence-first outside, batch first inside)"
+    return make_batch_first_inside(module), description, \
         "per-sample rules need the batch in dimension 0 of every submodule's tensors"
 
 

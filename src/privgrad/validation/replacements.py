@@ -65,7 +65,8 @@ class SequenceFirstDecoderLayer(nn.TransformerDecoderLayer):
     """``nn.TransformerDecoderLayer(batch_first=False)`` that runs batch first inside."""
 
     def forward(self, tgt, memory, *args, **kwargs):
-        return _batch_first(super().forward(_batch_first(tgt), _batch_first(memory), *args, **kwargs))
+        tgt, memory = _batch_first(tgt), _batch_first(memory)
+        return _batch_first(super().forward(tgt, memory, *args, **kwargs))
 
 
 class SequenceFirstEncoder(nn.TransformerEncoder):
@@ -79,7 +80,8 @@ class SequenceFirstDecoder(nn.TransformerDecoder):
     """``nn.TransformerDecoder`` of sequence-first layers that runs batch first inside."""
 
     def forward(self, tgt, memory, *args, **kwargs):
-        return _batch_first(super().forward(_batch_first(tgt), _batch_first(memory), *args, **kwargs))
+        tgt, memory = _batch_first(tgt), _batch_first(memory)
+        return _batch_first(super().forward(tgt, memory, *args, **kwargs))
 
 
 class SequenceFirstTransformer(nn.Transformer):
