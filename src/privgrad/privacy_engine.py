@@ -22,8 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from privgrad import _validate
+from privgrad import checkpoint as _checkpoint
 from privgrad.accounting import get_noise_multiplier, make_accountant
 from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
+from privgrad.engine.amp import ScalerLink, check_grad_scaler, float32_captures
 from privgrad.engine.batch import MODES, BackwardBatch
 from privgrad.engine.capture import Recorder
 from privgrad.errors import ConfigError, ModelValidationError, PrivacyStateError
@@ -89,9 +91,10 @@ class PrivacyEngine:
 
     Args:
         accountant: ``"pld"`` (default, tight) or ``"rdp"``.
-        secure_mode: draw sampling and noise from the operating system's CSPRNG (see
-            docs/privacy.md). Off by default, so that runs are reproducible after
-            ``torch.manual_seed``.
+        secure_mode: draw sampling and noise from a CSPRNG seeded by the operating system,
+            with noise that resists floating-point attacks (docs/reliability.md; needs
+            ``pip install 'privgrad[secure]'``). Off by default, so that runs are reproducible
+            after ``torch.manual_seed``.
 
     Privacy:
         The guarantee is (epsilon, delta)-DP under add/remove-one-example adjacency, for the
@@ -109,6 +112,7 @@ class PrivacyEngine:
         self.performance: PerformanceSettings | None = None
         self.steps = 0
         self.last_step_stats: StepStats | None = None
+        self.dropped_examples = 0  # non-finite examples dropped so far (monitoring, not private)
         self.layer_rules: dict[str, str] = {}  # module path -> rule serving it (a report)
         self._dataset_size: int | None = None
         self._module: nn.Module | None = None
@@ -117,8 +121,11 @@ class PrivacyEngine:
         self._clipped: ClippedSum | None = None
         self._handles: list = []
         self._release_now = True  # False while a virtual batch's earlier chunks run
-        self._distributed: DataParallel | None = None  # data-parallel training only
         self._backward_since_step = False  # at most one backward pass per optimizer step
+        self._distributed: DataParallel | None = None  # data-parallel training only
+        self._amp: ScalerLink | None = None  # a GradScaler's loss scale (mixed precision)
+        self._sampler: PoissonSampler | None = None  # the loader's sampler (for checkpoints)
+        self._sampler_seed: int | None = None  # None in secure mode (OS randomness)
 
     def _noise_source(self):
         if not self.secure_mode:
@@ -144,6 +151,7 @@ class PrivacyEngine:
         grad_sample_mode: str = "auto",
         rules: RuleRegistry | None = None,
         distributed: bool | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
 
@@ -171,6 +179,9 @@ class PrivacyEngine:
                 ``True`` requires one, ``False`` trains this process alone. The module may be
                 wrapped in ``DistributedDataParallel``. Performance only: the world size changes
                 neither epsilon nor the distribution of the update.
+            grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (fp16 mixed
+                precision): the engine divides its scale out of the per-sample gradients before
+                clipping and keeps private data out of its skip decision (docs/reliability.md).
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -200,6 +211,7 @@ class PrivacyEngine:
                                  type(optimizer).__name__, "Pass your optimizer.")
         params = _privatised(optimizer)
         bound = _check_bound(max_grad_norm, clipping, len(params))
+        grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling)
         check_loader(data_loader, poisson_sampling)
         n = _dataset_size(data_loader)
@@ -235,6 +247,7 @@ class PrivacyEngine:
         if ranks is not None:
             ranks.attach(module)  # rank 0's parameters for all; a DDP model kept off the wire
         self._distributed = ranks
+        self._amp = ScalerLink(grad_scaler) if grad_scaler is not None else None
         self.settings = settings
         self.performance = PerformanceSettings(mode)
         self._dataset_size = n
@@ -243,8 +256,8 @@ class PrivacyEngine:
         self._batch_norms = [(path, m) for path, m in module.named_modules()
                              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # Private training overwrites p.grad, so autograd need not form the parameter
-        # gradients; but DDP's reducer expects them to exist.
-        skip = not isinstance(module, nn.parallel.DistributedDataParallel)
+        # gradients; but DDP's reducer and GradScaler.step expect them to exist.
+        skip = grad_scaler is None and not isinstance(module, nn.parallel.DistributedDataParallel)
         self._recorder = Recorder(module, registry, self._on_backward,
                                   skip_parameter_grads=skip)
         self.layer_rules = {
@@ -267,6 +280,7 @@ class PrivacyEngine:
                 seed = ranks.broadcast_seed(seed)  # one global sample per step for the job
             bits = os_bits if self.secure_mode else numpy_bits(seed)
             sampler = PoissonSampler(n, q, bits=bits, steps=steps_per_epoch(q))
+            self._sampler, self._sampler_seed = sampler, (None if self.secure_mode else seed)
             if ranks is not None:
                 sampler = ranks.shard(sampler)  # this rank's share: indices i % world == rank
             data_loader = poisson_loader(data_loader, sampler)
@@ -313,6 +327,21 @@ class PrivacyEngine:
             _warn_large_delta(delta, self._dataset_size, "delta")
         return self.accountant.get_epsilon(delta=delta)
 
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler=None, extra=None) -> None:
+        """Write model, optimizer, scheduler, accountant, sampler and counters to ``path``,
+        atomically (see :func:`privgrad.checkpoint.save_checkpoint`)."""
+        _checkpoint.save_checkpoint(self, path, module=module, optimizer=optimizer,
+                                    scheduler=scheduler, extra=extra)
+
+    def load_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler=None, restore_rng: bool = True):
+        """Resume from ``path`` after ``make_private`` with the same settings; return the saved
+        ``extra`` (see :func:`privgrad.checkpoint.load_checkpoint`)."""
+        return _checkpoint.load_checkpoint(self, path, module=module, optimizer=optimizer,
+                                           scheduler=scheduler, restore_rng=restore_rng)
+
     # -- virtual batches -------------------------------------------------------------------
     @contextmanager
     def virtual_batches(self, data_loader, max_physical_batch_size: int):
@@ -344,6 +373,9 @@ class PrivacyEngine:
                     f"with GroupNorm (privgrad.fix).")
 
     def _on_backward(self, captures) -> None:
+        if self._amp is not None and self._backward_since_step:  # GradScaler skipped the step
+            self._amp.discard(self._clipped)
+            self._backward_since_step = False
         if self._backward_since_step:
             raise PrivacyStateError(
                 "one backward pass per optimizer.step() is allowed; got a second backward pass "
@@ -352,10 +384,15 @@ class PrivacyEngine:
                 "breaks the guarantee. Combine the losses into one before backward(), or split "
                 "a large batch with engine.virtual_batches(...), which steps per chunk.")
         self._backward_since_step = True
-        batch = BackwardBatch(captures, mode=self.performance.grad_sample_mode,
+        loss_scale = self._amp.loss_scale() if self._amp is not None else 1.0
+        batch = BackwardBatch(float32_captures(captures, loss_scale),  # AMP: float32, unscaled
+                              mode=self.performance.grad_sample_mode,
                               scale_by_batch=self.settings.loss_reduction == "mean",
                               paths=self._recorder.paths)
-        self._clipped.add(batch, set(_privatised(self._optimizer)))
+        params = _privatised(self._optimizer)
+        self._clipped.add(batch, set(params))
+        if self._amp is not None:
+            self._amp.hide_raw_gradients(params)
 
     def _before_step(self, optimizer, args, kwargs):
         replaced = None
@@ -391,6 +428,7 @@ class PrivacyEngine:
         self.accountant.step(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate)
         self.steps += 1
         self.last_step_stats = self._clipped.stats
+        self.dropped_examples += self.last_step_stats.dropped
         self._clipped.reset()
         return replaced
 

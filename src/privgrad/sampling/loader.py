@@ -130,7 +130,11 @@ def poisson_loader(data_loader: DataLoader, sampler: PoissonSampler) -> DataLoad
         timeout=dl.timeout,
         worker_init_fn=dl.worker_init_fn,
         multiprocessing_context=dl.multiprocessing_context,
-        generator=dl.generator,
+        # Its own generator unless the user gave one: each epoch's iterator draws a worker seed
+        # from it, which must not shift PyTorch's global random stream (noise, dropout) by a
+        # draw whose timing differs between an uninterrupted and a resumed run.
+        generator=dl.generator if dl.generator is not None else torch.Generator().manual_seed(
+            int(torch.randint(0, 2**62, (), dtype=torch.int64))),
         persistent_workers=dl.persistent_workers,
         pin_memory_device=getattr(dl, "pin_memory_device", ""),
     )

@@ -59,7 +59,8 @@ class PoissonSampler:
         bits: a source of uniform 64-bit words, ``bits(n, step) -> np.ndarray[uint64]``.
 
     Attributes:
-        step: number of steps sampled so far (the state a checkpoint needs).
+        step: number of steps sampled so far (with the seed, the state a checkpoint needs).
+            Iterating yields the steps left in the current epoch (see ``__len__``).
     """
 
     def __init__(self, num_records: int, sample_rate: float, *, bits: Bits, steps: int | None = None):
@@ -83,8 +84,11 @@ class PoissonSampler:
         return np.flatnonzero(words < self._threshold).astype(np.int64)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for _ in range(self.steps):
+        for _ in range(len(self)):
             yield self.sample()
 
     def __len__(self) -> int:
-        return self.steps
+        """Steps left in the current epoch: an epoch is a block of ``steps`` consecutive steps,
+        so a run resumed (or broken off) mid-epoch finishes that epoch first, and epochs stay
+        aligned with an uninterrupted run."""
+        return self.steps - self.step % self.steps

@@ -1,0 +1,134 @@
+"""Mixed precision: autocast and GradScaler against float32, skipped steps, bad scalers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privgrad import PrivacyEngine
+from privgrad.engine.amp import float32_captures
+from privgrad.errors import ConfigError, ConfigTypeError, PrivacyStateError
+from tests.reliability import checks
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "materialize"])
+@pytest.mark.parametrize("dtype, scale", [
+    (torch.bfloat16, None), (torch.float16, None), (torch.float16, 2.0**16),
+    (torch.bfloat16, 2.0**4),
+])
+def test_autocast_matches_float32(dtype, scale, mode):
+    checks.check_amp_matches_float32(dtype, scale, mode)
+
+
+def test_loss_scale_does_not_change_the_update():
+    """Two scales, the same update bit for bit: the division by a power of two is exact."""
+    x, y = checks.amp_batch()
+    kwargs = dict(max_grad_norm=7.6, loss_reduction="sum")
+    updates = [checks.one_step_update(checks.mlp(), kwargs, x, y, autocast=torch.bfloat16,
+                                      grad_scaler=torch.amp.GradScaler("cpu", init_scale=s))[0]
+               for s in (2.0**3, 2.0**12)]
+    for name in updates[0]:
+        assert torch.equal(updates[0][name], updates[1][name]), name
+
+
+def test_per_sample_work_is_float32():
+    seen = []
+    model = checks.mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = PrivacyEngine(accountant="rdp")
+    x, y = checks.amp_batch()
+    engine.make_private(module=model, optimizer=optimizer,
+                        data_loader=DataLoader(TensorDataset(x, y), batch_size=16),
+                        noise_multiplier=0.0, max_grad_norm=1.0)
+    original = engine._clipped.add
+    engine._clipped.add = lambda batch, params: seen.append(batch) or original(batch, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert {sq.dtype for sq in seen[0].norms_sq.values()} == {torch.float32}
+
+
+def test_float32_captures_leaves_float32_captures_alone():
+    from privgrad.layers import Capture
+
+    c = Capture(module=nn.Linear(2, 2), args=(torch.randn(3, 2),), kwargs={}, batch_size=3,
+                grad_outputs=[torch.randn(3, 2)])
+    assert float32_captures([c])[0] is c
+    half = Capture(module=c.module, args=(c.args[0].half(),), kwargs={}, batch_size=3,
+                   grad_outputs=[c.grad_outputs[0].half()])
+    up = float32_captures([half], loss_scale=4.0)[0]
+    assert up.args[0].dtype == torch.float32
+    assert torch.equal(up.grad_outputs[0], half.grad_outputs[0].float() / 4)
+
+
+def test_skipped_step_leaves_nothing_behind():
+    checks.check_skipped_step_is_discarded()
+
+
+def test_without_a_scaler_a_missing_step_is_an_error():
+    model = checks.mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = PrivacyEngine(accountant="rdp")
+    x, y = checks.amp_batch(8)
+    engine.make_private(module=model, optimizer=optimizer,
+                        data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                        noise_multiplier=0.0, max_grad_norm=1.0)
+    F.cross_entropy(model(x[:4]), y[:4]).backward()
+    with pytest.raises(PrivacyStateError, match="one backward pass per optimizer.step"):
+        F.cross_entropy(model(x[4:]), y[4:]).backward()
+
+
+def test_an_overflowing_example_is_dropped_not_a_skipped_step():
+    """fp16 overflow in one example's gradient: the scaler sees no inf (it would skip the step, a
+    visible event that depends on that example), the example is dropped and counted, and the
+    step is released and accounted."""
+    model = checks.mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    engine = PrivacyEngine(accountant="rdp")
+    x, y = checks.amp_batch(8)
+    engine.make_private(module=model, optimizer=optimizer,
+                        data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+                        noise_multiplier=1.0, max_grad_norm=1.0, grad_scaler=scaler)
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+    weights = torch.ones(8)
+    weights[3] = 1e4  # x 2**16 overflows float16 in backward
+    scaler.scale((losses.float() * weights).sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert engine.steps == 1 and engine.accountant.steps == 1
+    assert engine.last_step_stats.dropped == 1 and engine.dropped_examples == 1
+    assert scaler.get_scale() == 2.0**16  # no backoff: the scaler saw no inf
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("scaler, kind, message", [
+    ("not a scaler", ConfigTypeError, "grad_scaler must be a torch.amp.GradScaler; got grad_scaler=str"),
+    (torch.amp.GradScaler("cpu", init_scale=1000.0), ConfigError,
+     r"scale must be a power of two .*got grad_scaler scale=1000.0\. Use GradScaler\(init_scale=2."),
+    (torch.amp.GradScaler("cpu", growth_factor=3.0), ConfigError, "growth_factor must be a power of two"),
+])
+def test_bad_grad_scaler_is_refused_and_nothing_attached(scaler, kind, message):
+    model = checks.mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine()
+    x, y = checks.amp_batch(8)
+    with pytest.raises(kind, match=message):
+        engine.make_private(module=model, optimizer=optimizer,
+                            data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                            noise_multiplier=1.0, max_grad_norm=1.0, grad_scaler=scaler)
+    assert engine._module is None and engine._amp is None
+
+
+def test_a_disabled_scaler_is_a_no_op():
+    x, y = checks.amp_batch()
+    kwargs = dict(max_grad_norm=7.6, loss_reduction="sum")
+    ref, _ = checks.one_step_update(checks.mlp(), kwargs, x, y)
+    got, _ = checks.one_step_update(checks.mlp(), kwargs, x, y,
+                                    grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
