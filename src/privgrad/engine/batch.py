@@ -38,6 +38,13 @@ def _use_ghost(capture: Capture, mode: str) -> bool:
     return rule.ghost_cost(capture.module, capture) < rule.materialize_cost(capture.module, capture)
 
 
+def _params_of(capture: Capture) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of a capture (as recorded at the call, else looked up now)."""
+    if len(capture.params) == len(capture.names):
+        return dict(zip(capture.names, capture.params))
+    return {n: capture.module.get_parameter(n) for n in capture.names}
+
+
 def masked(capture: Capture, keep: torch.Tensor) -> Capture:
     """A copy of ``capture`` in which dropped examples contribute zero (the rule knows where its
     tensors keep the batch)."""
@@ -76,35 +83,35 @@ class BackwardBatch:
         self.methods: dict[str, str] = {}
         self.norms_sq: dict[nn.Parameter, torch.Tensor] = {}
         self._grads: dict[nn.Parameter, torch.Tensor] = {}  # materialised, already scaled
-        self._ghost: list[tuple[Capture, tuple[str, ...]]] = []
+        self._ghost: list[tuple[Capture, tuple[str, ...], dict]] = []
 
+        self._params = [_params_of(c) for c in captures]
         uses: dict[nn.Parameter, int] = defaultdict(int)
-        for c in captures:
-            for n in c.names:
-                uses[c.module.get_parameter(n)] += 1
+        for params in self._params:
+            for p in params.values():
+                uses[p] += 1
 
-        for c in captures:
+        for c, params in zip(captures, self._params):
             module = c.module
-            shared = tuple(n for n in c.names if uses[module.get_parameter(n)] > 1)
+            shared = tuple(n for n in c.names if uses[params[n]] > 1)
             single = tuple(n for n in c.names if n not in shared)
             ghost = bool(single) and _use_ghost(c, mode)
             self.methods[paths.get(module, type(module).__name__)] = (
                 "ghost" if ghost else "materialize")
             if self.batch_size == 0:
-                for n in c.names:
-                    p = module.get_parameter(n)
+                for p in params.values():
                     self._grads[p] = p.new_zeros((0, *p.shape))
                 continue
             if ghost:
                 for n, sq in c.rule.ghost_norms_sq(module, c, single).items():
-                    self.norms_sq[module.get_parameter(n)] = sq * self.scale**2
-                self._ghost.append((c, single))
+                    self.norms_sq[params[n]] = sq * self.scale**2 if self.scale != 1.0 else sq
+                self._ghost.append((c, single, params))
                 single = ()
             names = single + shared
             if names:
                 for n, g in c.rule.per_sample_gradients(module, c, names).items():
-                    p = module.get_parameter(n)
-                    g = g * self.scale
+                    p = params[n]
+                    g = g * self.scale if self.scale != 1.0 else g
                     self._grads[p] = self._grads[p] + g if p in self._grads else g
         for p, g in self._grads.items():
             self.norms_sq[p] = g.reshape(g.shape[0], math.prod(g.shape[1:])).to(
@@ -135,12 +142,13 @@ class BackwardBatch:
             if keep is not None:
                 g = torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, 0)
             out[p] = torch.einsum("b,b...->...", w_of(p).to(g.dtype), g)
-        for c, names in self._ghost:
+        for c, names, params in self._ghost:
             if keep is not None:
                 c = masked(c, keep)
             groups = [names] if not isinstance(weights, dict) else [(n,) for n in names]
             for group in groups:
-                w = w_of(c.module.get_parameter(group[0])) * self.scale
+                w = w_of(params[group[0]])
+                w = w * self.scale if self.scale != 1.0 else w
                 for n, s in c.rule.weighted_sum(c.module, c, group, w).items():
-                    out[c.module.get_parameter(n)] = s
+                    out[params[n]] = s
         return out

@@ -49,10 +49,15 @@ def _inside_torch_func() -> bool:
 def trainable_names(module: nn.Module, children: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Names of the parameters the module registered itself that currently require grad, then
     those of ``children`` (as ``"child.name"``) that its rule serves."""
-    own = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
-    return own + tuple(
-        f"{c}.{n}" for c in children
-        for n, p in module.get_submodule(c).named_parameters(recurse=False) if p.requires_grad)
+    return tuple(n for n, _ in trainable(module, children))
+
+
+def trainable(module: nn.Module, children: tuple[str, ...] = ()) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` pairs of :func:`trainable_names` (one walk over the parameters)."""
+    own = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
+    return own + [
+        (f"{c}.{n}", p) for c in children
+        for n, p in module.get_submodule(c).named_parameters(recurse=False) if p.requires_grad]
 
 
 def unsupported_message(path: str, module: nn.Module, reason: str) -> str:
@@ -140,11 +145,12 @@ class Recorder:
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if self._busy or not torch.is_grad_enabled() or _inside_torch_func():
             return None
-        names = trainable_names(module, self._children.get(module, ()))
-        if not names:
+        pairs = trainable(module, self._children.get(module, ()))
+        if not pairs:
             return None
+        names, params = tuple(n for n, _ in pairs), tuple(p for _, p in pairs)
         rule = self.rule_for(module)
-        leaves, spec = tree_flatten(output)
+        leaves, spec = ([output], None) if isinstance(output, torch.Tensor) else tree_flatten(output)
         index = tuple(
             i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad
         )
@@ -158,19 +164,19 @@ class Recorder:
             batch = self._forward_batch
             args, kwargs = tree_map(partial(_expand_one, batch), (args, kwargs))
             leaves = [_expand_one(batch, x) if i in index else x for i, x in enumerate(leaves)]
-            replaced = tree_unflatten(leaves, spec)
-        inputs, _ = tree_flatten((args, kwargs))
+            replaced = _unflatten(leaves, spec)
+        inputs = _tensor_inputs(args, kwargs)
         backward = None
         if self.skip_parameter_grads and len(index) == 1:
             backward = self._input_backward(module, rule, args, kwargs, inputs)
         if backward is not None:
             i = index[0]
-            leaves[i] = input_only(leaves[i], args[0], module.get_parameter(names[0]), backward)
-            replaced = tree_unflatten(leaves, spec)
+            leaves[i] = input_only(leaves[i], args[0], params[0], backward)
+            replaced = _unflatten(leaves, spec)
         elif any(leaves[i]._is_view() for i in index):  # see privgrad.engine.outputs
             leaves = [unviewed(x) if i in index and x._is_view() else x
                       for i, x in enumerate(leaves)]
-            replaced = tree_unflatten(leaves, spec)
+            replaced = _unflatten(leaves, spec)
         capture = Capture(
             module=module,
             args=args,
@@ -179,9 +185,10 @@ class Recorder:
             names=names,
             output_index=index,
             grad_outputs=[None] * len(index),
-            versions=tuple(x._version for x in inputs if isinstance(x, torch.Tensor)),
+            versions=tuple(x._version for x in inputs),
             rule=rule,
             output_like=[leaves[i] for i in index],
+            params=params,
         )
         self._captures.append(capture)
         for slot, i in enumerate(index):
@@ -193,8 +200,7 @@ class Recorder:
         """The rule's input-only backward for this call, where it applies (else ``None``)."""
         if not args or not isinstance(args[0], torch.Tensor):
             return None
-        if any(isinstance(x, torch.Tensor) and x.requires_grad and x is not args[0]
-               for x in inputs):
+        if any(x.requires_grad and x is not args[0] for x in inputs):
             return None  # another input needs its gradient: keep autograd's backward
         return rule.input_backward(module, args, kwargs)
 
@@ -227,8 +233,7 @@ class Recorder:
                 self._busy = False
 
     def _check_inputs_unchanged(self, capture: Capture) -> None:
-        inputs, _ = tree_flatten((capture.args, capture.kwargs))
-        now = tuple(x._version for x in inputs if isinstance(x, torch.Tensor))
+        now = tuple(x._version for x in _tensor_inputs(capture.args, capture.kwargs))
         if now != capture.versions:
             path = self.paths.get(capture.module, type(capture.module).__name__)
             raise PrivacyStateError(
@@ -236,6 +241,18 @@ class Recorder:
                 f"place after the module used it, so its per-sample gradients cannot be computed "
                 f"from it. Replace the in-place operation that follows {path} with an "
                 f"out-of-place one (e.g. x = x + y instead of x += y).")
+
+
+def _tensor_inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's inputs, in ``tree_flatten`` order (fast for plain calls)."""
+    if not kwargs and all(isinstance(x, torch.Tensor) for x in args):
+        return list(args)
+    return [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+
+
+def _unflatten(leaves: list, spec):
+    """Inverse of the forward hook's flattening (``spec`` is ``None`` for a single tensor)."""
+    return leaves[0] if spec is None else tree_unflatten(leaves, spec)
 
 
 def _expand_one(batch: int, x):

@@ -56,6 +56,8 @@ class Capture:
             gradients for outputs autograd did not reach).
         scratch: the rule's own per-call working space (e.g. a recomputation that both the norm
             and the weighted sum need), dropped with the capture after the step.
+        params: the parameters that ``names`` named at the time of the call, in the same order
+            (engine bookkeeping; empty where the capture was built without them).
     """
 
     module: nn.Module
@@ -69,6 +71,7 @@ class Capture:
     rule: LayerRule | None = None
     output_like: list | None = None
     scratch: dict = field(default_factory=dict)
+    params: tuple = ()
 
     @property
     def activation(self) -> torch.Tensor:
@@ -183,5 +186,7 @@ class LayerRule:
     @staticmethod
     def norm_dtype(t: torch.Tensor) -> torch.dtype:
         """Dtype for norm arithmetic: at least float32 (bf16/fp16 inputs are upcast)."""
+        if t.dtype in (torch.float32, torch.float64):
+            return t.dtype
         return torch.promote_types(t.dtype, torch.float32)
 

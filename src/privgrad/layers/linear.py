@@ -11,6 +11,7 @@ Ghost norm (Li et al. 2022): ``||G_b^T A_b||_F^2 = sum_{t,s} (A_bt . A_bs)(G_bt 
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -30,11 +31,14 @@ def _flat(capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
 
 def linear_ghost_norm_sq(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``||g_b^T a_b||_F^2`` for ``a: (b, t, i)``, ``g: (b, t, o)``, in ``dtype``."""
-    a, g = a.to(dtype), g.to(dtype)
+    a, g = _as(a, dtype), _as(g, dtype)
     if a.shape[1] == 1:  # ||a_b||^2 ||g_b||^2
-        a, g = a.flatten(1), g.flatten(1)
-        return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(g, g)
+        return a.square().sum((1, 2)) * g.square().sum((1, 2))
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 class LinearRule(LayerRule):
@@ -57,28 +61,37 @@ class LinearRule(LayerRule):
         return out
 
     def ghost_norms_sq(self, module: nn.Module, capture: Capture, names):
-        a, g = _flat(capture)
+        a, g = capture.activation, capture.grad_output
         dtype = self.norm_dtype(g)
         out = {}
+        if a.dim() == 2:  # one position per example: ||g_b a_b^T||^2 = ||a_b||^2 ||g_b||^2
+            g_sq = _as(g, dtype).square().sum(1)
+            if self.weight_name in names:
+                out[self.weight_name] = _as(a, dtype).square().sum(1) * g_sq
+            if self.bias_name in names:
+                out[self.bias_name] = g_sq
+            return out
+        a, g = positions(a), positions(g)
         if self.weight_name in names:
             out[self.weight_name] = linear_ghost_norm_sq(a, g, dtype)
         if self.bias_name in names:
-            out[self.bias_name] = g.to(dtype).sum(1).square().sum(1)
+            out[self.bias_name] = _as(g, dtype).sum(1).square().sum(1)
         return out
 
     def weighted_sum(self, module: nn.Module, capture: Capture, names, weights):
-        a, g = _flat(capture)
-        a, w = a.to(g.dtype), weights.to(g.dtype)
+        a, g = capture.activation, capture.grad_output
+        a, w = _as(a, g.dtype), _as(weights, g.dtype)
+        if a.dim() > 2:
+            a, g, w_rows = positions(a), positions(g), w.view(-1, 1, 1)  # (b, t, i), (b, t, o)
+        else:
+            w_rows = w.unsqueeze(1)
         out = {}
         if self.weight_name in names:  # one GEMM over (b, t); the narrower side is scaled
-            if a.shape[-1] <= g.shape[-1]:
-                lhs, rhs = g, a * w.view(-1, 1, 1)
-            else:
-                lhs, rhs = g * w.view(-1, 1, 1), a
+            lhs, rhs = (g, a * w_rows) if a.shape[-1] <= g.shape[-1] else (g * w_rows, a)
             out[self.weight_name] = self._orient(
                 lhs.reshape(-1, lhs.shape[-1]).T @ rhs.reshape(-1, rhs.shape[-1]))
         if self.bias_name in names:
-            out[self.bias_name] = w @ g.sum(1)
+            out[self.bias_name] = w @ (g if g.dim() == 2 else g.sum(1))
         return out
 
     def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
@@ -108,4 +121,4 @@ def _linear_input_grad(weight: torch.Tensor, dtype: torch.dtype, g: torch.Tensor
 
 def _positions(capture: Capture) -> int:
     a = capture.activation
-    return a[0].numel() // a.shape[-1] if a.shape[0] else 0
+    return math.prod(a.shape[1:-1]) if a.shape[0] else 0

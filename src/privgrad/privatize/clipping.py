@@ -42,25 +42,27 @@ class ClipResult:
 
 
 def _factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
-    """``min(1, bound / norm)``, 0 where the norm is not finite, 1 where it is 0."""
-    finite = torch.isfinite(norm)
-    safe = torch.where(finite & (norm > 0), norm, torch.ones_like(norm))
-    return torch.where(finite, (bound / safe).clamp(max=1.0), torch.zeros_like(norm))
+    """``min(1, bound / norm)``, 0 where the norm is not finite, 1 where it is 0.
+
+    (``bound / 0 = inf`` clamps to 1, ``bound / inf = 0``, and ``NaN`` becomes 0.)
+    """
+    return (bound / norm).clamp_(max=1.0).nan_to_num_(nan=0.0)
 
 
 def flat_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,
               batch_size: int, device=None) -> ClipResult:
     """Weights ``min(1, C / ||g_b||)`` with ``||g_b||^2`` summed over all parameters."""
     if norms_sq:
-        total = torch.stack([sq.to(torch.float64 if sq.dtype == torch.float64 else torch.float32)
-                             for sq in norms_sq.values()]).sum(0)
+        values = list(norms_sq.values())
+        dtype = torch.float64 if any(sq.dtype == torch.float64 for sq in values) else torch.float32
+        total = torch.stack([sq.to(dtype) for sq in values]).sum(0)
     else:
         total = torch.zeros(batch_size, device=device)
     norm = total.sqrt()
     keep = torch.isfinite(norm)
     weights = _factor(norm, max_grad_norm)
-    clipped = int(((norm > max_grad_norm) & keep).sum())
-    return ClipResult(weights, keep, clipped, int((~keep).sum()))
+    clipped, dropped = torch.stack([((norm > max_grad_norm) & keep).sum(), (~keep).sum()]).tolist()
+    return ClipResult(weights, keep, clipped, dropped)
 
 
 def per_layer_clip(norms_sq: dict[nn.Parameter, torch.Tensor], bounds: dict[nn.Parameter, float],

@@ -66,7 +66,8 @@ class ClippedSum:
         for p, s in batch.weighted_sums(result.weights, keep).items():
             if p not in params:
                 continue
-            s = s.to(torch.promote_types(p.dtype, torch.float32))
+            if s.dtype != p.dtype or s.dtype not in (torch.float32, torch.float64):
+                s = s.to(torch.promote_types(p.dtype, torch.float32))
             self.sums[p] = self.sums[p].add_(s) if p in self.sums else s
         self.stats.examples += batch.batch_size
         self.stats.clipped += result.clipped
