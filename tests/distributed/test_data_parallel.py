@@ -105,6 +105,22 @@ def test_ddp_sends_no_raw_gradient_and_gets_its_all_reduce_back(two):
                                        rtol=1e-6, atol=1e-7)
 
 
+def test_secure_mode_release_is_left_on_its_lattice(two):
+    """Secure mode snaps (sum + noise) to multiples of L; nothing may be added afterwards. Rank 0
+    noises the reduced total, so every coordinate of every rank's update is an exact multiple of
+    L. The mutant where rank 0 noises only its own sum before an all-reduce adds rank 1's float
+    sum after the snapping, and the check fails."""
+    for r in range(2):
+        run = two[r]["secure"]
+        lattice = run["grads"] / run["spacing"]
+        assert torch.equal(lattice, lattice.round())
+        assert torch.equal(run["grads"], two[0]["secure"]["grads"])
+        assert run["examples"] > 0  # both ranks contributed clipped sums
+    mutant = two[0]["secure_mutant"]
+    off = (mutant["grads"] / mutant["spacing"] - (mutant["grads"] / mutant["spacing"]).round()).abs()
+    assert off.max() > 0.1
+
+
 # -- the noise: the same for world sizes 1, 2 and 4 -------------------------------------------
 def world(two, four, size):
     return {1: two[0]["single"], 2: two[0]["noise"], 4: four[0]["noise"]}[size].numpy()

@@ -39,7 +39,11 @@ def test_step_and_bits_read_and_write_through_for_resuming():
     resumed.bits, resumed.step = numpy_bits(1), 2  # what a checkpoint restores
     assert resumed.sampler.step == 2
     assert np.array_equal(resumed.sample(), first[2])
-    assert len(sharded) == sharded.steps == 3 and sharded.sample_rate == 0.3
+    # the length (steps left in the epoch) and the epoch follow the global sampler
+    left = len(sharded.sampler)
+    assert len(sharded) == left and sharded.steps == 3
+    assert len(list(sharded)) == left and sharded.step % 3 == 0  # it finishes the epoch
+    assert sharded.sample_rate == 0.3 and sharded.num_records == 50
 
 
 @pytest.mark.slow

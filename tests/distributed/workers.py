@@ -6,8 +6,8 @@ make every assertion on those results in the pytest process. Scenarios:
 
 * ``suite`` (2 ranks): equivalence with one process (sigma = 0 and sigma > 0, plain and DDP
   models, virtual batches that split the ranks' batches differently), the shards of the Poisson
-  sample, the collective calls of a step, DDP's gradient traffic, the bad-input errors that need
-  a process group, and the noise statistics;
+  sample, the collective calls of a step, DDP's gradient traffic, secure mode's lattice release,
+  the bad-input errors that need a process group, and the noise statistics;
 * ``variance`` (any world size): the noise statistics alone;
 * ``all`` (4 ranks): ``variance`` on 4 ranks, then ``suite`` on ranks 0 and 1.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privgrad import PrivacyEngine
 from privgrad.distributed import DataParallel
 from privgrad.errors import PrivgradError
+from privgrad.privatize.secure import lattice_spacing
 
 N, BATCH, STEPS = 64, 16, 8          # equivalence: q = 1/4, two epochs
 SIGMA, C = 1.3, 0.7                  # noise statistics: as tests/privacy/checks.py
@@ -193,11 +195,8 @@ def noise(world_size: int, steps: int, mutant: dict | None = None,
         module=net, optimizer=optimizer,
         data_loader=DataLoader(TensorDataset(torch.randn(100, 40)), batch_size=10),
         noise_multiplier=SIGMA, max_grad_norm=C, distributed=distributed)
-    originals = {name: getattr(DataParallel, name) for name in mutant or {}}
-    for name, replacement in (mutant or {}).items():
-        setattr(DataParallel, name, replacement)
     rows = []
-    try:
+    with patched(mutant):
         while len(rows) < steps:
             for (x,) in dl:
                 optimizer.zero_grad()
@@ -206,14 +205,50 @@ def noise(world_size: int, steps: int, mutant: dict | None = None,
                 rows.append(torch.cat([net.weight.grad.reshape(-1), net.bias.grad]).double())
                 if len(rows) == steps:
                     break
+    return torch.stack(rows)
+
+
+@contextmanager
+def patched(mutant: dict | None):
+    """Replace methods of DataParallel for the duration (a mutant), then restore them."""
+    originals = {name: getattr(DataParallel, name) for name in mutant or {}}
+    for name, replacement in (mutant or {}).items():
+        setattr(DataParallel, name, replacement)
+    try:
+        yield
     finally:
         for name, original in originals.items():
             setattr(DataParallel, name, original)
-    return torch.stack(rows)
+
+
+def secure(rank: int, world_size: int, mutant: dict | None = None) -> dict:
+    """Secure mode with real clipped sums on every rank (sum reduction, so ``p.grad`` is the
+    release itself): the four steps' gradients and the lattice spacing of the noise."""
+    torch.manual_seed(0)
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+    _, _, dl = engine.make_private(module=net, optimizer=optimizer,
+                                   data_loader=DataLoader(data(), batch_size=BATCH),
+                                   noise_multiplier=1.0, max_grad_norm=0.5, loss_reduction="sum")
+    rows, examples = [], 0
+    with patched(mutant):
+        for x, y, _ in dl:
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y, reduction="sum").backward()
+            optimizer.step()
+            rows.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).double())
+            examples += len(x)
+    return {"grads": torch.stack(rows), "spacing": lattice_spacing(0.5), "examples": examples}
 
 
 def _summed(self, grads):  # every rank's release added up, instead of rank 0's broadcast
     return self._collective(grads, lambda flat: dist.all_reduce(flat, group=self.group))
+
+
+# Design 2 of docs/distributed.md: rank 0 noises its own clipped sum, then all ranks all-reduce.
+NOISE_BEFORE_ALL_REDUCE = {"reduce_sums": lambda self, sums, params: sums,
+                           "broadcast_release": _summed}
 
 
 # Wrong designs of the noise, as replacements of DataParallel's methods: each rank noising its
@@ -252,6 +287,8 @@ def suite(rank: int, world_size: int) -> dict:
             "collectives": count_collectives(rank),
             "ddp_traffic": ddp_traffic(rank),
             "refusals": refusals(rank),
+            "secure": secure(rank, world_size),
+            "secure_mutant": secure(rank, world_size, NOISE_BEFORE_ALL_REDUCE),
             # world size 1 is the single-process mechanism itself
             "single": noise(1, NOISE_STEPS, distributed=False) if first else None,
             **variance(rank, world_size)}
