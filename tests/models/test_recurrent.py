@@ -1,6 +1,7 @@
 """nn.RNN, nn.LSTM and nn.GRU: per-sample gradients against one-example references for every
 layout (stacked, bidirectional, batch_first either way, PackedSequence, initial state, LSTM
-projection), batch sizes 0 and 1 included, and private steps of an LSTM text classifier."""
+projection), batch sizes 0 and 1 included, and private steps of an LSTM text classifier; and
+their cells, unrolled step by step."""
 
 from __future__ import annotations
 
@@ -121,6 +122,48 @@ def test_unbatched_input_is_refused():
     with pytest.raises(UnsupportedModuleError, match=r"needs a batch dimension.*unsqueeze\(1\)"):
         with PerSampleGradients(rnn):
             rnn(torch.randn(5, 3))[0].sum().backward()
+
+
+class Unrolled(nn.Module):
+    """A cell applied step by step (one use per step), every state in the output."""
+
+    def __init__(self, cell: nn.RNNCellBase):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, h0=None):
+        state, outs = h0, []
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            outs += list(state) if isinstance(state, tuple) else [state]
+        return torch.cat(outs, 1)
+
+
+CELLS = [nn.RNNCell(3, 4), nn.RNNCell(3, 4, nonlinearity="relu", bias=False), nn.LSTMCell(3, 4),
+         nn.GRUCell(3, 4)]
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{type(c).__name__}-{c.bias}")
+def test_cells_unrolled_with_an_initial_state(cell):
+    # The CPU LSTM cell computes h' from c' inside autograd, so the gradient captured for c'
+    # already holds the path through h': counting it again would be wrong (it was, once).
+    b = 3
+    h0 = torch.randn(b, 4, dtype=D)
+    state = (h0, torch.randn(b, 4, dtype=D)) if isinstance(cell, nn.LSTMCell) else h0
+    x = torch.randn(b, 5, 3, dtype=D)
+
+    def example(i):
+        one = tuple(s[i:i + 1] for s in state) if isinstance(state, tuple) else state[i:i + 1]
+        return (x[i:i + 1], one), {}
+
+    check_module(Unrolled(cell.double()), (x, state), batch=b, example=example)
+
+
+@given(b=st.integers(0, 3), t=st.integers(1, 3),
+       kind=st.sampled_from([nn.RNNCell, nn.LSTMCell, nn.GRUCell]))
+def test_cells_over_shapes_including_empty_and_single_batches(b, t, kind):
+    torch.manual_seed(b * 10 + t)
+    check_module(Unrolled(kind(2, 3).double()), (torch.randn(b, t, 2, dtype=D),))
 
 
 class TextClassifier(nn.Module):

@@ -24,10 +24,11 @@ from privgrad.layers.embedding import EmbeddingBagRule, EmbeddingRule
 from privgrad.layers.generic import GenericRule
 from privgrad.layers.linear import LinearRule
 from privgrad.layers.norm import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
-from privgrad.layers.rnn import RecurrentRule
+from privgrad.layers.rnn import RecurrentCellRule, RecurrentRule
 from privgrad.layers.transformers import NeutralWeightNormRule, TransposedLinearRule
 
-_conv, _instance, _recurrent = ConvRule(), InstanceNormRule(), RecurrentRule()
+_conv, _instance = ConvRule(), InstanceNormRule()
+_recurrent, _cell = RecurrentRule(), RecurrentCellRule()
 _rms_hf = NeutralWeightNormRule(neutral=1.0)  # weight * normalised(x)
 _rms_one_plus = NeutralWeightNormRule(neutral=0.0)  # (1 + weight) * normalised(x)
 
@@ -47,6 +48,9 @@ BUILTIN_RULES: Mapping[type[nn.Module] | str, LayerRule] = {
     nn.RNN: _recurrent,
     nn.LSTM: _recurrent,
     nn.GRU: _recurrent,
+    nn.RNNCell: _cell,
+    nn.LSTMCell: _cell,
+    nn.GRUCell: _cell,
     nn.MultiheadAttention: MultiheadAttentionRule(),
     # Hugging Face transformers, by qualified name (the library is never imported here).
     "transformers.pytorch_utils.Conv1D": TransposedLinearRule(),

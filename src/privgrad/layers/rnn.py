@@ -1,6 +1,6 @@
 """Recurrent layers: ``nn.RNN``, ``nn.LSTM`` (with ``proj_size``), ``nn.GRU``; any number of layers,
 bidirectional, ``batch_first`` either way, tensor or ``PackedSequence`` input, with or without an
-initial state.
+initial state. And their cells, ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell``: one step each.
 
 Every weight of a recurrent layer enters through a linear map applied at every time step::
 
@@ -152,10 +152,6 @@ class _Recompute:
         p = getattr(self.module, name, None)
         return None if p is None else p.detach()
 
-    def _track(self, y: torch.Tensor) -> torch.Tensor:
-        """``y`` as a node autograd can report a gradient for (inputs without grad give leaves)."""
-        return y if y.requires_grad else y.requires_grad_()
-
     def _run(self):
         m = self.module
         d = 2 if m.bidirectional else 1
@@ -178,18 +174,18 @@ class _Recompute:
         w_ih, w_hh = self._param("weight_ih" + sfx), self._param("weight_hh" + sfx)
         b_ih, b_hh = self._param("bias_ih" + sfx), self._param("bias_hh" + sfx)
         w_hr = self._param("weight_hr" + sfx)
-        gi = self._track(F.linear(x, w_ih, b_ih))  # (b, t, g): all steps at once
+        gi = _tracked(F.linear(x, w_ih, b_ih))  # (b, t, g): all steps at once
         steps = range(x.shape[1])
         gh_all, h_prev, outs = [], [], [None] * x.shape[1]
         m_all, hr_all = [], []
         for t in (reversed(steps) if direction else steps):
             h_prev.append(h.detach())
-            gh = self._track(F.linear(h, w_hh, b_hh))
+            gh = _tracked(F.linear(h, w_hh, b_hh))
             gh_all.append(gh)
-            h_new, c_new, pre = self._cell(gi[:, t], gh, h, c)
+            h_new, c_new, pre = _step(m.mode, gi[:, t], gh, h, c)
             if w_hr is not None:
                 m_all.append(pre.detach())
-                h_new = self._track(F.linear(pre, w_hr))
+                h_new = _tracked(F.linear(pre, w_hr))
                 hr_all.append(h_new)
             if self.mask is None:
                 h, c, outs[t] = h_new, c_new, h_new
@@ -207,19 +203,89 @@ class _Recompute:
             self.maps.append(("weight_hr" + sfx, None, torch.stack(order(m_all), 1), order(hr_all)))
         return torch.stack(outs, 1), h, c
 
-    def _cell(self, gi, gh, h, c):
-        """One step: ``(h_new, c_new, pre)``; ``pre`` is the LSTM's ``m_t`` before projection."""
-        mode = self.module.mode
-        if mode == "LSTM":
-            i, f, g, o = (gi + gh).chunk(4, 1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            pre = torch.sigmoid(o) * torch.tanh(c_new)
-            return pre, c_new, pre
-        if mode == "GRU":
-            i_r, i_z, i_n = gi.chunk(3, 1)
-            h_r, h_z, h_n = gh.chunk(3, 1)
-            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            return (1 - z) * n + z * h, None, None
-        act = torch.tanh if mode == "RNN_TANH" else torch.relu
-        return act(gi + gh), None, None
+
+def _step(mode: str, gi, gh, h, c, *, cut_cell: bool = False):
+    """One step from the two projections: ``(h_new, c_new, pre)``; ``pre`` is the LSTM's ``m_t``
+    before its projection (the new ``h`` itself when there is none). ``cut_cell``: no gradient
+    from ``h_new`` into ``c_new`` (when the captured gradient of ``c_new`` already holds it)."""
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        pre = torch.sigmoid(o) * torch.tanh(c_new.detach() if cut_cell else c_new)
+        return pre, c_new, pre
+    if mode == "GRU":
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h, None, None
+    act = torch.tanh if mode == "RNN_TANH" else torch.relu
+    return act(gi + gh), None, None
+
+
+def _tracked(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a node autograd can report a gradient for (inputs without grad give leaves)."""
+    return y if y.requires_grad else y.requires_grad_()
+
+
+class RecurrentCellRule(ProjectionRule):
+    """Rule for ``nn.RNNCell``, ``nn.LSTMCell`` and ``nn.GRUCell``: one step, the two
+    projections over one position. A cell called in a loop is one use per step; the engine adds
+    the uses of its parameters into one per-sample gradient."""
+
+    def batch_size(self, module, args, kwargs) -> int:
+        x = args[0] if args else kwargs["input"]
+        if x.dim() != 2:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} needs a batch dimension (a 2-d input); got an input of "
+                f"shape {tuple(x.shape)}. Add the batch dimension (x.unsqueeze(0)).")
+        return int(x.shape[0])
+
+    def __init__(self):
+        self._cell_feeds_hidden: dict[tuple, bool] = {}
+
+    def compute(self, module: nn.RNNCellBase, capture: Capture) -> list[Projection]:
+        args, kwargs = capture.args, capture.kwargs
+        x = (args[0] if args else kwargs["input"]).detach()
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        lstm = isinstance(module, nn.LSTMCell)
+        zeros = x.new_zeros((x.shape[0], module.hidden_size))
+        h, c = (hx if lstm else (hx, None)) if hx is not None else (zeros, zeros if lstm else None)
+        grads = dict(zip(capture.output_index, capture.grad_outputs))
+        mode = "LSTM" if lstm else "GRU" if isinstance(module, nn.GRUCell) else (
+            "RNN_TANH" if module.nonlinearity == "tanh" else "RNN_RELU")
+        weights = {n: None if p is None else p.detach() for n, p in (
+            (n, getattr(module, n)) for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))}
+        h = h.detach()
+        with torch.enable_grad():
+            gi = _tracked(F.linear(x, weights["weight_ih"], weights["bias_ih"]))
+            gh = _tracked(F.linear(h, weights["weight_hh"], weights["bias_hh"]))
+            h_new, c_new, _ = _step(mode, gi, gh, h, None if c is None else c.detach(),
+                                    cut_cell=lstm and self._feeds_hidden(module, x))
+            loss = (h_new * grads.get(0, torch.zeros_like(h_new))).sum()
+            if lstm and 1 in grads:
+                loss = loss + (c_new * grads[1]).sum()
+            found = torch.autograd.grad(loss, [gi, gh], allow_unused=True)
+        d_gi, d_gh = (g if g is not None else torch.zeros_like(y) for g, y in zip(found, (gi, gh)))
+        bias = module.bias
+        return [
+            Projection(g=d_gi.unsqueeze(1), a=x.unsqueeze(1), weight="weight_ih",
+                       bias="bias_ih" if bias else None),
+            Projection(g=d_gh.unsqueeze(1), a=h.unsqueeze(1), weight="weight_hh",
+                       bias="bias_hh" if bias else None),
+        ]
+
+    def _feeds_hidden(self, module: nn.LSTMCell, x: torch.Tensor) -> bool:
+        """Whether this backend's LSTM cell computes ``h'`` from ``c'`` in the autograd graph
+        (the CPU kernel does, CUDA's fused kernel does not). Then the captured gradient of
+        ``c'`` already holds the path through ``h'``, which must not be counted again."""
+        key = (x.device.type, x.dtype)
+        if key not in self._cell_feeds_hidden:
+            with torch.enable_grad():
+                w_ih = module.weight_ih.detach().requires_grad_()
+                zero = x.new_zeros((1, module.hidden_size))
+                h, c = torch.lstm_cell(x.new_zeros((1, module.input_size)), (zero, zero), w_ih,
+                                       module.weight_hh.detach(), None, None)
+                path = torch.autograd.grad(h.sum(), c, allow_unused=True)[0]
+            self._cell_feeds_hidden[key] = path is not None
+        return self._cell_feeds_hidden[key]
