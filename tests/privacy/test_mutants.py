@@ -7,7 +7,9 @@ that it can.
 
 from __future__ import annotations
 
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +21,13 @@ from privgrad.privacy_engine import PrivacyEngine
 from privgrad.privatize import clipping, step
 from privgrad.privatize.noise import TorchGaussian
 from privgrad.privatize.step import ClippedSum
-from privgrad.sampling.poisson import PoissonSampler
+import privgrad.checkpoint as checkpoint_module
+from privgrad.engine.amp import ScalerLink
+from privgrad.privatize import secure
+from privgrad.sampling.poisson import PoissonSampler, numpy_bits
 from tests.engine.test_capture import test_tied_weights_get_one_per_sample_gradient
-from tests.privacy import checks
+from tests.privacy import checks, secure_checks
+from tests.reliability import checks as reliability
 
 CASES = {c.name: c for c in checks.CASES}
 
@@ -111,6 +117,65 @@ def calibration_overshoots(mp):
     mp.setattr(engine_module, "get_noise_multiplier", lambda **kw: 0.9 * original(**kw))
 
 
+def rate_from_len_data_loader(mp):
+    original = engine_module._sampling_rate
+
+    def rate(data_loader, n, sample_rate, expected, reduction, poisson):
+        _, e = original(data_loader, n, sample_rate, expected, reduction, poisson)
+        return 1.0 / len(data_loader), e
+    mp.setattr(engine_module, "_sampling_rate", rate)
+
+
+def non_finite_kept(mp):
+    mp.setattr(clipping, "_factor", lambda norm, bound: (bound / norm).clamp(max=1.0))
+
+
+# -- secure mode (row 13) ----------------------------------------------------------------------
+def secure_noise_scaled(factor):
+    def apply(mp):
+        original = secure.lattice_offsets
+        mp.setattr(secure, "lattice_offsets", lambda f, k, hi, lo: original(f, k * factor, hi, lo))
+    return apply
+
+
+def secure_noise_in_floating_point(mp):
+    mp.setattr(secure.SecureGaussian, "add_noise",
+               lambda self, total, std: total.double() + torch.randn_like(total.double()) * std)
+
+
+def secure_generator_seeded(mp):
+    mp.setattr(secure.SecureRandom, "words", lambda self, n, pin=False: torch.randint(
+        -2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=torch.Generator().manual_seed(0)))
+
+
+def secure_sampling_seeded(mp):
+    mp.setattr(engine_module, "os_bits", numpy_bits(0))
+
+
+# -- mixed precision and checkpoints (tests/reliability) -------------------------------------------
+def loss_scale_left_in(mp):
+    mp.setattr(ScalerLink, "loss_scale", lambda self: 1.0)
+
+
+def skipped_step_kept(mp):
+    mp.setattr(ScalerLink, "discard", lambda self, clipped: None)
+
+
+def sampler_not_restored(mp):
+    mp.setattr(checkpoint_module, "numpy_bits", lambda seed: numpy_bits(seed + 1))
+
+
+def rng_not_restored(mp):
+    mp.setattr(torch, "set_rng_state", lambda state: None)
+
+
+def resume_check(sigma: float):
+    def check():
+        with tempfile.TemporaryDirectory() as tmp:
+            reliability.check_resume_is_exact(Path(tmp) / "run.pt", sigma=sigma)
+    return check
+
+
 MUTANTS = {
     "noise x0.5": (scaled_noise(0.5), lambda: checks.check_noise_distribution("mean", steps=60)),
     "noise x2": (scaled_noise(2.0), lambda: checks.check_noise_distribution("mean", steps=60)),
@@ -124,6 +189,17 @@ MUTANTS = {
     "noise skipped on one parameter group": (noise_skips_a_group, lambda: checks.check_noise_on_every_parameter("auto", steps=40)),
     "zero_grad forgotten between steps": (zero_grad_forgotten, lambda: checks.check_add_one_sensitivity(CASES["mlp"], "auto")),
     "calibration overshoots the target": (calibration_overshoots, checks.check_epsilon_target),
+    "q from len(data_loader)": (rate_from_len_data_loader, checks.check_size_independent),
+    "non-finite example kept": (non_finite_kept, lambda: checks.check_non_finite_record(CASES["mlp"], "auto")),
+    "secure noise x0.5": (secure_noise_scaled(0.5), lambda: secure_checks.check_secure_noise_distribution(steps=60)),
+    "secure noise x2": (secure_noise_scaled(2.0), lambda: secure_checks.check_secure_noise_distribution(steps=60)),
+    "secure noise added in floating point": (secure_noise_in_floating_point, lambda: secure_checks.check_secure_noise_distribution(steps=60)),
+    "secure generator seeded": (secure_generator_seeded, lambda: secure_checks.check_secure_runs_differ(steps=6)),
+    "secure sampling seeded": (secure_sampling_seeded, lambda: secure_checks.check_secure_runs_differ(steps=6)),
+    "GradScaler loss scale left in": (loss_scale_left_in, lambda: reliability.check_amp_matches_float32(torch.float16, 2.0**16)),
+    "skipped step's clipped sums kept": (skipped_step_kept, reliability.check_skipped_step_is_discarded),
+    "sampler seed not restored": (sampler_not_restored, resume_check(0.0)),
+    "RNG state not restored": (rng_not_restored, resume_check(1.0)),
 }
 
 
