@@ -200,7 +200,7 @@ class GradientCanaries:
                 f"max_grad_norm must be below magnitude / 1000 = {self.magnitude / 1e3:g} so that "
                 f"every canary is clipped", "max_grad_norm", settings.total_bound,
                 "Pass a larger magnitude to GradientCanaries.")
-        if getattr(engine, "_optimizer", None) is not optimizer:
+        if engine.optimizer is not optimizer:
             raise ConfigError("canaries.watch needs the optimizer passed to make_private; got "
                               "another optimizer. Pass the same optimizer object.")
         weight = self.head.weight
