@@ -46,8 +46,19 @@ def test_text_report_on_breast_cancer(run):
     assert "verdict: consistent" in out and "ceiling" in out
 
 
+def test_black_box_json_report(run):
+    code, out, _ = run("audit", *SMALL, "--black-box", "--epsilon", "4", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["verdict"] == "consistent"
+    assert data["canary_kind"] == "black-box input" and data["band"] is None
+    assert data["tests"] == [] and data["settings"]["steps"] == 40
+    assert data["lower_bound"] <= data["accountant_epsilon"] <= 4.0
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--epsilon", "-1"], "epsilon must be > 0 and finite; got epsilon=-1.0"),
+    (["--black-box", "--dataset", "breast_cancer", "--no-progress"],
+     r"num_canaries must be < len\(records\) = 569; got num_canaries=1000"),
     (["--canaries", "0"], "num_canaries must be >= 1; got num_canaries=0"),
     (["--sample-rate", "1.5"], r"sample_rate must be in \(0, 1\]; got sample_rate=1.5"),
 ])

@@ -1,9 +1,10 @@
 """Empirical privacy auditing: measure, in one training run, how much privacy a run really has.
 
 White-box gradient canaries (``canaries``, torch) go through privgrad's real Poisson sampler,
-clipping and noise; the one-run lower bound of Steinke, Nasr and Jagielski (2023) and the
-conformance tests (``statistics``), the simulated band of a correct implementation
-(``simulation``) and the report with its verdict (``report``) run in NumPy. ``builtin`` is the
+clipping and noise; black-box input canaries (``input_canaries``, torch) are ordinary examples
+in the user's own loop, scored by their loss. The one-run lower bound of Steinke, Nasr and
+Jagielski (2023) and the conformance tests (``statistics``), the simulated band of a correct
+implementation (``simulation``) and the report with its verdict (``report``) run in NumPy. ``builtin`` is the
 audit behind ``privgrad audit``. See docs/auditing.md.
 
 Names are imported lazily, so ``import privgrad.auditing.statistics`` (or ``simulation``,
@@ -23,11 +24,15 @@ _EXPORTS = {
     "CanaryDataset": "privgrad.auditing.canaries",
     "CanaryBatch": "privgrad.auditing.canaries",
     "ModelWithCanaries": "privgrad.auditing.canaries",
+    "InputCanaries": "privgrad.auditing.input_canaries",
+    "mislabeled_canaries": "privgrad.auditing.input_canaries",
     "BuiltinAudit": "privgrad.auditing.builtin",
     "run_builtin_audit": "privgrad.auditing.builtin",
+    "run_builtin_black_box_audit": "privgrad.auditing.builtin",
     "AuditReport": "privgrad.auditing.report",
     "Observations": "privgrad.auditing.report",
     "evaluate": "privgrad.auditing.report",
+    "evaluate_scores": "privgrad.auditing.report",
     "AuditSettings": "privgrad.auditing.simulation",
     "Band": "privgrad.auditing.simulation",
     "simulate_band": "privgrad.auditing.simulation",

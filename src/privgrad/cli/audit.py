@@ -2,10 +2,13 @@
 
     privgrad audit                       # epsilon 4, 1,000 canaries, text report
     privgrad audit --epsilon 8 --canaries 5000 --json
+    privgrad audit --black-box           # mislabeled records scored by loss instead
 
 Trains logistic regression on scikit-learn's bundled digits with the real PrivacyEngine and
 white-box gradient canaries, then prints the report: the accountant's epsilon, the audited lower
-bound, the band of a correct implementation, the conformance tests and the verdict. Exit status:
+bound, the band of a correct implementation, the conformance tests and the verdict. With
+``--black-box`` the canaries are mislabeled records in an ordinary training loop, scored by their
+loss decrease; that report has the bound and the verdict only. Exit status:
 0 when the verdict is "consistent", 1 for "violation", 2 for bad input. torch is imported inside
 :func:`run` only.
 """
@@ -25,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("digits", "breast_cancer"), default="digits")
     parser.add_argument("--simulations", type=int, default=2000, help="simulated runs for the band (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--black-box", action="store_true",
+                        help="mislabeled records scored by loss instead of gradient canaries")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -45,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from privgrad.auditing.builtin import run_builtin_audit
+    from privgrad.auditing.builtin import run_builtin_audit, run_builtin_black_box_audit
 
     torch.set_num_threads(1)  # a logistic regression: threads only add contention
+    audit = run_builtin_black_box_audit if args.black_box else run_builtin_audit
+    kind = "black-box" if args.black_box else "white-box"
     bar = tqdm(total=config.steps, disable=args.no_progress or args.json, unit="step",
-               desc="private training with canaries", file=sys.stderr)
+               desc=f"private training with {kind} canaries", file=sys.stderr)
     try:
-        report = run_builtin_audit(config, on_step=lambda step: bar.update(step - bar.n))
+        report = audit(config, on_step=lambda step: bar.update(step - bar.n))
     except (PrivgradError, ImportError) as e:
         print(f"privgrad audit: error: {e}", file=sys.stderr)
         return 2
