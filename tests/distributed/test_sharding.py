@@ -46,17 +46,15 @@ def test_step_and_bits_read_and_write_through_for_resuming():
     assert sharded.sample_rate == 0.3 and sharded.num_records == 50
 
 
-@pytest.mark.slow
-def test_union_of_independently_seeded_shards_is_poisson():
-    """Secure mode draws each rank's bits independently: the union must still include every
-    record independently with probability q (row 8 of PRIVACY_TESTS.md, for the shards)."""
-    n, q, steps, world = 1000, 0.05, 4000, 2
+def union_pvalues(steps: int = 4000, n: int = 1000, q: float = 0.05, world: int = 2) -> tuple:
+    """p-values that the union of independently seeded ranks' shards is a Poisson sample:
+    batch sizes ~ Binomial(n, q) (chi-square), every record's marginal q (chi-square over the
+    records' counts), consecutive batches independent (their overlap has mean n q^2)."""
     ranks = [ShardedSampler(PoissonSampler(n, q, bits=numpy_bits(10 + r)), r, world)
              for r in range(world)]
     counts = np.zeros(n)
     sizes = np.empty(steps, dtype=int)
-    previous = None
-    lag = []
+    previous, lag = None, []
     for t in range(steps):
         included = np.zeros(n, dtype=bool)
         for s in ranks:
@@ -66,7 +64,6 @@ def test_union_of_independently_seeded_shards_is_poisson():
         if previous is not None:
             lag.append((included & previous).sum())
         previous = included
-    # batch sizes ~ Binomial(n, q): chi-square over pooled bins
     edges = np.arange(stats.binom.ppf(1e-4, n, q), stats.binom.ppf(1 - 1e-4, n, q) + 2)
     observed = np.histogram(sizes, bins=np.concatenate([[-np.inf], edges[1:-1], [np.inf]]))[0]
     cdf = stats.binom.cdf(edges[1:-1] - 1, n, q)
@@ -74,13 +71,27 @@ def test_union_of_independently_seeded_shards_is_poisson():
     keep = expected >= 5
     chi2 = (((observed - expected) ** 2 / expected)[keep]).sum()
     p_sizes = stats.chi2.sf(chi2, keep.sum() - 1)
-    # every record's marginal is q: counts ~ Binomial(steps, q), checked by chi-square on the sum
     p_marginal = stats.chi2.sf(((counts - steps * q) ** 2 / (steps * q * (1 - q))).sum(), n)
-    # serial independence: overlap of consecutive batches has mean n q^2
     lag = np.asarray(lag, dtype=float)
     z = (lag.mean() - n * q * q) / np.sqrt(n * q * q * (1 - q * q) / lag.size)
-    p_lag = 2 * stats.norm.sf(abs(z))
-    assert min(p_sizes, p_marginal, p_lag) > ALPHA, (p_sizes, p_marginal, p_lag)
+    return p_sizes, p_marginal, 2 * stats.norm.sf(abs(z))
+
+
+@pytest.mark.slow
+def test_union_of_independently_seeded_shards_is_poisson():
+    """Secure mode draws each rank's bits independently: the union must still include every
+    record independently with probability q (row 8 of PRIVACY_TESTS.md, for the shards)."""
+    p = union_pvalues()
+    assert min(p) > ALPHA, p
+
+
+@pytest.mark.slow
+def test_union_test_catches_ranks_that_keep_every_index(monkeypatch):
+    """Mutant: ranks draw independently but do not shard, so a record is included with
+    probability 1 - (1 - q)^2 (sampled once per rank): the check above must fail."""
+    monkeypatch.setattr(ShardedSampler, "own", lambda self, indices: indices)
+    p = union_pvalues()
+    assert min(p) < ALPHA, p
 
 
 @pytest.mark.parametrize("rank, world_size, match", [

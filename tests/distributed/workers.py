@@ -264,7 +264,8 @@ MUTANTS = {
         "noise_share": lambda self, std: std / math.sqrt(self.world_size),
         "broadcast_release": _summed},
     "rank 0 adds a sigma/sqrt(world) share": {
-        "noise_share": lambda self, std: std / math.sqrt(self.world_size) if self.rank == 0 else 0.0},
+        "noise_share": lambda self, std: (std / math.sqrt(self.world_size) if self.rank == 0
+                                          else 0.0)},
 }
 
 
