@@ -205,6 +205,15 @@ class Recorder:
         return rule.input_backward(module, args, kwargs)
 
     def _grad_hook(self, capture: Capture, slot: int, grad: torch.Tensor) -> None:
+        if capture.output_like is None:  # its backward pass has ended: this is another one
+            path = self.paths.get(capture.module, type(capture.module).__name__)
+            raise PrivacyStateError(
+                f"one backward pass per forward pass is allowed; got a second backward pass "
+                f"through module {path} ({type(capture.module).__name__}) after the first had "
+                f"ended (backward(retain_graph=True), then backward() again). Its examples were "
+                f"already clipped once; a second pass would clip them twice and double their "
+                f"sensitivity. Combine the losses into one before a single backward(), or run a "
+                f"new forward pass.")
         capture.grad_outputs[slot] = grad
         if not self._callback_queued:
             self._callback_queued = True
