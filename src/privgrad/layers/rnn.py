@@ -11,9 +11,10 @@ Every weight of a recurrent layer enters through a linear map applied at every t
 so, given the gradients of the loss with respect to ``gi_t``, ``gh_t`` and ``h_t``, each weight's
 per-sample gradient, ghost norm and weighted sum are those of a linear layer over the ``T`` steps
 (``projections.py``). The native kernels do not expose those gradients, so the rule recomputes
-the layer step by step with autograd from the captured input and initial state and pulls the
-captured output gradients (of the output sequence, ``h_n`` and ``c_n``) back through it: about
-one more forward and backward pass of the layer, once per call.
+the layer step by step from the captured input and initial state and pulls the captured output
+gradients (of the output sequence, ``h_n`` and ``c_n``) back through it with the gates' own
+derivatives (``rnn_bptt.py``): about one more forward and backward pass of the layer, once per
+call. A cell's single step is recomputed with autograd.
 
 Padded steps of a ``PackedSequence`` keep the state unchanged and output zero, exactly as the
 packed kernel skips them, so they contribute nothing.
@@ -38,6 +39,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from privgrad.errors import UnsupportedModuleError
 from privgrad.layers.base import Capture
 from privgrad.layers.projections import Projection, ProjectionRule
+from privgrad.layers.rnn_bptt import Recompute
 
 
 def recurrent_dropout_active(module: nn.RNNBase) -> bool:
@@ -71,7 +73,7 @@ class RecurrentRule(ProjectionRule):
                 f"reproduced; got dropout={module.dropout}. Set dropout=0 (privgrad.fix(model) "
                 f"does this) and put nn.Dropout between single-layer modules if you need it.")
         x, lengths, state, grads = _batch_first(module, capture)
-        return _Recompute(module, x, lengths, state).projections(grads)
+        return Recompute(module, x, lengths, state).projections(grads)
 
 
 def _batch_first(module: nn.RNNBase, capture: Capture):
@@ -116,92 +118,6 @@ def _batch_first(module: nn.RNNBase, capture: Capture):
 
 def _out_features(module: nn.RNNBase) -> int:
     return (2 if module.bidirectional else 1) * (module.proj_size or module.hidden_size)
-
-
-class _Recompute:
-    """The layer's forward pass, step by step, keeping the linear maps' inputs and outputs."""
-
-    def __init__(self, module: nn.RNNBase, x, lengths, state):
-        self.module, self.x, self.state = module, x, state
-        t = x.shape[1]
-        self.mask = None if lengths is None else (
-            torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)).to(x.device)  # (b, t)
-        # (weight name, bias name, inputs a (b, t, i), outputs: one (b, t, o) or t of (b, o))
-        self.maps: list[tuple[str, str | None, torch.Tensor, torch.Tensor | list]] = []
-
-    def projections(self, grads) -> list[Projection]:
-        g_out, g_h, g_c = grads
-        with torch.enable_grad():
-            out, h_n, c_n = self._run()
-            loss = (out * g_out).sum() + (h_n * g_h).sum()
-            if c_n is not None:
-                loss = loss + (c_n * g_c).sum()
-            steps = [ys if isinstance(ys, list) else [ys] for _, _, _, ys in self.maps]
-            targets = [y for ys in steps for y in ys]
-            found = torch.autograd.grad(loss, targets, allow_unused=True)
-        result, k = [], 0
-        for (weight, bias, a, ys), outs in zip(self.maps, steps):
-            dy = [g if g is not None else torch.zeros_like(y)
-                  for g, y in zip(found[k:k + len(outs)], outs)]
-            k += len(outs)
-            g = torch.stack(dy, 1) if isinstance(ys, list) else dy[0]
-            result.append(Projection(g=g, a=a, weight=weight, bias=bias))
-        return result
-
-    def _param(self, name: str):
-        p = getattr(self.module, name, None)
-        return None if p is None else p.detach()
-
-    def _run(self):
-        m = self.module
-        d = 2 if m.bidirectional else 1
-        h0, c0 = self.state
-        layer_in, h_n, c_n = self.x, [], []
-        for layer in range(m.num_layers):
-            outs = []
-            for direction in range(d):
-                k = layer * d + direction
-                out, h, c = self._direction(layer_in, layer, direction, h0[k],
-                                            None if c0 is None else c0[k])
-                outs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_in = torch.cat(outs, -1) if d > 1 else outs[0]
-        return layer_in, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
-
-    def _direction(self, x, layer: int, direction: int, h, c):
-        m, sfx = self.module, f"_l{layer}" + ("_reverse" if direction else "")
-        w_ih, w_hh = self._param("weight_ih" + sfx), self._param("weight_hh" + sfx)
-        b_ih, b_hh = self._param("bias_ih" + sfx), self._param("bias_hh" + sfx)
-        w_hr = self._param("weight_hr" + sfx)
-        gi = _tracked(F.linear(x, w_ih, b_ih))  # (b, t, g): all steps at once
-        steps = range(x.shape[1])
-        gh_all, h_prev, outs = [], [], [None] * x.shape[1]
-        m_all, hr_all = [], []
-        for t in (reversed(steps) if direction else steps):
-            h_prev.append(h.detach())
-            gh = _tracked(F.linear(h, w_hh, b_hh))
-            gh_all.append(gh)
-            h_new, c_new, pre = _step(m.mode, gi[:, t], gh, h, c)
-            if w_hr is not None:
-                m_all.append(pre.detach())
-                h_new = _tracked(F.linear(pre, w_hr))
-                hr_all.append(h_new)
-            if self.mask is None:
-                h, c, outs[t] = h_new, c_new, h_new
-            else:
-                keep = self.mask[:, t].unsqueeze(1)
-                h = torch.where(keep, h_new, h)
-                c = None if c is None else torch.where(keep, c_new, c)
-                outs[t] = torch.where(keep, h_new, torch.zeros((), dtype=h_new.dtype))
-        order = (lambda seq: seq[::-1]) if direction else (lambda seq: seq)
-        self.maps.append(("weight_ih" + sfx, "bias_ih" + sfx if b_ih is not None else None,
-                          x.detach(), gi))
-        self.maps.append(("weight_hh" + sfx, "bias_hh" + sfx if b_hh is not None else None,
-                          torch.stack(order(h_prev), 1), order(gh_all)))
-        if w_hr is not None:
-            self.maps.append(("weight_hr" + sfx, None, torch.stack(order(m_all), 1), order(hr_all)))
-        return torch.stack(outs, 1), h, c
 
 
 def _step(mode: str, gi, gh, h, c, *, cut_cell: bool = False):

@@ -1,0 +1,202 @@
+"""Backpropagation through time for ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU``, written out.
+
+The recurrent rule (``rnn.py``) needs, for every step ``t``, the gradient of the loss with respect
+to the two linear maps of that step, ``gi_t = W_ih x_t + b_ih`` and ``gh_t = W_hh h_{t-1} + b_hh``
+(and the LSTM projection ``h_t = W_hr m_t``). The native kernels compute those inside their
+backward pass and discard them, so :class:`Recompute` runs the layer again from the captured input:
+a forward pass step by step without autograd that keeps every gate, then the backward pass step
+by step with the gates' closed-form derivatives, from the captured output gradients. Written out
+it costs about what the native forward and backward cost; through autograd it cost twice as much
+again (a graph of small operations per step).
+
+Gate layouts are PyTorch's: LSTM ``(i, f, g, o)``, GRU ``(r, z, n)``. Index letters in the
+shapes: ``b`` example, ``t`` step, ``g`` gate feature (``G`` = ``H``, ``4H`` or ``3H``),
+``h`` hidden feature, ``i`` input feature.
+
+Padded steps of a ``PackedSequence`` (``lengths``) keep the state and output zero, as the packed
+kernel skips them; their gradients pass the state gradient through unchanged and give zero gate
+gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privgrad.layers.projections import Projection
+
+
+@dataclass
+class _Trace:
+    """What one direction of one layer's forward pass keeps for its backward pass."""
+
+    suffix: str
+    x: torch.Tensor  # (b, t, i) the layer's input
+    h_prev: torch.Tensor  # (b, t, h_out) the state before each step
+    acts: torch.Tensor  # (b, t, g) activated gates (RNN: the new state)
+    out: torch.Tensor  # (b, t, h_out) the outputs (0 at padded steps)
+    h: torch.Tensor  # (b, h_out) the final state
+    c: torch.Tensor | None = None  # (b, h) the final LSTM cell
+    extra: dict = field(default_factory=dict)  # LSTM: c, c_prev, m; GRU: gh_n
+
+
+class Recompute:
+    """The layer's linear maps for one call: its inputs and output gradients at every step.
+
+    Args:
+        module: the ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``.
+        x: ``(b, t, i)`` the input, batch first, in the original example order.
+        lengths: ``(b,)`` valid steps per example (``PackedSequence``), or ``None``.
+        state: ``(h0, c0)``, each ``(layers * directions, b, features)`` (``c0`` ``None`` unless
+            LSTM).
+    """
+
+    def __init__(self, module: nn.RNNBase, x: torch.Tensor, lengths, state):
+        self.module, self.x, self.state = module, x, state
+        self.directions = 2 if module.bidirectional else 1
+        self.mask = None if lengths is None else (
+            torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).to(x.device)  # (b, t)
+
+    def projections(self, grads) -> list[Projection]:
+        """``grads``: ``(output (b, t, d*h_out), h_n, c_n or None)`` output gradients."""
+        g_out, g_h, g_c = grads
+        m, d = self.module, self.directions
+        h0, c0 = self.state
+        traces, layer_in = [], self.x
+        with torch.no_grad():
+            for layer in range(m.num_layers):
+                row = [self._forward(layer_in, layer, k, h0[layer * d + k],
+                                     None if c0 is None else c0[layer * d + k]) for k in range(d)]
+                traces.append(row)
+                layer_in = torch.cat([tr.out for tr in row], -1) if d > 1 else row[0].out
+            result, d_out = [], g_out
+            width = m.proj_size or m.hidden_size
+            for layer in reversed(range(m.num_layers)):
+                d_in = None
+                for k, tr in enumerate(traces[layer]):
+                    j = layer * d + k
+                    maps, d_x = self._backward(tr, d_out[..., k * width:(k + 1) * width], g_h[j],
+                                               None if g_c is None else g_c[j], need_input=layer > 0)
+                    result += maps
+                    d_in = d_x if d_in is None else d_in + d_x
+                d_out = d_in
+        return result
+
+    def _weights(self, suffix: str) -> dict[str, torch.Tensor | None]:
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        return {n: (p.detach() if (p := getattr(self.module, n + suffix, None)) is not None else None)
+                for n in names}
+
+    def _forward(self, x, layer: int, direction: int, h, c) -> _Trace:
+        m, mode = self.module, self.module.mode
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        w = self._weights(suffix)
+        b, t = x.shape[:2]
+        hidden = m.hidden_size
+        gi = F.linear(x, w["weight_ih"], w["bias_ih"])  # (b, t, g): every step at once
+        acts = torch.empty_like(gi)
+        h_prev = x.new_empty((b, t, h.shape[-1]))
+        out = x.new_zeros((b, t, h.shape[-1]))
+        extra = {}
+        if mode == "LSTM":
+            extra = {"c": x.new_empty((b, t, hidden)), "c_prev": x.new_empty((b, t, hidden))}
+            if w["weight_hr"] is not None:
+                extra["m"] = x.new_empty((b, t, hidden))
+        elif mode == "GRU":
+            extra = {"gh_n": x.new_empty((b, t, hidden))}
+        for s in (reversed(range(t)) if direction else range(t)):
+            h_prev[:, s] = h
+            gh = F.linear(h, w["weight_hh"], w["bias_hh"])
+            c_new = None
+            if mode == "LSTM":
+                a = gi[:, s] + gh
+                gates = torch.cat([torch.sigmoid(a[:, :2 * hidden]), torch.tanh(a[:, 2 * hidden:3 * hidden]),
+                                   torch.sigmoid(a[:, 3 * hidden:])], 1)
+                acts[:, s] = gates
+                i, f, g, o = gates.chunk(4, 1)
+                extra["c_prev"][:, s] = c
+                c_new = f * c + i * g
+                extra["c"][:, s] = c_new
+                h_new = o * torch.tanh(c_new)
+                if w["weight_hr"] is not None:
+                    extra["m"][:, s] = h_new
+                    h_new = F.linear(h_new, w["weight_hr"])
+            elif mode == "GRU":
+                gi_r, gi_z, gi_n = gi[:, s].chunk(3, 1)
+                gh_r, gh_z, gh_n = gh.chunk(3, 1)
+                r, z = torch.sigmoid(gi_r + gh_r), torch.sigmoid(gi_z + gh_z)
+                n = torch.tanh(gi_n + r * gh_n)
+                acts[:, s] = torch.cat([r, z, n], 1)
+                extra["gh_n"][:, s] = gh_n
+                h_new = (1 - z) * n + z * h
+            else:
+                a = gi[:, s] + gh
+                h_new = torch.tanh(a) if mode == "RNN_TANH" else torch.relu(a)
+                acts[:, s] = h_new
+            if self.mask is None:
+                h, c, out[:, s] = h_new, c_new, h_new
+            else:
+                keep = self.mask[:, s].unsqueeze(1)
+                h = torch.where(keep, h_new, h)
+                c = None if c is None else torch.where(keep, c_new, c)
+                out[:, s] = torch.where(keep, h_new, out[:, s])
+        return _Trace(suffix, x, h_prev, acts, out, h, c, extra)
+
+    def _backward(self, tr: _Trace, d_out, d_h, d_c, *, need_input: bool):
+        """The maps of one direction and, if ``need_input``, the gradient of its input."""
+        mode, hidden = self.module.mode, self.module.hidden_size
+        w = self._weights(tr.suffix)
+        b, t = d_out.shape[:2]
+        d_gi, d_gh = torch.zeros_like(tr.acts), torch.zeros_like(tr.acts)
+        d_hr = torch.zeros_like(tr.out) if "m" in tr.extra else None
+        d_h = d_h.clone()
+        d_c = d_c.clone() if d_c is not None else None
+        direction = tr.suffix.endswith("_reverse")
+        for s in (range(t) if direction else reversed(range(t))):
+            d_new = d_h + d_out[:, s]
+            dc_new = d_c
+            if self.mask is not None:
+                keep = self.mask[:, s].unsqueeze(1)
+                zero = torch.zeros((), dtype=d_new.dtype, device=d_new.device)
+                d_new, carry_h = torch.where(keep, d_new, zero), torch.where(keep, zero, d_h)
+                if d_c is not None:
+                    dc_new, carry_c = torch.where(keep, d_c, zero), torch.where(keep, zero, d_c)
+            if d_hr is not None:
+                d_hr[:, s] = d_new
+                d_new = d_new @ w["weight_hr"]
+            if mode == "LSTM":
+                i, f, g, o = tr.acts[:, s].chunk(4, 1)
+                tc = torch.tanh(tr.extra["c"][:, s])
+                dc_all = dc_new + d_new * o * (1 - tc * tc)
+                d_a = torch.cat([dc_all * g * i * (1 - i), dc_all * tr.extra["c_prev"][:, s] * f * (1 - f),
+                                 dc_all * i * (1 - g * g), d_new * tc * o * (1 - o)], 1)
+                d_gi[:, s] = d_gh[:, s] = d_a
+                d_h, d_c = d_a @ w["weight_hh"], dc_all * f
+            elif mode == "GRU":
+                r, z, n = tr.acts[:, s].chunk(3, 1)
+                d_n = d_new * (1 - z) * (1 - n * n)
+                d_r = d_n * tr.extra["gh_n"][:, s] * r * (1 - r)
+                d_z = d_new * (tr.h_prev[:, s] - n) * z * (1 - z)
+                d_gi[:, s] = torch.cat([d_r, d_z, d_n], 1)
+                d_gh[:, s] = torch.cat([d_r, d_z, d_n * r], 1)
+                d_h = d_new * z + d_gh[:, s] @ w["weight_hh"]
+            else:
+                h_new = tr.acts[:, s]
+                d_a = d_new * (1 - h_new * h_new) if mode == "RNN_TANH" else d_new * (h_new > 0)
+                d_gi[:, s] = d_gh[:, s] = d_a
+                d_h = d_a @ w["weight_hh"]
+            if self.mask is not None:
+                d_h = d_h + carry_h
+                if d_c is not None:
+                    d_c = d_c + carry_c
+        sfx = tr.suffix
+        maps = [Projection(g=d_gi, a=tr.x, weight="weight_ih" + sfx,
+                           bias="bias_ih" + sfx if w["bias_ih"] is not None else None),
+                Projection(g=d_gh, a=tr.h_prev, weight="weight_hh" + sfx,
+                           bias="bias_hh" + sfx if w["bias_hh"] is not None else None)]
+        if d_hr is not None:
+            maps.append(Projection(g=d_hr, a=tr.extra["m"], weight="weight_hr" + sfx))
+        return maps, (d_gi @ w["weight_ih"] if need_input else None)
