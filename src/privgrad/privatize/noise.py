@@ -1,27 +1,67 @@
 """The Gaussian noise of DP-SGD, drawn once per logical step for each trainable parameter.
 
+On the CPU, PyTorch's ``normal_`` is limited by its Mersenne Twister, which produces one stream
+of numbers on one core (about 250 million samples a second): for a model with millions of
+parameters the noise costs more than the rest of the step. :class:`TorchGaussian` therefore draws
+a large CPU tensor as :data:`STREAMS` contiguous pieces, each from its own Mersenne Twister, on
+as many cores as PyTorch may use. Each piece is the same ``normal_`` kernel; only the number of
+streams changes, and it is fixed, so the noise does not depend on the number of cores.
+
+Each call gives every stream a fresh full state: 624 words drawn from PyTorch's default
+generator. So the noise follows ``torch.manual_seed``, a checkpoint of PyTorch's random state
+resumes it exactly, and no stream state is ever reused (seeding a Twister with an integer would
+give only 2**32 possible streams, and two steps with the same stream would cancel each other's
+noise).
+
 Privacy:
-    The default source draws from PyTorch's generator for the parameter's device, so runs are
-    reproducible after ``torch.manual_seed`` (as everywhere in PyTorch). It is *not* a secure
-    source: floating-point Gaussian samplers leak through the low bits of their output (Mironov
-    2012), and PyTorch's generators are not cryptographic. Use secure mode for a deployment that
-    must resist such an attacker.
+    The default source is reproducible and *not* secure: floating-point Gaussian samplers leak
+    through the low bits of their output (Mironov 2012), and PyTorch's generators are not
+    cryptographic (the streams here are derived from the default generator's output). It
+    assumes the Mersenne Twister's output is statistically indistinguishable from independent
+    uniform draws, as every PyTorch sampler does. Use secure mode for a deployment that must
+    resist an attacker who sees the exact floating-point updates.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
+
+STREAMS = 4  #: pieces a large CPU tensor is drawn in (fixed: the noise is the same on any machine)
+PARALLEL_MIN = 1 << 18  #: elements from which a CPU tensor is drawn in pieces
+
+# PyTorch's CPU generator state (CPUGeneratorImplState): a uint64 initial seed, int32 ``left``,
+# int32 ``seeded``, uint64 ``next``, then the 624 state words as uint64, ... (5056 bytes).
+_STATE_BYTES, _LEFT, _NEXT, _WORDS, _N = 5056, 8, 16, 24, 624
 
 
 class TorchGaussian:
-    """Noise from PyTorch's default generator on the tensor's device (not secure)."""
+    """Noise from PyTorch's generators on the tensor's device (not secure).
+
+    Args:
+        parallel_min: CPU tensors with at least this many elements are drawn in
+            :data:`STREAMS` pieces on several cores (smaller ones in one ``normal_`` call).
+    """
 
     secure = False
 
+    def __init__(self, parallel_min: int = PARALLEL_MIN):
+        self.parallel_min = parallel_min
+
     def sample(self, like: torch.Tensor, std: float) -> torch.Tensor:
         """A new tensor shaped like ``like`` (same dtype and device) of ``N(0, std^2)`` draws."""
-        out = torch.empty_like(like)
-        return out.normal_(0.0, std) if std > 0 else out.zero_()
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        if std <= 0:
+            return out.zero_()
+        if (out.device.type != "cpu" or out.numel() < self.parallel_min
+                or not out.dtype.is_floating_point or not _state_layout_known()):
+            return out.normal_(0.0, std)
+        _draw_in_streams(out.view(-1), std)
+        return out
 
     def add_noise(self, total: torch.Tensor, std: float) -> torch.Tensor:
         """``total + N(0, std^2)`` as a new tensor (the noise is drawn first, then added).
@@ -31,3 +71,70 @@ class TorchGaussian:
         (:class:`~privgrad.privatize.secure.SecureGaussian`).
         """
         return self.sample(total, std).add_(total)
+
+
+def _draw_in_streams(flat: torch.Tensor, std: float) -> None:
+    """Fill ``flat`` with ``N(0, std^2)``: piece ``k`` from stream ``k``, freshly seeded."""
+    words = torch.randint(0, 2**32, (STREAMS, _N), dtype=torch.int64).numpy()
+    streams = []
+    for k in range(STREAMS):
+        g = torch.Generator()
+        g.set_state(_twister_state(words[k]))
+        streams.append(g)
+    pieces = flat.chunk(STREAMS)
+    draw = [functools.partial(piece.normal_, 0.0, std, generator=g)
+            for piece, g in zip(pieces, streams)]
+    workers = min(STREAMS, torch.get_num_threads(), os.cpu_count() or 1)
+    if workers < 2:
+        for d in draw:
+            d()
+        return
+    for f in [_executor(workers).submit(d) for d in draw]:
+        f.result()
+
+
+def _twister_state(words: np.ndarray) -> torch.Tensor:
+    """A CPU generator state whose Mersenne Twister holds ``words`` (624 values < 2**32) and
+    regenerates them before its first output."""
+    state = _template().clone()
+    raw = state.numpy()
+    raw[_LEFT:_LEFT + 8] = np.array([1, 1], dtype=np.int32).view(np.uint8)  # left, seeded
+    raw[_NEXT:_NEXT + 8] = 0
+    raw[_WORDS:_WORDS + 8 * _N] = words.astype(np.uint64).view(np.uint8)
+    return state
+
+
+@functools.cache
+def _template() -> torch.Tensor:
+    return torch.Generator().get_state()
+
+
+@functools.cache
+def _state_layout_known() -> bool:
+    """Whether this PyTorch's generator state has the layout :func:`_twister_state` writes
+    (checked on a seeded generator: its seed, counters and first two Twister words)."""
+    seed = 0x2545F491
+    raw = torch.Generator().manual_seed(seed).get_state().numpy()
+    if raw.shape != (_STATE_BYTES,):
+        return False
+    head = raw[:_WORDS].view(np.uint8)
+    initial, = np.frombuffer(head[:8].tobytes(), dtype=np.uint64)
+    left, seeded = np.frombuffer(head[_LEFT:_LEFT + 8].tobytes(), dtype=np.int32)
+    next_, = np.frombuffer(head[_NEXT:_NEXT + 8].tobytes(), dtype=np.uint64)
+    w0, w1 = np.frombuffer(raw[_WORDS:_WORDS + 16].tobytes(), dtype=np.uint64).tolist()
+    return (initial == seed and left == 1 and seeded == 1 and next_ == 0 and w0 == seed
+            and w1 == (1812433253 * (seed ^ (seed >> 30)) + 1) & 0xFFFFFFFF)
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of ``workers`` threads for this process (``normal_`` releases the GIL)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != workers:
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False)
+        _POOL = (os.getpid(), workers,
+                 ThreadPoolExecutor(workers, thread_name_prefix="privgrad-noise"))
+    return _POOL[2]
