@@ -443,6 +443,7 @@ class PrivacyEngine:
         they receive rank 0's release instead (see :mod:`privgrad.distributed`)."""
         if self._distributed is None:
             return sums
+        sums = {p: s.to_dense() if s.is_sparse else s for p, s in sums.items()}  # embeddings'
         return self._distributed.reduce_sums(sums, _privatised(self._optimizer))
 
     # -- detaching -------------------------------------------------------------------------

@@ -241,3 +241,68 @@ def test_frozen_then_unfrozen_parameter_is_served_by_the_fast_path():
     optimizer.step()
     for n, p in model.named_parameters():
         assert_close(p.grad, ref[n], 1e-5, n)
+
+
+# -- embedding sums as rows, added straight into the noise --------------------------------------
+def _bag_batches(mode_per_pass):
+    """Two backward passes over an EmbeddingBag model, one per engine mode given."""
+    model = nn.Sequential(nn.EmbeddingBag(40, 3, mode="mean"), nn.Linear(3, 2)).double()
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for mode in mode_per_pass:
+        x = torch.randint(0, 40, (5, 4), generator=g)
+        with PerSampleGradients(model, mode=mode, skip_parameter_grads=True) as psg:
+            model(x).sum().backward()
+        out.append(psg.batch)
+    return model, out
+
+
+@pytest.mark.parametrize("modes", [("ghost", "ghost"), ("ghost", "materialize"),
+                                   ("materialize", "ghost")])
+def test_clipped_sums_mix_sparse_and_dense_passes(modes):
+    from privgrad.privatize import ClippedSum
+
+    model, batches = _bag_batches(modes)
+    params = list(model.parameters())
+    sparse, dense = ClippedSum(params, 0.7, "flat"), ClippedSum(params, 0.7, "flat")
+    for b in batches:
+        sparse.add(b, set(params))
+    assert sparse.sums[params[0]].is_sparse == (modes == ("ghost", "ghost"))
+    for b in batches:
+        w = torch.ones(b.batch_size, dtype=D)
+        total = torch.stack(list(b.norms_sq.values())).sum(0).sqrt()
+        w = (0.7 / total).clamp(max=1.0)
+        for p, s in b.weighted_sums(w).items():  # dense (sparse_sums is off by default)
+            assert not s.is_sparse
+            dense.sums[p] = dense.sums[p] + s if p in dense.sums else s
+    for p in params:
+        got = sparse.sums[p]
+        assert_close(got.to_dense() if got.is_sparse else got, dense.sums[p], 1e-12, "sum")
+
+
+class PlainSource:
+    """A noise source that is not TorchGaussian: it adds the noise itself (as secure mode)."""
+
+    secure = False
+
+    def add_noise(self, total, std):
+        assert not total.is_sparse
+        return total + std
+
+
+@pytest.mark.parametrize("source", ["torch", "plain"])
+def test_noisy_gradients_with_sparse_sums(source):
+    from privgrad.privatize import TorchGaussian, noisy_gradients
+
+    weight = nn.Parameter(torch.zeros(6, 2, dtype=D))
+    rows = torch.sparse_coo_tensor(torch.tensor([[1, 4, 1]]), torch.ones(3, 2, dtype=D), (6, 2),
+                                   check_invariants=False)
+    noise = TorchGaussian() if source == "torch" else PlainSource()
+    torch.manual_seed(5)
+    got = noisy_gradients([weight], {weight: rows}, noise_std=0.3, normaliser=4.0, noise=noise)
+    torch.manual_seed(5)
+    ref = noisy_gradients([weight], {weight: rows.to_dense()}, noise_std=0.3, normaliser=4.0,
+                          noise=noise)
+    assert_close(got[weight], ref[weight], 1e-12, "noisy gradient")
+    if source == "plain":  # (sum + 0.3) / 4 exactly
+        assert_close(got[weight], (rows.to_dense() + 0.3) / 4.0, 1e-12, "plain source")

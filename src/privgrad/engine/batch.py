@@ -66,6 +66,9 @@ class BackwardBatch:
         norms_sq: ``{parameter: (batch_size,)}`` squared per-sample gradient norms (float32 or
             wider).
         methods: ``{module path: "ghost" | "materialize"}`` chosen for each call (for reports).
+        sparse_sums: let :meth:`weighted_sums` return sparse COO tensors where a
+            rule offers them (embeddings: a sum touches only the rows of the tokens seen); off
+            unless the caller adds the sums into dense buffers itself (the private step does).
     """
 
     def __init__(self, captures: list[Capture], *, mode: str, scale_by_batch: bool, paths: dict):
@@ -82,8 +85,10 @@ class BackwardBatch:
         self.scale = float(self.batch_size) if scale_by_batch else 1.0
         self.methods: dict[str, str] = {}
         self.norms_sq: dict[nn.Parameter, torch.Tensor] = {}
-        self._grads: dict[nn.Parameter, torch.Tensor] = {}  # materialised, already scaled
-        self._ghost: list[tuple[Capture, tuple[str, ...], dict]] = []
+        self._grads: dict[nn.Parameter, torch.Tensor] = {}  # materialised, not yet scaled
+        self._ghost: list[tuple[Capture, tuple[str, ...]]] = []
+        self._ghost_params: list[dict[str, nn.Parameter]] = []
+        self.sparse_sums = False
 
         self._params = [_params_of(c) for c in captures]
         uses: dict[nn.Parameter, int] = defaultdict(int)
@@ -105,17 +110,21 @@ class BackwardBatch:
             if ghost:
                 for n, sq in c.rule.ghost_norms_sq(module, c, single).items():
                     self.norms_sq[params[n]] = sq * self.scale**2 if self.scale != 1.0 else sq
-                self._ghost.append((c, single, params))
+                self._ghost.append((c, single))
+                self._ghost_params.append(params)
                 single = ()
             names = single + shared
             if names:
                 for n, g in c.rule.per_sample_gradients(module, c, names).items():
                     p = params[n]
-                    g = g * self.scale if self.scale != 1.0 else g
                     self._grads[p] = self._grads[p] + g if p in self._grads else g
-        for p, g in self._grads.items():
-            self.norms_sq[p] = g.reshape(g.shape[0], math.prod(g.shape[1:])).to(
-                torch.promote_types(g.dtype, torch.float32)).square().sum(1)
+        for p, g in self._grads.items():  # the scale enters the norms and the weights, not g
+            flat = g.reshape(g.shape[0], math.prod(g.shape[1:]))
+            if flat.dtype not in (torch.float32, torch.float64):
+                flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            sq = torch.linalg.vector_norm(flat, dim=1).square() if flat.shape[1] else \
+                flat.new_zeros(flat.shape[0])
+            self.norms_sq[p] = sq * self.scale**2 if self.scale != 1.0 else sq
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -123,7 +132,8 @@ class BackwardBatch:
 
     def per_sample_gradients(self, param: nn.Parameter) -> torch.Tensor:
         """Materialised per-sample gradient of ``param`` (only for materialised parameters)."""
-        return self._grads[param]
+        g = self._grads[param]
+        return g * self.scale if self.scale != 1.0 else g
 
     def weighted_sums(
         self, weights: torch.Tensor | dict[nn.Parameter, torch.Tensor], keep: torch.Tensor | None = None
@@ -141,14 +151,21 @@ class BackwardBatch:
         for p, g in self._grads.items():
             if keep is not None:
                 g = torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, 0)
-            out[p] = torch.einsum("b,b...->...", w_of(p).to(g.dtype), g)
-        for c, names, params in self._ghost:
+            w = w_of(p).to(g.dtype)
+            w = w * self.scale if self.scale != 1.0 else w
+            out[p] = (w @ g.reshape(g.shape[0], -1)).view(g.shape[1:]) if g.shape[0] else \
+                g.new_zeros(g.shape[1:])
+        for (c, names), params in zip(self._ghost, self._ghost_params):
             if keep is not None:
                 c = masked(c, keep)
             groups = [names] if not isinstance(weights, dict) else [(n,) for n in names]
             for group in groups:
                 w = w_of(params[group[0]])
                 w = w * self.scale if self.scale != 1.0 else w
-                for n, s in c.rule.weighted_sum(c.module, c, group, w).items():
+                sums = c.rule.sparse_weighted_sum(c.module, c, group, w) if self.sparse_sums \
+                    else None
+                if sums is None:
+                    sums = c.rule.weighted_sum(c.module, c, group, w)
+                for n, s in sums.items():
                     out[params[n]] = s
         return out

@@ -174,6 +174,14 @@ class LayerRule:
         grads = self.per_sample_gradients(module, capture, names)
         return {n: torch.einsum("b,b...->...", weights.to(g.dtype), g) for n, g in grads.items()}
 
+    def sparse_weighted_sum(
+        self, module: nn.Module, capture: Capture, names: tuple[str, ...], weights: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """:meth:`weighted_sum` as sparse COO tensors, for parameters whose
+        per-sample gradients touch few rows (embeddings), or ``None`` (the default: the engine
+        calls :meth:`weighted_sum`). The private step adds such sums straight into the noise."""
+        return None
+
     def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
         """Approximate multiply-adds of the ghost norm for this call."""
         return float("inf")

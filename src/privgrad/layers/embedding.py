@@ -80,6 +80,10 @@ class EmbeddingRule(LayerRule):
         out.index_add_(0, token, rows * weights.to(rows.dtype)[example].unsqueeze(1))
         return {"weight": out}
 
+    def sparse_weighted_sum(self, module, capture: Capture, names, weights):
+        example, token, rows = self._positions(module, capture)
+        return {"weight": _rows(module, token, rows * weights.to(rows.dtype)[example].unsqueeze(1))}
+
     def ghost_cost(self, module, capture: Capture) -> float:
         return float(capture.grad_output.numel())
 
@@ -158,6 +162,11 @@ class EmbeddingBagRule(LayerRule):
         scaled = (coef * weights.to(g.dtype)[bag]).unsqueeze(1) * g[bag]
         return {"weight": out.index_add_(0, token, scaled)}
 
+    def sparse_weighted_sum(self, module, capture: Capture, names, weights):
+        bag, token, coef = self._coefficients(module, capture)
+        g = capture.grad_output
+        return {"weight": _rows(module, token, (coef * weights.to(g.dtype)[bag]).unsqueeze(1) * g[bag])}
+
     def ghost_cost(self, module, capture: Capture) -> float:
         return float(capture.args[0].numel() * capture.grad_output.shape[-1])
 
@@ -172,6 +181,13 @@ class EmbeddingBagRule(LayerRule):
 
 def _no_input_grad(grad_output: torch.Tensor) -> None:
     return None
+
+
+def _rows(module: nn.Module, token: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values[j]`` added at row ``token[j]`` of a weight-shaped tensor, as a sparse COO tensor
+    (repeated tokens stay separate entries: adding it to a dense tensor sums them)."""
+    return torch.sparse_coo_tensor(token.unsqueeze(0), values, module.weight.shape,
+                                   check_invariants=False)
 
 
 def _bag_layout(module: nn.EmbeddingBag, args: tuple, kwargs: dict):

@@ -22,6 +22,7 @@ from torch import nn
 
 from privgrad.engine.batch import BackwardBatch
 from privgrad.privatize.clipping import flat_clip, per_layer_bounds, per_layer_clip
+from privgrad.privatize.noise import TorchGaussian
 
 
 @dataclass
@@ -63,12 +64,24 @@ class ClippedSum:
                 self.bounds.update(per_layer_bounds(missing, self.max_grad_norm))
             result = per_layer_clip(norms_sq, self.bounds, batch.batch_size, device)
         keep = None if result.dropped == 0 else result.keep
-        for p, s in batch.weighted_sums(result.weights, keep).items():
+        previous, batch.sparse_sums = batch.sparse_sums, True  # embeddings' sums as rows
+        try:
+            sums = batch.weighted_sums(result.weights, keep)
+        finally:
+            batch.sparse_sums = previous
+        for p, s in sums.items():
             if p not in params:
                 continue
-            if s.dtype != p.dtype or s.dtype not in (torch.float32, torch.float64):
-                s = s.to(torch.promote_types(p.dtype, torch.float32))
-            self.sums[p] = self.sums[p].add_(s) if p in self.sums else s
+            acc = _accumulation_dtype(p)
+            if s.dtype != acc:
+                s = s.to(acc)
+            prev = self.sums.get(p)
+            if prev is None:
+                self.sums[p] = s
+            elif prev.is_sparse:  # sparse + sparse stays sparse; dense + sparse is dense
+                self.sums[p] = prev + s if s.is_sparse else s.add_(prev)
+            else:
+                self.sums[p] = prev.add_(s)
         self.stats.examples += batch.batch_size
         self.stats.clipped += result.clipped
         self.stats.dropped += result.dropped
@@ -90,15 +103,35 @@ def noisy_gradients(
     """``(sum + N(0, noise_std^2)) / normaliser`` for every parameter, in its own dtype.
 
     A parameter no example reached still gets the noise (its sum is zero): noise lands on every
-    privatised parameter exactly once per call.
+    privatised parameter exactly once per call. ``sums`` may hold sparse tensors (embeddings).
+
+    With PyTorch's generator (:class:`~privgrad.privatize.TorchGaussian`) the result is formed
+    as ``z + sum / normaliser`` with ``z ~ N(0, (noise_std / normaliser)^2)`` drawn straight
+    into the buffer that becomes ``p.grad``: the same distribution, one pass over the parameter
+    instead of three, and a sparse sum touches only its rows. Other sources (secure mode) add
+    the noise to the sum themselves, and the result is divided afterwards.
     """
     out = {}
+    fused = type(noise) is TorchGaussian
     for p in params:
-        acc_dtype = torch.promote_types(p.dtype, torch.float32)
+        acc = _accumulation_dtype(p)
         s = sums.get(p)
-        total = s if s is not None else torch.zeros_like(p, dtype=acc_dtype)
-        g = noise.add_noise(total, noise_std)  # the source adds: secure mode snaps the result
-        if normaliser != 1.0:
-            g.div_(normaliser)
-        out[p] = g.to(p.dtype)
+        if fused:
+            like = p if p.dtype == acc else torch.empty(p.shape, dtype=acc, device=p.device)
+            g = noise.sample(like, noise_std / normaliser)
+            if s is not None:
+                g.add_(s, alpha=1.0 / normaliser)
+        else:
+            total = s if s is not None else torch.zeros_like(p, dtype=acc)
+            total = total.to_dense() if total.is_sparse else total
+            g = noise.add_noise(total, noise_std)  # the source adds: secure mode snaps the result
+            if normaliser != 1.0:
+                g.div_(normaliser)
+        out[p] = g if g.dtype == p.dtype else g.to(p.dtype)
     return out
+
+
+def _accumulation_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 or wider: half-precision parameters get float32 sums and noise."""
+    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.promote_types(
+        p.dtype, torch.float32)
