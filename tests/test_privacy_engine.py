@@ -262,6 +262,20 @@ def test_frozen_batch_norm_switched_to_train_mode_is_caught_at_forward():
         model(x)
 
 
+def test_instance_norm_with_running_stats_switched_to_train_mode_is_caught_at_forward():
+    norm = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, (4, 2)), norm, nn.Flatten(),
+                          nn.Linear(8, 3))
+    model.eval()  # passes validation: eval-mode InstanceNorm uses its stored statistics
+    engine, model, optimizer, (_, _, dl) = private(model)
+    before = norm.running_mean.clone()
+    model.train()
+    x, y = next(iter(dl))
+    with pytest.raises(ModelValidationError, match=r"2 \(InstanceNorm1d\).*track_running_stats"):
+        model(x)
+    assert torch.equal(norm.running_mean, before)  # refused before the forward touched them
+
+
 def test_custom_sampler_refused_unless_poisson_is_off():
     model = mlp()
     data = classification_data()
@@ -275,6 +289,39 @@ def test_custom_sampler_refused_unless_poisson_is_off():
                                                 data_loader=weighted, noise_multiplier=1.0,
                                                 max_grad_norm=1.0, poisson_sampling=False)
     assert dl is weighted
+
+
+def test_iterable_dataset_needs_poisson_off_and_a_declared_rate():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            data = classification_data()
+            for i in range(len(data)):
+                yield data[i]
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stream = DataLoader(Stream(), batch_size=8)
+    with pytest.raises(ConfigError, match="IterableDataset"):
+        PrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=stream,
+                                     noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="must have a length.*sample_rate= and expected_batch"):
+        PrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=stream,
+                                     noise_multiplier=1.0, max_grad_norm=1.0,
+                                     poisson_sampling=False)
+    engine = PrivacyEngine()
+    with pytest.warns(PrivacyWarning, match="accounting assumes Poisson sampling"):
+        _, _, dl = engine.make_private(module=model, optimizer=optimizer, data_loader=stream,
+                                       noise_multiplier=1.0, max_grad_norm=1.0,
+                                       poisson_sampling=False, sample_rate=0.2,
+                                       expected_batch_size=8)
+    assert dl is stream
+    for x, y in dl:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert engine.steps == 5 and 0 < engine.get_epsilon(1e-5) < math.inf
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -40,6 +40,8 @@ from privgrad.validation import validate
 _MODE_ALIASES = {"hooks": "materialize", "functorch": "materialize", "ew": "materialize",
                  "ghost": "auto"}
 
+# Modules whose running statistics learn from every batch they see in training mode.
+_RUNNING_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _log = logging.getLogger("privgrad")
 
 # Modules and optimizers under a privacy engine (weak: a dropped model leaves no trace).
@@ -214,7 +216,8 @@ class PrivacyEngine:
         grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling)
         check_loader(data_loader, poisson_sampling)
-        n = _dataset_size(data_loader)
+        n = _dataset_size(data_loader, sized_by_user=not poisson_sampling and None not in (
+            sample_rate, expected_batch_size))
         q, expected = _sampling_rate(data_loader, n, sample_rate, expected_batch_size,
                                      loss_reduction, poisson_sampling)
         _check_ownership(module, optimizer)
@@ -254,7 +257,7 @@ class PrivacyEngine:
         self._module, self._optimizer = module, optimizer
         self._clipped = ClippedSum(params, bound, clipping)
         self._batch_norms = [(path, m) for path, m in module.named_modules()
-                             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                             if isinstance(m, _RUNNING_STATS)]  # also InstanceNorm
         # Private training overwrites p.grad, so autograd need not form the parameter
         # gradients; but DDP's reducer and GradScaler.step expect them to exist.
         skip = grad_scaler is None and not isinstance(module, nn.parallel.DistributedDataParallel)
@@ -298,11 +301,13 @@ class PrivacyEngine:
         epochs = _validate.positive_int("epochs", epochs, "Pass the number of training epochs.")
         poisson = kwargs.get("poisson_sampling", True)
         check_loader(data_loader, poisson)
-        n = _dataset_size(data_loader)
+        n = _dataset_size(data_loader, sized_by_user=not poisson and None not in (
+            kwargs.get("sample_rate"), kwargs.get("expected_batch_size")))
         q, _ = _sampling_rate(data_loader, n, kwargs.get("sample_rate"),
                               kwargs.get("expected_batch_size"),
                               kwargs.get("loss_reduction", "mean"), poisson)
-        _warn_large_delta(delta, n, "target_delta")
+        if n is not None:
+            _warn_large_delta(delta, n, "target_delta")
         sigma = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q,
                                      steps=epochs * steps_per_epoch(q),
                                      accountant=self.accountant.name)
@@ -366,11 +371,14 @@ class PrivacyEngine:
             return
         for path, m in self._batch_norms:
             if m.training and m.track_running_stats:
+                fix = ("replace it with GroupNorm (privgrad.fix)" if isinstance(
+                    m, nn.modules.batchnorm._BatchNorm) else
+                    "construct it with track_running_stats=False (privgrad.fix)")
                 raise ModelValidationError(
                     f"module {path} ({type(m).__name__}) is in training mode, so its running "
-                    f"statistics would learn from private data; got model.train() with a "
-                    f"BatchNorm. Call {path or 'model'}.eval() after model.train(), or replace it "
-                    f"with GroupNorm (privgrad.fix).")
+                    f"statistics would learn from private data; got model.train() with "
+                    f"track_running_stats=True. Call {path or 'model'}.eval() after "
+                    f"model.train(), or {fix}.")
 
     def _on_backward(self, captures) -> None:
         if self._amp is not None and self._backward_since_step:  # GradScaler skipped the step
@@ -491,13 +499,20 @@ def _check_bound(max_grad_norm, clipping: str, num_params: int):
     return _validate.positive("max_grad_norm", max_grad_norm, fix)
 
 
-def _dataset_size(data_loader: DataLoader) -> int:
+def _dataset_size(data_loader: DataLoader, *, sized_by_user: bool = False) -> int | None:
+    """``len(data_loader.dataset)``; ``None`` for a data set without a length when
+    ``sized_by_user`` (Poisson sampling off, and ``sample_rate`` and ``expected_batch_size``
+    given, so nothing needs the size)."""
     try:
         n = len(data_loader.dataset)
     except TypeError as e:
+        if sized_by_user:
+            return None
         raise ConfigError(
             f"the data set must have a length; got data_loader.dataset="
-            f"{type(data_loader.dataset).__name__} without __len__. Use a map-style Dataset.") from e
+            f"{type(data_loader.dataset).__name__} without __len__. Use a map-style Dataset, "
+            f"or pass poisson_sampling=False with sample_rate= and expected_batch_size= (the "
+            f"accounting then assumes Poisson sampling at that rate).") from e
     if n == 0:
         raise _validate.fail("the data set must not be empty", "len(data_loader.dataset)", n,
                              "Check the data loading code.")
