@@ -39,9 +39,9 @@ def test_epsilon_json_matches_library(run, accountant):
     code, out, _ = run("epsilon", *BASE, "--noise-multiplier", "1.1", "--accountant", accountant, "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["steps"] == 2344  # ceil(10 * 60000 / 256)
+    assert result["steps"] == 2340  # 10 epochs of round(60000 / 256) = 234 steps, as the loader
     assert result["sample_rate"] == pytest.approx(256 / 60000)
-    expected = epsilon_for(noise_multiplier=1.1, sample_rate=256 / 60000, steps=2344, delta=1e-5, accountant=accountant)
+    expected = epsilon_for(noise_multiplier=1.1, sample_rate=256 / 60000, steps=2340, delta=1e-5, accountant=accountant)
     assert result["epsilon"] == expected
     assert result["accountant"] == accountant
 
@@ -51,10 +51,32 @@ def test_epsilon_text_output(run):
     assert code == 0
     lines = dict(line.split(None, 1) for line in out.strip().splitlines())
     assert lines["accountant"] == "pld"
-    assert lines["steps"] == "2344"
+    assert lines["steps"] == "2340"
     assert float(lines["epsilon"]) == pytest.approx(
-        epsilon_for(noise_multiplier=1.1, sample_rate=256 / 60000, steps=2344, delta=1e-5), rel=1e-5
+        epsilon_for(noise_multiplier=1.1, sample_rate=256 / 60000, steps=2340, delta=1e-5), rel=1e-5
     )
+
+
+@pytest.mark.parametrize("n,b", [(1437, 256), (60000, 256), (1000, 3)])
+def test_cli_counts_the_steps_the_engine_takes(run, n, b):
+    """Planning with ``privgrad epsilon`` must give the epsilon the same epochs really spend."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from privgrad import PrivacyEngine
+
+    model = torch.nn.Linear(2, 2)
+    engine = PrivacyEngine(accountant="rdp")
+    _, _, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.zeros(n, 2)), batch_size=b),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    code, out, _ = run("epsilon", "--dataset-size", str(n), "--batch-size", str(b), "--epochs", "3",
+                       "--noise-multiplier", "1.0", "--accountant", "rdp", "--json")
+    assert code == 0
+    assert json.loads(out)["steps"] == 3 * len(loader)
+    engine.accountant.step(noise_multiplier=1.0, sample_rate=b / n, num_steps=3 * len(loader))
+    assert json.loads(out)["epsilon"] == pytest.approx(engine.get_epsilon(delta=1e-5), rel=1e-9)
 
 
 def test_noise_meets_target(run):

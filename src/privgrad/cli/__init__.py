@@ -3,7 +3,9 @@
 Each subcommand lives in its own module with two functions, ``add_arguments(parser)`` and
 ``run(args) -> int`` (a module serving several subcommands may define ``add_arguments_for(name,
 parser)`` and ``run_for(name, args)`` instead); the table below is the whole list. Subcommand
-modules import torch inside ``run`` only, so ``privgrad epsilon`` never imports torch.
+modules import torch inside ``run`` only, so ``privgrad epsilon`` never imports torch. A
+:class:`~privgrad.errors.PrivgradError` raised by any subcommand (bad input) is printed as one
+line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from privgrad.errors import PrivgradError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(args._module)
     run = getattr(module, "run_for", None)
-    if run is not None:
-        return int(run(args.command, args) or 0)
-    return int(module.run(args) or 0)
+    try:
+        if run is not None:
+            return int(run(args.command, args) or 0)
+        return int(module.run(args) or 0)
+    except PrivgradError as e:  # bad input: one line that says what to change, no traceback
+        print(f"privgrad {args.command}: error: {e}", file=sys.stderr)
+        return 2

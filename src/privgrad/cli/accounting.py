@@ -7,7 +7,9 @@ Both accept ``--accountant pld|rdp`` (default pld), ``--json`` (one object; an i
 from ``--noise-multiplier 0``, is ``null``) and ``--plot FILE.png`` (epsilon against epochs for
 PLD and RDP; needs the ``plot`` extra). Bad input exits with status 2 and a one-line error. The sample rate is
 ``batch_size / dataset_size`` (Poisson sampling with that expected batch size) and the step count
-is ``ceil(epochs * dataset_size / batch_size)``. This module never imports torch.
+is ``round(epochs * round(dataset_size / batch_size))``: an epoch is ``round(1 / q)`` steps, as the
+engine's Poisson loader counts them, so the epsilon printed here is the one a run of that many
+epochs spends. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 
 from privgrad import _validate
 from privgrad.errors import PrivgradError
+from privgrad.sampling.poisson import steps_per_epoch
 
 COMMANDS = ("epsilon", "noise")
 
@@ -52,7 +55,7 @@ def _schedule(args: argparse.Namespace) -> tuple[float, int]:
         steps = _validate.positive_int("steps", args.steps, "Pass the number of training steps, e.g. 1000.")
     else:
         epochs = _validate.positive("epochs", args.epochs, "Pass the number of epochs, e.g. 10.")
-        steps = max(1, math.ceil(epochs * n / b - 1e-9))
+        steps = max(1, round(epochs * steps_per_epoch(b / n)))  # as the engine's loader
     return b / n, steps
 
 

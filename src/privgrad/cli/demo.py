@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2))
+    partial = path.with_name(path.name + ".tmp")  # a crash never leaves half a file behind
+    partial.write_text(json.dumps(metrics, indent=2))
+    partial.replace(path)
     print(f"test accuracy {metrics['test_accuracy']:.1%} at epsilon={epsilon:.2f}, "
           f"delta={args.delta:g} ({engine.steps} steps, {seconds:.0f} s)")
     print(f"metrics written to {path}")
