@@ -204,10 +204,10 @@ def load_checkpoint(engine, path, *, module, optimizer, scheduler=None, restore_
     _check_module(module, payload["module"])
     _check_optimizer(optimizer, payload["optimizer"])
     if (scheduler is None) != (payload["scheduler"] is None):
-        raise CheckpointError(_mismatch("an LR scheduler", payload["scheduler"] is not None,
+        raise CheckpointError(_mismatch("use of an LR scheduler", payload["scheduler"] is not None,
                                         scheduler is not None))
     if (engine._amp is None) != (payload["grad_scaler"] is None):
-        raise CheckpointError(_mismatch("a grad_scaler", payload["grad_scaler"] is not None,
+        raise CheckpointError(_mismatch("use of a grad_scaler", payload["grad_scaler"] is not None,
                                         engine._amp is not None))
     accountant = make_accountant(engine.accountant.name)
     try:

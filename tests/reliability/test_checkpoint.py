@@ -248,5 +248,5 @@ def test_grad_scaler_state_travels_with_the_checkpoint(tmp_path):
     _load(live, path)
     assert other.get_scale() == 2.0**9
     plain = checks.attach(2, sigma=1.0)
-    with pytest.raises(CheckpointError, match="same a grad_scaler; got True in the checkpoint"):
+    with pytest.raises(CheckpointError, match="same use of a grad_scaler; got True in the checkpoint"):
         _load(plain, path)
