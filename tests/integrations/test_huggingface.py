@@ -88,3 +88,17 @@ def test_refuses_accumulation_and_bad_arguments(tmp_path):
                         train_dataset=Examples(), noise_multiplier=1.0, max_grad_norm=1.0)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps must be 1; got gradient_accumulation_steps=2"):
         trainer.train()
+
+
+@pytest.mark.parametrize("resume", [True, "checkpoint-3"])
+def test_resume_from_a_trainer_checkpoint_is_refused(tmp_path, resume):
+    """A Trainer checkpoint has no accountant: resuming would restart epsilon at 0."""
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = DPTrainer(model=model, args=arguments(tmp_path), train_dataset=Examples(),
+                        noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="cannot resume from a Trainer checkpoint; got "
+                                          "resume_from_checkpoint=.*engine.save_checkpoint"):
+        trainer.train(resume_from_checkpoint=resume)
+    assert trainer.engine.settings is None  # nothing attached, nothing trained
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -1,5 +1,7 @@
 """DPCallback on a real Lightning Trainer (CPU, a few steps)."""
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -83,6 +85,20 @@ def test_budget_stop_ends_fit_before_overspending(tmp_path):
     t.fit(model, train_dataloaders=DataLoader(data(), batch_size=32))
     assert t.current_epoch < 100
     assert dp.epsilon <= 3.0 < epsilon_after(dp.engine, DELTA, 1)
+
+
+@pytest.mark.parametrize("minimum", [dict(min_epochs=50), dict(min_steps=200)])
+def test_budget_stop_refuses_a_trainer_that_cannot_stop(tmp_path, minimum):
+    """Lightning ignores should_stop until min_epochs/min_steps are met: that would overspend."""
+    model = Classifier()
+    before = copy.deepcopy(model.state_dict())
+    dp = DPCallback(noise_multiplier=1.0, max_grad_norm=1.0, max_epsilon=3.0)
+    t = trainer(tmp_path, callbacks=[dp], max_epochs=100, **minimum)
+    name = next(iter(minimum))
+    with pytest.raises(ConfigError, match=f"free to stop.*Trainer\\({name}\\)=.*Remove {name}"):
+        t.fit(model, train_dataloaders=DataLoader(data(), batch_size=32))
+    assert dp.engine.settings is None  # refused before anything was attached
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_checkpoint_carries_the_budget(tmp_path):

@@ -100,6 +100,18 @@ class DPTrainer(Trainer):
         self._private_loader: DataLoader | None = None
         self.add_callback(_BudgetCallback(self))
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; resuming from a ``Trainer`` checkpoint is refused (see below)."""
+        if resume_from_checkpoint not in (None, False):
+            raise _validate.fail(
+                "DPTrainer cannot resume from a Trainer checkpoint", "resume_from_checkpoint",
+                resume_from_checkpoint,
+                "The checkpoint does not hold the privacy accountant, so epsilon would restart "
+                "at 0 and max_epsilon would allow a second budget. Start a new run with the "
+                "budget that is left, or train with a plain loop and "
+                "engine.save_checkpoint/load_checkpoint, which resume exactly.")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def get_train_dataloader(self) -> DataLoader:
         """The Poisson loader of the private run (made, with the optimizer, on first call)."""
         if self._private_loader is None:

@@ -92,7 +92,7 @@ class DPCallback(pl.Callback):
             raise PrivacyStateError(
                 "a DPCallback makes one fit private; got a second fit() with the same callback. "
                 "Create a new DPCallback (resume from a checkpoint to continue the budget).")
-        _check_trainer(trainer)
+        _check_trainer(trainer, self.max_epsilon)
         optimizer = trainer.optimizers[0]
         loader = trainer.fit_loop._data_source.dataloader()
         common = dict(module=pl_module, optimizer=optimizer, data_loader=loader,
@@ -117,6 +117,10 @@ class DPCallback(pl.Callback):
         if self.max_epsilon is not None:
             self.budget = BudgetStop(self.engine, self.max_epsilon, self.delta)
             self._stop_if_spent(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.budget is not None and self.budget.exhausted:  # a loop that ignored should_stop
+            self.budget.check()  # raises PrivacyBudgetError before this step is released
 
     # -- every step ------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -160,7 +164,7 @@ class DPCallback(pl.Callback):
             self._restored = dict(state_dict)
 
 
-def _check_trainer(trainer: pl.Trainer) -> None:
+def _check_trainer(trainer: pl.Trainer, max_epsilon: float | None = None) -> None:
     if len(trainer.optimizers) != 1:
         raise ConfigError(
             f"DPCallback needs exactly one optimizer; got {len(trainer.optimizers)} from "
@@ -170,6 +174,14 @@ def _check_trainer(trainer: pl.Trainer) -> None:
             "Lightning's accumulate_grad_batches must be 1", "accumulate_grad_batches",
             trainer.accumulate_grad_batches, "Each accumulated batch would be a separate Poisson "
             "sample inside one accounted step: use a larger batch_size in the DataLoader instead.")
+    minimum = {"min_steps": trainer.fit_loop.min_steps, "min_epochs": trainer.fit_loop.min_epochs}
+    if max_epsilon is not None and any(minimum.values()):
+        name, value = next((k, v) for k, v in minimum.items() if v)
+        raise _validate.fail(
+            "a Trainer with max_epsilon must be free to stop when the budget is spent",
+            f"Trainer({name})", value,
+            f"Remove {name}: Lightning keeps training past should_stop until it is met, which "
+            f"would spend more than max_epsilon.")
     if trainer.world_size != 1:
         raise _validate.fail(
             "DPCallback trains on one device", "trainer.world_size", trainer.world_size,
