@@ -324,6 +324,11 @@ class PrivacyEngine:
         """The optimizer this engine privatises (``None`` before ``make_private``/after ``detach``)."""
         return self._optimizer
 
+    @property
+    def data_parallel(self) -> bool:
+        """Whether ``make_private`` attached this engine to a ``torch.distributed`` job."""
+        return self._distributed is not None
+
     # -- the budget ------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0.0 before the first step)."""

@@ -163,6 +163,12 @@ def test_watch_refuses_what_the_audit_cannot_describe():
     engine, module, optimizer, *_ = private_run(canaries, watch=False)
     with pytest.raises(ConfigError, match="the optimizer passed to make_private"):
         canaries.watch(engine, torch.optim.SGD(module.parameters(), lr=0.1))
+    canaries = GradientCanaries(10, seed=7)
+    engine, _, optimizer, *_ = private_run(canaries, watch=False)
+    engine._distributed = object()  # stands in for a torch.distributed job (see tests/distributed)
+    assert engine.data_parallel
+    with pytest.raises(ConfigError, match="the canary audit runs in one process"):
+        canaries.watch(engine, optimizer)
 
 
 def test_watch_refuses_a_frozen_head():

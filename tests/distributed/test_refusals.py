@@ -27,7 +27,7 @@ def make_private(data_loader=None, **kwargs):
 def test_no_process_group_means_one_process():
     assert not torch.distributed.is_initialized()
     engine, _ = make_private()
-    assert engine._distributed is None
+    assert engine._distributed is None and not engine.data_parallel
 
 
 def test_distributed_true_without_a_process_group():

@@ -180,8 +180,8 @@ class GradientCanaries:
 
         Raises:
             PrivacyStateError: ``make_private`` was not called yet, or steps already ran.
-            ConfigError: per-layer clipping, ``max_grad_norm`` too large for ``magnitude``, or an
-                optimizer without the canary head.
+            ConfigError: per-layer clipping, ``max_grad_norm`` too large for ``magnitude``, an
+                optimizer without the canary head, or a data-parallel engine.
         """
         settings = getattr(engine, "settings", None)
         if settings is None:
@@ -192,6 +192,12 @@ class GradientCanaries:
             raise PrivacyStateError(
                 f"canaries.watch must be called once, before the first step; got "
                 f"engine.steps={engine.steps}. Create new canaries for a new run.")
+        if engine.data_parallel:
+            raise ConfigError(
+                "the canary audit runs in one process; got an engine attached to a "
+                "torch.distributed job (each process would see only its own canaries, and the "
+                "audit would report a false violation). Audit the same settings in a single "
+                "process: the job releases what one process would (docs/distributed.md).")
         if settings.clipping != "flat":
             raise _validate.fail("the canary audit needs flat clipping", "clipping",
                                  settings.clipping, "Audit a run with clipping='flat'.")
