@@ -3,6 +3,8 @@ against the one-example references (float64)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils._pytree import tree_map
 
@@ -19,12 +21,14 @@ def slicer(args, kwargs, batch):
 
 
 def check_module(module, args, kwargs=None, *, batch=None, example=None, modes=MODES,
-                 rtol=1e-5, rules=None, skip_parameter_grads=False):
+                 rtol=1e-5, rules=None, skip_parameter_grads=False, engine_dtype=None):
     """Assert the engine's per-sample results for ``module`` on the batch equal the references.
 
     The loss is ``sum(output * R)`` with a fixed random ``R``, so example ``i``'s own loss is
     ``sum(output_i * R_i)``. ``skip_parameter_grads`` runs the engine as private training does
     (autograd forms no parameter gradient where a rule gives the input gradient alone).
+    ``engine_dtype=torch.float32`` runs the engine on a float32 copy of the (float64) module and
+    inputs and compares it with the float64 references (row 5: error <= 1e-5 in float32).
     """
     kwargs = kwargs or {}
     with torch.no_grad():
@@ -44,6 +48,11 @@ def check_module(module, args, kwargs=None, *, batch=None, example=None, modes=M
     ref_norms = torch.stack([g.reshape(batch, -1 if batch else 0).square().sum(1) for g in ref.values()]).sum(0).sqrt() \
         if ref else torch.zeros(batch, dtype=torch.float64)
     weights = torch.rand(batch, dtype=torch.float64)
+    if engine_dtype is not None:  # the engine in float32; references stay float64
+        module = copy.deepcopy(module).to(engine_dtype)
+        cast = lambda x: x.to(engine_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+        args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
+        r, weights = r.to(engine_dtype), weights.to(engine_dtype)
     names = {p: n for n, p in module.named_parameters()}
     for mode in modes:
         with PerSampleGradients(module, mode=mode, rules=rules,
@@ -54,7 +63,7 @@ def check_module(module, args, kwargs=None, *, batch=None, example=None, modes=M
         sums = psg.batch.weighted_sums(weights)
         assert {names[p] for p in sums} == set(ref), f"{mode}: parameters covered"
         for p, s in sums.items():
-            expected = torch.einsum("b,b...->...", weights, ref[names[p]])
+            expected = torch.einsum("b,b...->...", weights.double(), ref[names[p]])
             assert_close(s, expected, rtol, f"{mode}: weighted sum of {names[p]}")
         if mode == "materialize":
             got = psg.gradients

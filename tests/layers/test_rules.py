@@ -216,3 +216,32 @@ def test_generic_rule_several_outputs():
         a, b = module(x)
         ((a * r1).sum() + (b * r2).sum()).backward()
     assert_close(psg.gradients["w"], ref["w"])
+
+
+# -- Row 5 in float32: the engine in float32 against float64 references ----------------------
+def _bag(mode):
+    return nn.EmbeddingBag(7, 3, mode=mode)
+
+
+FLOAT32_CASES = [
+    ("linear-3d", lambda: nn.Linear(6, 5), lambda b: (randn(b, 4, 6),)),
+    ("linear-2d", lambda: nn.Linear(8, 3), lambda b: (randn(b, 8),)),
+    ("conv1d", lambda: nn.Conv1d(3, 4, 3, padding=1), lambda b: (randn(b, 3, 9),)),
+    ("conv2d-grouped", lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), lambda b: (randn(b, 4, 7, 7),)),
+    ("conv3d", lambda: nn.Conv3d(2, 3, 2), lambda b: (randn(b, 2, 3, 4, 3),)),
+    ("embedding", lambda: nn.Embedding(5, 4, padding_idx=0), lambda b: (torch.randint(0, 5, (b, 6)),)),
+    ("embedding-bag-mean", lambda: _bag("mean"), lambda b: (torch.randint(0, 7, (b, 5)),)),
+    ("embedding-bag-sum", lambda: _bag("sum"), lambda b: (torch.randint(0, 7, (b, 5)),)),
+    ("layer-norm", lambda: nn.LayerNorm(6), lambda b: (randn(b, 3, 6),)),
+    ("group-norm", lambda: nn.GroupNorm(2, 4), lambda b: (randn(b, 4, 5),)),
+    ("instance-norm", lambda: nn.InstanceNorm2d(3, affine=True), lambda b: (randn(b, 3, 4, 4),)),
+    ("rms-norm", lambda: nn.RMSNorm(5), lambda b: (randn(b, 2, 5),)),
+    ("generic", lambda: ScaleShift(4), lambda b: (randn(b, 3, 4),)),
+]
+
+
+@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("name,build,inputs", FLOAT32_CASES, ids=[c[0] for c in FLOAT32_CASES])
+def test_every_rule_in_float32_against_float64_references(name, build, inputs, b):
+    torch.manual_seed(len(name) * 10 + b)
+    check_module(build().double(), inputs(b), engine_dtype=torch.float32, rtol=1e-5)
