@@ -195,3 +195,34 @@ def test_shapes_including_empty_and_single_batches(b, t, s, heads, batch_first, 
         first = [x.transpose(0, 1) for x in (q, k, v)]
         check_module(model, tuple(first), batch=b,
                      example=lambda i: (tuple(x[:, i:i + 1] for x in first), {}))
+
+
+def _sum_loss_case(model, args, kwargs=None, b=B):
+    """Loss sum(out * R) with the examples cut along the batch (first) dimension."""
+    kwargs = kwargs or {}
+    r = torch.randn_like(model(*args, **kwargs))
+
+    def example(i):
+        cut = lambda v: v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v  # noqa: E731
+        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+    return model, args, kwargs, example, lambda rows, out: (out * r[rows]).sum(), b
+
+
+def _mha():
+    return Attend(nn.MultiheadAttention(E, 2, batch_first=True).double(), need_weights=False)
+
+
+def _decoder():
+    return nn.TransformerDecoderLayer(E, 2, 16, dropout=0.0, batch_first=True).double()
+
+
+@pytest.mark.parametrize("build,inputs", [
+    (_mha, lambda: (torch.randn(B, T, E, dtype=D),)),
+    (_decoder, lambda: (torch.randn(B, T, E, dtype=D), torch.randn(B, S, E, dtype=D))),
+    (lambda: SDPABlock().double(), lambda: (torch.randn(B, T, E, dtype=D),)),
+], ids=["multihead-attention", "decoder-layer", "sdpa-block"])
+@pytest.mark.parametrize("mode", ["auto", "materialize"])
+def test_attention_private_step(build, inputs, mode):
+    """sigma = 0: one private step writes exactly the clipped sum."""
+    check_private_step(*_sum_loss_case(build(), inputs()), mode=mode)

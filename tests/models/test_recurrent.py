@@ -219,3 +219,27 @@ def test_dropped_non_finite_example_is_masked_in_the_rules_own_layout():
                                        keep=torch.tensor([True, False]))
         for p, s in sums.items():
             torch.testing.assert_close(s, 0.5 * ref[names[p]][0], rtol=1e-9, atol=1e-12)
+
+
+def _readout_case(kind, kwargs, packed=False, b=4, t=5):
+    rnn = kind(3, 4, batch_first=True, **kwargs)
+    model = Readout(rnn, packed=packed).double()
+    x = torch.randn(b, t, 3, dtype=D)
+    lengths = torch.tensor([5, 2, 4, 1][:b]) if packed else None
+    args = (x, lengths) if packed else (x,)
+    r = torch.randn_like(model(*args))
+
+    def example(i):
+        return ((x[i:i + 1], lengths[i:i + 1]) if packed else (x[i:i + 1],)), {}
+
+    return model, args, {}, example, lambda rows, out: (out * r[rows]).sum(), b
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind,kwargs", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[5]],
+                         ids=[IDS[0], IDS[1], IDS[5]])
+def test_rnn_and_gru_private_step(kind, kwargs, packed):
+    """sigma = 0: one private step writes exactly the clipped sum (plain RNN and GRU too)."""
+    case = _readout_case(kind, kwargs, packed=packed)
+    for mode in ("ghost", "materialize"):
+        check_private_step(*case, mode=mode)
