@@ -13,6 +13,16 @@ by statistics of the training data. Missing values ("?") get their own all-zero 
 Command and what it printed (see docs/examples.md for machine and date):
 
     python examples/adult.py
+
+    adult: 32561 train, 16281 test, 105 features; majority class 76.38%; 20 epochs, expected batch 1024, delta=1e-05 (PLD)
+       epsilon  noise_multiplier  test accuracy  seconds
+    non-private             0.000         84.72%      5.9
+          0.50             5.704         84.06%      7.7
+          1.00             3.114         84.58%      6.4
+          3.00             1.355         84.60%      6.2
+          7.99             0.814         84.59%      6.1
+
+(2026-12-02, one torch thread on an idle 2-core x86_64 VM.)
 """
 
 from __future__ import annotations

@@ -11,6 +11,15 @@ points at another folder with one subfolder of .txt files per class. Nothing is 
 Command and what it printed (see docs/examples.md for machine and date):
 
     python examples/bbc_scratch.py
+
+    bbc_scratch: 1781 train, 444 test articles; 4096 buckets x 16; 20 epochs, expected batch 512, delta=1e-05 (PLD)
+        epsilon  noise_multiplier  test accuracy  seconds
+    non-private             0.000         93.92%      2.3
+           1.00             8.490         42.57%      4.3
+           3.00             3.303         55.86%      4.3
+           8.00             1.569         67.79%      4.5
+
+(2026-12-02, one torch thread on an idle 2-core x86_64 VM.)
 """
 
 from __future__ import annotations
