@@ -48,6 +48,40 @@ def test_stepping_every_step_composes_only_at_grid_points(monkeypatch):
     assert composed == list(range(1, 512)) + list(range(512, 601, 2))
 
 
+def test_epsilon_asked_every_step_equals_a_fresh_accountant_bit_for_bit():
+    # The run is built from power-of-two pieces whatever was asked before, so a resumed or
+    # fresh accountant reports exactly what an accountant asked after every step reports.
+    acc = PLDAccountant()
+    seen = {}
+    for n in range(1, 301):
+        acc.step(noise_multiplier=1.0, sample_rate=0.02)
+        seen[n] = acc.get_epsilon(delta=1e-5)
+    pld_module._run.cache_clear()
+    for n in (1, 7, 64, 255, 256, 257, 299, 300):
+        fresh = PLDAccountant()
+        fresh.step(noise_multiplier=1.0, sample_rate=0.02, num_steps=n)
+        assert fresh.get_epsilon(delta=1e-5) == seen[n]
+    assert all(seen[n] < seen[n + 1] for n in range(1, 256))  # exact counts: strictly growing
+
+
+def test_epsilon_between_grid_points_is_read_once(monkeypatch):
+    reads = []
+    original = PLDAccountant._compute_epsilon
+    monkeypatch.setattr(PLDAccountant, "_compute_epsilon",
+                        lambda self, delta: reads.append(self.steps) or original(self, delta))
+    acc = PLDAccountant()
+    acc.step(noise_multiplier=2.0, sample_rate=0.05, num_steps=1023)
+    acc.get_epsilon(delta=1e-5)
+    for _ in range(5):  # 1023 and 1024 are both counted as 1024; 1025..1028 as 1028
+        acc.step(noise_multiplier=2.0, sample_rate=0.05)
+        acc.get_epsilon(delta=1e-5)
+    assert [accounted_steps(n) for n in (1023, 1024, 1025, 1028)] == [1024, 1024, 1028, 1028]
+    assert reads == [1023, 1025]
+    grid = PLDAccountant()
+    grid.step(noise_multiplier=2.0, sample_rate=0.05, num_steps=1028)
+    assert grid.get_epsilon(delta=1e-5) == acc.get_epsilon(delta=1e-5)
+
+
 def test_interval_is_fine_against_one_step_and_capped_for_huge_runs():
     small = [(8.0, 1e-3, 100_000)]
     assert choose_interval(small) == pytest.approx(loss_scale(8.0, 1e-3) / pld_module.POINTS_PER_SCALE)
