@@ -59,7 +59,8 @@ def save_checkpoint(engine, path, *, module, optimizer, scheduler=None, extra=No
     Args:
         engine: a :class:`~privgrad.PrivacyEngine` after ``make_private``.
         path: file to write (its directory must exist and be writable).
-        module, optimizer: the objects passed to ``make_private``.
+        module: the model passed to ``make_private``.
+        optimizer: the optimizer passed to ``make_private``.
         scheduler: the LR scheduler, if any.
         extra: plain data of your own (numbers, strings, lists, dicts, tensors), returned by
             :func:`load_checkpoint`; e.g. ``{"epoch": 3}``.
@@ -189,8 +190,11 @@ def load_checkpoint(engine, path, *, module, optimizer, scheduler=None, restore_
     saved run took.
 
     Args:
-        engine, module, optimizer, scheduler: as for :func:`save_checkpoint`.
+        engine: the :class:`~privgrad.PrivacyEngine`, after ``make_private``.
         path: the checkpoint file.
+        module: the model passed to ``make_private`` (loaded in place).
+        optimizer: the optimizer passed to ``make_private`` (loaded in place).
+        scheduler: the LR scheduler, if the saved run had one.
         restore_rng: also restore PyTorch's random states (noise outside secure mode, dropout).
 
     Raises:

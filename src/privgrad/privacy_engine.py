@@ -171,8 +171,11 @@ class PrivacyEngine:
                 divided by the expected batch size) or ``"sum"``.
             poisson_sampling: replace the loader's sampling with Poisson sampling (what the
                 accounting assumes). ``False`` keeps the loader and warns.
-            sample_rate, expected_batch_size: pass both to declare the data set's size private:
-                then q, the normaliser and the steps per epoch do not depend on it.
+            sample_rate: q, declared instead of derived from ``len(dataset)``. Pass it with
+                ``expected_batch_size`` to treat the data set's size as private: then q, the
+                normaliser and the steps per epoch do not depend on it.
+            expected_batch_size: ``q N``, the normaliser of ``loss_reduction="mean"``; pass it
+                with ``sample_rate``.
             grad_sample_mode: performance only: ``"auto"`` (cheapest exact method per layer),
                 ``"ghost"`` or ``"materialize"`` (Opacus's names are accepted as aliases).
             rules: a :class:`~privgrad.layers.RuleRegistry` with custom layer rules.
