@@ -29,9 +29,10 @@ def batch_size_of(batch) -> int:
 
 
 def split_batch(batch, max_size: int) -> list:
-    """Chunks of at most ``max_size`` examples; tensors (and lists) whose first dimension is the
-    batch size are split, everything else is passed to every chunk unchanged. An empty batch
-    gives one empty chunk."""
+    """Chunks of at most ``max_size`` examples. The batch may nest tuples, lists and dicts;
+    every tensor in it whose first dimension is the batch size is split, and every other leaf
+    (a scalar, a string, a tensor of another length) is passed to every chunk unchanged, so keep
+    per-example data in tensors. An empty batch gives one empty chunk."""
     n = batch_size_of(batch)
     if n <= max_size:
         return [batch]
