@@ -51,11 +51,13 @@ def _stack(rows, params, batch):
     return {n: torch.stack([r[n] for r in rows]) for n in params}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = ""):
-    """Max absolute error relative to the reference's largest entry <= rtol."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "",
+                 floor: float = 0.0):
+    """Max absolute error relative to the reference's largest entry (or to ``floor`` where that
+    is larger: a parameter whose true gradient is zero is compared at the model's scale) <= rtol."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
-    scale = expected.abs().max().clamp(min=1e-12)
+    scale = expected.abs().max().clamp(min=max(floor, 1e-12))
     err = ((actual.to(expected.dtype) - expected).abs().max() / scale).item()
     assert err <= rtol, f"{what}: max relative error {err:.3g} > {rtol}"
