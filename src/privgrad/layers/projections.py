@@ -62,54 +62,60 @@ class ProjectionRule(LayerRule):
 
     def masked(self, capture: Capture, keep: torch.Tensor) -> Capture:
         """Dropped examples' rows of every projection set to zero (after computing them)."""
-        def zero(x):
-            if x is None:
-                return None
-            zero = torch.zeros((), dtype=x.dtype, device=x.device)
-            return torch.where(keep.view(-1, 1, 1), x, zero)
-
+        zero = _once(lambda x: None if x is None else torch.where(
+            keep.view(-1, 1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device)))
         kept = [replace(p, g=zero(p.g), a=zero(p.a))
                 for p in self.projections(capture.module, capture)]
         return replace(capture, scratch={"projections": kept})
 
     # -- the three per-sample quantities ----------------------------------------------------
+    # Several maps may share one output gradient (an RNN's or LSTM's gi and gh enter the gates
+    # as a sum), or one input; what depends on one tensor alone is computed once per call.
     def per_sample_gradients(self, module, capture: Capture, names):
         parts: dict[str, list[torch.Tensor]] = {}
+        bias_sum = _once(lambda g: g.sum(1))
         for p in self.projections(module, capture):
             if p.weight in names:
                 parts.setdefault(p.weight, []).append(
                     torch.einsum("bto,bti->boi", p.g, p.a.to(p.g.dtype)))
             if p.bias in names:
-                parts.setdefault(p.bias, []).append(p.g.sum(1))
+                parts.setdefault(p.bias, []).append(bias_sum(p.g))
         return {n: self._assemble(module, n, blocks, batched=True) for n, blocks in parts.items()}
 
     def ghost_norms_sq(self, module, capture: Capture, names):
         out: dict[str, torch.Tensor] = {}
+        gram = _once(lambda x, dtype: torch.bmm(x.to(dtype), x.to(dtype).transpose(1, 2)))
+        bias_sq = _once(lambda g, dtype: g.to(dtype).sum(1).square().sum(1))
         for p in self.projections(module, capture):
             dtype = self.norm_dtype(p.g)
             if p.weight in names:
-                sq = linear_ghost_norm_sq(p.a, p.g, dtype)
+                if p.a.shape[1] == 1:
+                    sq = linear_ghost_norm_sq(p.a, p.g, dtype)
+                else:  # ||g_b^T a_b||_F^2 = <a_b a_b^T, g_b g_b^T>
+                    sq = (gram(p.a, dtype) * gram(p.g, dtype)).sum((1, 2))
                 out[p.weight] = out[p.weight] + sq if p.weight in out else sq
             if p.bias in names:
-                sq = p.g.to(dtype).sum(1).square().sum(1)
+                sq = bias_sq(p.g, dtype)
                 out[p.bias] = out[p.bias] + sq if p.bias in out else sq
         return out
 
     def weighted_sum(self, module, capture: Capture, names, weights):
         parts: dict[str, list[torch.Tensor]] = {}
+        weigh = _once(lambda g: g * weights.to(g.dtype).view(-1, 1, 1))
+        bias_sum = _once(lambda gw: gw.sum((0, 1)))
         for p in self.projections(module, capture):
-            gw = p.g * weights.to(p.g.dtype).view(-1, 1, 1)
+            gw = weigh(p.g)
             if p.weight in names:
                 flat_g, flat_a = gw.reshape(-1, gw.shape[-1]), p.a.reshape(-1, p.a.shape[-1])
                 parts.setdefault(p.weight, []).append(flat_g.T @ flat_a.to(gw.dtype))
             if p.bias in names:
-                parts.setdefault(p.bias, []).append(gw.sum((0, 1)))
+                parts.setdefault(p.bias, []).append(bias_sum(gw))
         return {n: self._assemble(module, n, blocks, batched=False) for n, blocks in parts.items()}
 
     def ghost_cost(self, module, capture: Capture) -> float:
-        return float(sum(
-            p.g.shape[0] * p.g.shape[1] ** 2 * (p.a.shape[-1] + p.g.shape[-1])
-            for p in self.projections(module, capture) if p.a is not None))
+        grams = {id(x): x.shape[0] * x.shape[1] ** 2 * x.shape[-1]
+                 for p in self.projections(module, capture) if p.a is not None for x in (p.a, p.g)}
+        return float(sum(grams.values()))
 
     def materialize_cost(self, module, capture: Capture) -> float:
         return float(sum(
@@ -122,3 +128,15 @@ class ProjectionRule(LayerRule):
         shape = module.get_parameter(name).shape
         whole = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1 if batched else 0)
         return whole.reshape(whole.shape[0], *shape) if batched else whole.reshape(shape)
+
+
+def _once(fn):
+    """``fn`` memoised on the identity of its first argument (and the other arguments)."""
+    memo: dict = {}
+
+    def call(x, *args):
+        key = (id(x), *args)
+        if key not in memo:
+            memo[key] = (x, fn(x, *args))  # keeps x alive, so its id is not reused
+        return memo[key][1]
+    return call

@@ -145,15 +145,47 @@ class Recompute:
                 out[:, s] = torch.where(keep, h_new, out[:, s])
         return _Trace(suffix, x, h_prev, acts, out, h, c, extra)
 
+    def _local_derivatives(self, tr: _Trace, out: torch.Tensor) -> torch.Tensor | None:
+        """Write every step's gate derivatives into ``out`` (``(b, t, g)``); for an LSTM also
+        return ``o (1 - tanh(c)^2)`` (``(b, t, h)``), the output gradient's path into the cell.
+
+        LSTM: ``out`` holds ``(g i (1 - i), c_prev f (1 - f), i (1 - g^2))`` (to be multiplied
+        by ``dL/dc_t``) and ``tanh(c) o (1 - o)`` (by ``dL/dh_t``). RNN: ``1 - h^2`` (tanh) or
+        ``h > 0`` (ReLU), by ``dL/dh_t``.
+        """
+        acts = tr.acts
+        if self.module.mode == "RNN_TANH":
+            torch.mul(acts, acts, out=out).neg_().add_(1)
+            return None
+        if self.module.mode == "RNN_RELU":
+            out.copy_(acts > 0)
+            return None
+        i, f, g, o = acts.chunk(4, -1)
+        d_i, d_f, d_g, d_o = out.chunk(4, -1)
+        torch.mul(i, 1 - i, out=d_i).mul_(g)
+        torch.mul(f, 1 - f, out=d_f).mul_(tr.extra["c_prev"])
+        torch.mul(g, g, out=d_g).neg_().add_(1).mul_(i)
+        tc = torch.tanh(tr.extra["c"])
+        torch.mul(o, 1 - o, out=d_o).mul_(tc)
+        return tc.mul_(tc).neg_().add_(1).mul_(o)
+
     def _backward(self, tr: _Trace, d_out, d_h, d_c, *, need_input: bool):
         """The maps of one direction and, if ``need_input``, the gradient of its input."""
         mode, hidden = self.module.mode, self.module.hidden_size
         w = self._weights(tr.suffix)
         b, t = d_out.shape[:2]
-        d_gi, d_gh = torch.zeros_like(tr.acts), torch.zeros_like(tr.acts)
-        d_hr = torch.zeros_like(tr.out) if "m" in tr.extra else None
+        # Every step writes its row below. For RNN and LSTM the two maps of a step share one
+        # gate gradient (gi and gh enter the gates only as their sum): one buffer serves both.
+        d_gi = torch.empty_like(tr.acts)
+        d_gh = torch.empty_like(tr.acts) if mode == "GRU" else d_gi
+        d_hr = torch.empty_like(tr.out) if "m" in tr.extra else None
         d_h = d_h.clone()
         d_c = d_c.clone() if d_c is not None else None
+        if mode != "GRU":
+            # The gates' local derivatives depend only on the forward pass: computed for every
+            # step at once into d_gi, then each step multiplies its row by the incoming
+            # gradients in place (a handful of small operations per step instead of ~20).
+            d_cell = self._local_derivatives(tr, d_gi)
         direction = tr.suffix.endswith("_reverse")
         for s in (range(t) if direction else reversed(range(t))):
             d_new = d_h + d_out[:, s]
@@ -168,13 +200,11 @@ class Recompute:
                 d_hr[:, s] = d_new
                 d_new = d_new @ w["weight_hr"]
             if mode == "LSTM":
-                i, f, g, o = tr.acts[:, s].chunk(4, 1)
-                tc = torch.tanh(tr.extra["c"][:, s])
-                dc_all = dc_new + d_new * o * (1 - tc * tc)
-                d_a = torch.cat([dc_all * g * i * (1 - i), dc_all * tr.extra["c_prev"][:, s] * f * (1 - f),
-                                 dc_all * i * (1 - g * g), d_new * tc * o * (1 - o)], 1)
-                d_gi[:, s] = d_gh[:, s] = d_a
-                d_h, d_c = d_a @ w["weight_hh"], dc_all * f
+                dc_all = torch.addcmul(dc_new, d_new, d_cell[:, s])  # dL/dc_t
+                row = d_gi[:, s]  # (b, 4H): i, f, g factors times dc_all; o factor times d_new
+                row[:, :3 * hidden].view(b, 3, hidden).mul_(dc_all.unsqueeze(1))
+                row[:, 3 * hidden:].mul_(d_new)
+                d_h, d_c = row @ w["weight_hh"], dc_all * tr.acts[:, s, hidden:2 * hidden]
             elif mode == "GRU":
                 r, z, n = tr.acts[:, s].chunk(3, 1)
                 d_n = d_new * (1 - z) * (1 - n * n)
@@ -184,10 +214,8 @@ class Recompute:
                 d_gh[:, s] = torch.cat([d_r, d_z, d_n * r], 1)
                 d_h = d_new * z + d_gh[:, s] @ w["weight_hh"]
             else:
-                h_new = tr.acts[:, s]
-                d_a = d_new * (1 - h_new * h_new) if mode == "RNN_TANH" else d_new * (h_new > 0)
-                d_gi[:, s] = d_gh[:, s] = d_a
-                d_h = d_a @ w["weight_hh"]
+                row = d_gi[:, s].mul_(d_new)
+                d_h = row @ w["weight_hh"]
             if self.mask is not None:
                 d_h = d_h + carry_h
                 if d_c is not None:
