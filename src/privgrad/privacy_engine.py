@@ -219,8 +219,7 @@ class PrivacyEngine:
         grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling)
         check_loader(data_loader, poisson_sampling)
-        n = _dataset_size(data_loader, sized_by_user=not poisson_sampling and None not in (
-            sample_rate, expected_batch_size))
+        n = _dataset_size(data_loader, poisson_sampling, sample_rate, expected_batch_size)
         q, expected = _sampling_rate(data_loader, n, sample_rate, expected_batch_size,
                                      loss_reduction, poisson_sampling)
         _check_ownership(module, optimizer)
@@ -304,8 +303,8 @@ class PrivacyEngine:
         epochs = _validate.positive_int("epochs", epochs, "Pass the number of training epochs.")
         poisson = kwargs.get("poisson_sampling", True)
         check_loader(data_loader, poisson)
-        n = _dataset_size(data_loader, sized_by_user=not poisson and None not in (
-            kwargs.get("sample_rate"), kwargs.get("expected_batch_size")))
+        n = _dataset_size(data_loader, poisson, kwargs.get("sample_rate"),
+                          kwargs.get("expected_batch_size"))
         q, _ = _sampling_rate(data_loader, n, kwargs.get("sample_rate"),
                               kwargs.get("expected_batch_size"),
                               kwargs.get("loss_reduction", "mean"), poisson)
@@ -507,14 +506,15 @@ def _check_bound(max_grad_norm, clipping: str, num_params: int):
     return _validate.positive("max_grad_norm", max_grad_norm, fix)
 
 
-def _dataset_size(data_loader: DataLoader, *, sized_by_user: bool = False) -> int | None:
-    """``len(data_loader.dataset)``; ``None`` for a data set without a length when
-    ``sized_by_user`` (Poisson sampling off, and ``sample_rate`` and ``expected_batch_size``
-    given, so nothing needs the size)."""
+def _dataset_size(data_loader: DataLoader, poisson_sampling: bool, sample_rate,
+                  expected_batch_size) -> int | None:
+    """``len(data_loader.dataset)``; ``None`` for a data set without a length when nothing
+    needs the size (Poisson sampling off, and ``sample_rate`` and ``expected_batch_size``
+    given)."""
     try:
         n = len(data_loader.dataset)
     except TypeError as e:
-        if sized_by_user:
+        if not poisson_sampling and None not in (sample_rate, expected_batch_size):
             return None
         raise ConfigError(
             f"the data set must have a length; got data_loader.dataset="

@@ -93,3 +93,24 @@ def test_zero_std_and_small_tensors():
     small = TorchGaussian().sample(torch.empty(10), STD)
     torch.manual_seed(1)
     assert torch.equal(small, torch.empty(10).normal_(0.0, STD))
+
+
+def test_sample_many_draws_each_dtype_once_into_views_of_one_buffer():
+    likes = [((300, 400), torch.float32, "cpu"), ((7,), torch.float64, "cpu"),
+             ((500,), torch.float32, "cpu"), ((3, 1, 2), torch.float64, "cpu")]
+    source = TorchGaussian(parallel_min=1000)
+    out = source.sample_many(likes, STD)
+    assert [(t.shape, t.dtype, t.device.type) for t in out] == [
+        (torch.Size(s), d, dev) for s, d, dev in likes]
+    assert out[0].untyped_storage().data_ptr() == out[2].untyped_storage().data_ptr()
+    assert out[1].untyped_storage().data_ptr() == out[3].untyped_storage().data_ptr()
+    big = torch.cat([out[0].reshape(-1), out[2]]).double()
+    assert abs(float(big.mean())) < 5 * STD / big.numel() ** 0.5
+    assert abs(float(big.std()) / STD - 1) < 0.01  # 120,500 draws: sd of the ratio ~0.002
+    torch.manual_seed(3)
+    first = source.sample_many(likes, STD)
+    torch.manual_seed(3)
+    again = source.sample_many(likes, STD)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # follows torch.manual_seed
+    assert not torch.equal(first[0], source.sample_many(likes, STD)[0])
+    assert all(not t.any() for t in source.sample_many(likes, 0.0))

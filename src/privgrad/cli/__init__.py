@@ -55,6 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             return int(run(args.command, args) or 0)
         return int(module.run(args) or 0)
-    except PrivgradError as e:  # bad input: one line that says what to change, no traceback
+    except (PrivgradError, ImportError) as e:  # bad input or a missing extra: one line, exit 2
         print(f"privgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 from privgrad import _validate
-from privgrad.errors import PrivgradError
 from privgrad.sampling.poisson import steps_per_epoch
 
 COMMANDS = ("epsilon", "noise")
@@ -61,14 +59,10 @@ def _schedule(args: argparse.Namespace) -> tuple[float, int]:
 
 def run_for(name: str, args: argparse.Namespace) -> int:
     """Run subcommand ``name``; returns the exit status (2 on bad input)."""
-    try:
-        result = _epsilon(args) if name == "epsilon" else _noise(args)
-        if args.plot:
-            _plot(args.plot, result)
-            result["plot"] = args.plot
-    except (PrivgradError, ImportError) as e:
-        print(f"privgrad {name}: error: {e}", file=sys.stderr)
-        return 2
+    result = _epsilon(args) if name == "epsilon" else _noise(args)
+    if args.plot:
+        _plot(args.plot, result)
+        result["plot"] = args.plot
     if args.json:  # JSON has no infinity: an unbounded epsilon is written as null
         plain = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in result.items()}
         print(json.dumps(plain, sort_keys=True))

@@ -36,17 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the audit; returns 0 (consistent), 1 (violation) or 2 (bad input)."""
-    from privgrad.errors import PrivgradError
 
-    try:
-        from privgrad.auditing.builtin import BuiltinAudit
+    from privgrad.auditing.builtin import BuiltinAudit
 
-        config = BuiltinAudit(epsilon=args.epsilon, num_canaries=args.canaries, delta=args.delta,
-                              sample_rate=args.sample_rate, steps=args.steps, dataset=args.dataset,
-                              seed=args.seed, simulations=args.simulations)
-    except PrivgradError as e:
-        print(f"privgrad audit: error: {e}", file=sys.stderr)
-        return 2
+    config = BuiltinAudit(epsilon=args.epsilon, num_canaries=args.canaries, delta=args.delta,
+                          sample_rate=args.sample_rate, steps=args.steps, dataset=args.dataset,
+                          seed=args.seed, simulations=args.simulations)
     import torch
     from tqdm import tqdm
 
@@ -59,9 +54,6 @@ def run(args: argparse.Namespace) -> int:
                desc=f"private training with {kind} canaries", file=sys.stderr)
     try:
         report = audit(config, on_step=lambda step: bar.update(step - bar.n))
-    except (PrivgradError, ImportError) as e:
-        print(f"privgrad audit: error: {e}", file=sys.stderr)
-        return 2
     finally:
         bar.close()
     print(report.to_json(sort_keys=True) if args.json else report.text())

@@ -119,7 +119,7 @@ class DPCallback(pl.Callback):
             self._stop_if_spent(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.budget is not None and self.budget.exhausted:  # a loop that ignored should_stop
+        if self.budget is not None:  # a loop that ignored should_stop: refuse the next step
             self.budget.check()  # raises PrivacyBudgetError before this step is released
 
     # -- every step ------------------------------------------------------------------------

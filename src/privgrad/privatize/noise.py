@@ -25,6 +25,7 @@ Privacy:
 from __future__ import annotations
 
 import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -61,6 +62,25 @@ class TorchGaussian:
                 or not out.dtype.is_floating_point or not _state_layout_known()):
             return out.normal_(0.0, std)
         _draw_in_streams(out.view(-1), std)
+        return out
+
+    def sample_many(self, likes: list[tuple[torch.Size, torch.dtype, torch.device]],
+                    std: float) -> list[torch.Tensor]:
+        """New tensors of ``N(0, std^2)`` draws, one per ``(shape, dtype, device)``.
+
+        Tensors of one dtype and device are views into one buffer filled by a single draw, so
+        that many small parameters are drawn together (on several cores on the CPU) instead of
+        one short ``normal_`` call each.
+        """
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, (_, dtype, device) in enumerate(likes):
+            groups.setdefault((dtype, torch.device(device)), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(likes)
+        for (dtype, device), members in groups.items():
+            sizes = [math.prod(likes[i][0]) for i in members]
+            flat = self.sample(torch.empty(sum(sizes), dtype=dtype, device=device), std)
+            for i, piece in zip(members, flat.split(sizes)):
+                out[i] = piece.view(likes[i][0])
         return out
 
     def add_noise(self, total: torch.Tensor, std: float) -> torch.Tensor:

@@ -108,25 +108,28 @@ def noisy_gradients(
     With PyTorch's generator (:class:`~privgrad.privatize.TorchGaussian`) the result is formed
     as ``z + sum / normaliser`` with ``z ~ N(0, (noise_std / normaliser)^2)`` drawn straight
     into the buffer that becomes ``p.grad``: the same distribution, one pass over the parameter
-    instead of three, and a sparse sum touches only its rows. Other sources (secure mode) add
+    instead of three, and a sparse sum touches only its rows. The noise of all parameters of
+    one dtype and device is one draw (:meth:`TorchGaussian.sample_many`), so the gradients are
+    views into one buffer. Other sources (secure mode) add
     the noise to the sum themselves, and the result is divided afterwards.
     """
     out = {}
-    fused = type(noise) is TorchGaussian
-    for p in params:
-        acc = _accumulation_dtype(p)
-        s = sums.get(p)
-        if fused:
-            like = p if p.dtype == acc else torch.empty(p.shape, dtype=acc, device=p.device)
-            g = noise.sample(like, noise_std / normaliser)
+    if type(noise) is TorchGaussian:
+        draws = noise.sample_many([(p.shape, _accumulation_dtype(p), p.device) for p in params],
+                                  noise_std / normaliser)
+        for p, g in zip(params, draws):
+            s = sums.get(p)
             if s is not None:
                 g.add_(s, alpha=1.0 / normaliser)
-        else:
-            total = s if s is not None else torch.zeros_like(p, dtype=acc)
-            total = total.to_dense() if total.is_sparse else total
-            g = noise.add_noise(total, noise_std)  # the source adds: secure mode snaps the result
-            if normaliser != 1.0:
-                g.div_(normaliser)
+            out[p] = g if g.dtype == p.dtype else g.to(p.dtype)
+        return out
+    for p in params:
+        s = sums.get(p)
+        total = s if s is not None else torch.zeros_like(p, dtype=_accumulation_dtype(p))
+        total = total.to_dense() if total.is_sparse else total
+        g = noise.add_noise(total, noise_std)  # the source adds: secure mode snaps the result
+        if normaliser != 1.0:
+            g.div_(normaliser)
         out[p] = g if g.dtype == p.dtype else g.to(p.dtype)
     return out
 
