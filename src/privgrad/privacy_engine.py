@@ -257,7 +257,9 @@ class PrivacyEngine:
         self.performance = PerformanceSettings(mode)
         self._dataset_size = n
         self._module, self._optimizer = module, optimizer
-        self._clipped = ClippedSum(params, bound, clipping)
+        # Sparse embedding sums only where they go straight into the fused noise buffer.
+        self._clipped = ClippedSum(params, bound, clipping,
+                                   sparse_sums=ranks is None and type(self.noise) is TorchGaussian)
         self._batch_norms = [(path, m) for path, m in module.named_modules()
                              if isinstance(m, _RUNNING_STATS)]  # also InstanceNorm
         # Private training overwrites p.grad, so autograd need not form the parameter
@@ -458,7 +460,6 @@ class PrivacyEngine:
         they receive rank 0's release instead (see :mod:`privgrad.distributed`)."""
         if self._distributed is None:
             return sums
-        sums = {p: s.to_dense() if s.is_sparse else s for p, s in sums.items()}  # embeddings'
         return self._distributed.reduce_sums(sums, _privatised(self._optimizer))
 
     # -- detaching -------------------------------------------------------------------------

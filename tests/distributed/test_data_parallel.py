@@ -52,6 +52,8 @@ def test_sigma_zero_two_processes_equal_one(two, run):
     assert max_difference(two[0][run]["params"], reference) <= 1e-5
     assert max_difference(two[1][run]["params"], two[0][run]["params"]) == 0.0  # in sync
     assert max_difference(reference, [p * 0 for p in reference]) > 1e-2  # it did train
+    # data-parallel sums are all-reduced dense; only one process adds sparse rows into noise
+    assert two[0]["reference"]["sparse_sums"] and not two[0][run]["sparse_sums"]
 
 
 def test_noise_is_drawn_once_by_rank_zero(two):

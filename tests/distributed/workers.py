@@ -75,8 +75,10 @@ def train(rank: int, *, distributed, ddp=False, sigma=0.0, seed=0) -> dict:
                     logical, count = [], 0
                 if engine.steps == STEPS:
                     break
+    sparse_sums = engine._clipped.sparse_sums  # sparse embedding sums cannot be all-reduced
     engine.detach()
     return {"params": [p.detach().clone() for p in net.parameters()], "indices": indices,
+            "sparse_sums": sparse_sums,
             "chunks": chunks, "epsilon": engine.get_epsilon(1e-5),
             "q": engine.settings.sample_rate, "steps": engine.accountant.steps}
 

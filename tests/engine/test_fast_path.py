@@ -244,35 +244,40 @@ def test_frozen_then_unfrozen_parameter_is_served_by_the_fast_path():
 
 
 # -- embedding sums as rows, added straight into the noise --------------------------------------
-def _bag_batches(mode_per_pass):
-    """Two backward passes over an EmbeddingBag model, one per engine mode given."""
-    model = nn.Sequential(nn.EmbeddingBag(40, 3, mode="mean"), nn.Linear(3, 2)).double()
+def _bag_batches(mode_per_pass, vocab=100):
+    """Two backward passes over an EmbeddingBag model, one per engine mode given (20 tokens
+    each)."""
+    model = nn.Sequential(nn.EmbeddingBag(vocab, 3, mode="mean"), nn.Linear(3, 2)).double()
     g = torch.Generator().manual_seed(3)
     out = []
     for mode in mode_per_pass:
-        x = torch.randint(0, 40, (5, 4), generator=g)
+        x = torch.randint(0, vocab, (5, 4), generator=g)
         with PerSampleGradients(model, mode=mode, skip_parameter_grads=True) as psg:
             model(x).sum().backward()
         out.append(psg.batch)
     return model, out
 
 
-@pytest.mark.parametrize("modes", [("ghost", "ghost"), ("ghost", "materialize"),
-                                   ("materialize", "ghost")])
-def test_clipped_sums_mix_sparse_and_dense_passes(modes):
+@pytest.mark.parametrize("modes, vocab, stays_sparse", [
+    (("ghost", "ghost"), 100, True), (("ghost", "materialize"), 100, False),
+    (("materialize", "ghost"), 100, False),
+    (("ghost", "ghost"), 40, False),  # 2 x 20 token rows are not fewer than 40 dense rows
+    (("ghost", "ghost"), 20, False),  # a pass with as many tokens as rows is dense at once
+])
+def test_clipped_sums_mix_sparse_and_dense_passes(modes, vocab, stays_sparse):
     from privgrad.privatize import ClippedSum
 
-    model, batches = _bag_batches(modes)
+    model, batches = _bag_batches(modes, vocab)
     params = list(model.parameters())
-    sparse, dense = ClippedSum(params, 0.7, "flat"), ClippedSum(params, 0.7, "flat")
+    sparse, dense = ClippedSum(params, 0.7, "flat", sparse_sums=True), ClippedSum(params, 0.7, "flat")
     for b in batches:
         sparse.add(b, set(params))
-    assert sparse.sums[params[0]].is_sparse == (modes == ("ghost", "ghost"))
+    assert sparse.sums[params[0]].is_sparse == stays_sparse
     for b in batches:
         w = torch.ones(b.batch_size, dtype=D)
         total = torch.stack(list(b.norms_sq.values())).sum(0).sqrt()
         w = (0.7 / total).clamp(max=1.0)
-        for p, s in b.weighted_sums(w).items():  # dense (sparse_sums is off by default)
+        for p, s in b.weighted_sums(w).items():  # dense (sparse=False by default)
             assert not s.is_sparse
             dense.sums[p] = dense.sums[p] + s if p in dense.sums else s
     for p in params:

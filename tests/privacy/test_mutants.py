@@ -61,8 +61,8 @@ def clipping_disabled(mp):
 def ghost_ignores_the_bound(mp):
     original = BackwardBatch.weighted_sums
 
-    def weighted_sums(self, weights, keep=None):
-        out = original(self, weights, keep)
+    def weighted_sums(self, weights, keep=None, *, sparse=False):
+        out = original(self, weights, keep, sparse=sparse)
         ones = torch.ones(self.batch_size, dtype=torch.float64)
         for c, names in self._ghost:
             for n, s in c.rule.weighted_sum(c.module, c, names, ones * self.scale).items():

@@ -66,9 +66,6 @@ class BackwardBatch:
         norms_sq: ``{parameter: (batch_size,)}`` squared per-sample gradient norms (float32 or
             wider).
         methods: ``{module path: "ghost" | "materialize"}`` chosen for each call (for reports).
-        sparse_sums: let :meth:`weighted_sums` return sparse COO tensors where a
-            rule offers them (embeddings: a sum touches only the rows of the tokens seen); off
-            unless the caller adds the sums into dense buffers itself (the private step does).
     """
 
     def __init__(self, captures: list[Capture], *, mode: str, scale_by_batch: bool, paths: dict):
@@ -88,7 +85,6 @@ class BackwardBatch:
         self._grads: dict[nn.Parameter, torch.Tensor] = {}  # materialised, not yet scaled
         self._ghost: list[tuple[Capture, tuple[str, ...]]] = []
         self._ghost_params: list[dict[str, nn.Parameter]] = []
-        self.sparse_sums = False
 
         self._params = [_params_of(c) for c in captures]
         uses: dict[nn.Parameter, int] = defaultdict(int)
@@ -136,13 +132,16 @@ class BackwardBatch:
         return g * self.scale if self.scale != 1.0 else g
 
     def weighted_sums(
-        self, weights: torch.Tensor | dict[nn.Parameter, torch.Tensor], keep: torch.Tensor | None = None
+        self, weights: torch.Tensor | dict[nn.Parameter, torch.Tensor], keep: torch.Tensor | None = None,
+        *, sparse: bool = False,
     ) -> dict[nn.Parameter, torch.Tensor]:
         """``{p: sum_b w_b * g_b}`` with ``w`` one ``(B,)`` tensor or one per parameter.
 
         ``keep`` (``(B,)`` bool, optional) marks examples to include at all; dropped examples'
         inputs and gradients are zeroed first, so a NaN or inf in them cannot leak into the sum
-        through ``0 * inf``.
+        through ``0 * inf``. ``sparse``: return sparse COO tensors where a rule offers them and
+        they are smaller (embeddings: a sum touches only the rows of the tokens seen), for a
+        caller that adds the sums into dense buffers itself.
         """
         def w_of(p):
             return weights[p] if isinstance(weights, dict) else weights
@@ -162,8 +161,7 @@ class BackwardBatch:
             for group in groups:
                 w = w_of(params[group[0]])
                 w = w * self.scale if self.scale != 1.0 else w
-                sums = c.rule.sparse_weighted_sum(c.module, c, group, w) if self.sparse_sums \
-                    else None
+                sums = c.rule.sparse_weighted_sum(c.module, c, group, w) if sparse else None
                 if sums is None:
                     sums = c.rule.weighted_sum(c.module, c, group, w)
                 for n, s in sums.items():

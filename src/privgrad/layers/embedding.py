@@ -82,6 +82,8 @@ class EmbeddingRule(LayerRule):
 
     def sparse_weighted_sum(self, module, capture: Capture, names, weights):
         example, token, rows = self._positions(module, capture)
+        if token.numel() >= module.weight.shape[0]:
+            return None  # more tokens than rows: the dense sum is smaller
         return {"weight": _rows(module, token, rows * weights.to(rows.dtype)[example].unsqueeze(1))}
 
     def ghost_cost(self, module, capture: Capture) -> float:
@@ -164,6 +166,8 @@ class EmbeddingBagRule(LayerRule):
 
     def sparse_weighted_sum(self, module, capture: Capture, names, weights):
         bag, token, coef = self._coefficients(module, capture)
+        if token.numel() >= module.weight.shape[0]:
+            return None  # more tokens than rows: the dense sum is smaller
         g = capture.grad_output
         return {"weight": _rows(module, token, (coef * weights.to(g.dtype)[bag]).unsqueeze(1) * g[bag])}
 

@@ -33,11 +33,12 @@ def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Par
     c = _validate.positive("max_grad_norm", max_grad_norm, "Pass the per-sample L2 clipping "
                            "bound, e.g. 1.0.")
     _validate.choice("clipping", clipping, CLIPPING)
-    clipped = ClippedSum(params, c, clipping)
+    noise = noise or TorchGaussian()
+    clipped = ClippedSum(params, c, clipping, sparse_sums=type(noise) is TorchGaussian)
     for b in batch if isinstance(batch, list) else [batch]:
         clipped.add(b, set(params))
     grads = noisy_gradients(params, clipped.sums, noise_std=sigma * c, normaliser=normaliser,
-                            noise=noise or TorchGaussian())
+                            noise=noise)
     for p in params:
         p.grad = grads[p]
     return clipped.stats

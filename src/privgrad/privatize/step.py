@@ -43,9 +43,14 @@ class ClippedSum:
         params: the parameters privatised (those of the optimizer that require grad).
         max_grad_norm: ``C`` (float), or one bound per parameter for per-layer clipping.
         clipping: ``"flat"`` or ``"per_layer"``.
+        sparse_sums: keep embeddings' sums as sparse rows where that is smaller, for
+            :func:`noisy_gradients` with :class:`TorchGaussian` (which adds them into the noise
+            buffer); every other consumer needs dense sums.
     """
 
-    def __init__(self, params: list[nn.Parameter], max_grad_norm, clipping: str):
+    def __init__(self, params: list[nn.Parameter], max_grad_norm, clipping: str, *,
+                 sparse_sums: bool = False):
+        self.sparse_sums = sparse_sums
         self.clipping = clipping
         self.max_grad_norm = max_grad_norm
         self.bounds = per_layer_bounds(params, max_grad_norm) if clipping == "per_layer" else None
@@ -64,11 +69,7 @@ class ClippedSum:
                 self.bounds.update(per_layer_bounds(missing, self.max_grad_norm))
             result = per_layer_clip(norms_sq, self.bounds, batch.batch_size, device)
         keep = None if result.dropped == 0 else result.keep
-        previous, batch.sparse_sums = batch.sparse_sums, True  # embeddings' sums as rows
-        try:
-            sums = batch.weighted_sums(result.weights, keep)
-        finally:
-            batch.sparse_sums = previous
+        sums = batch.weighted_sums(result.weights, keep, sparse=self.sparse_sums)
         for p, s in sums.items():
             if p not in params:
                 continue
@@ -78,8 +79,11 @@ class ClippedSum:
             prev = self.sums.get(p)
             if prev is None:
                 self.sums[p] = s
-            elif prev.is_sparse:  # sparse + sparse stays sparse; dense + sparse is dense
-                self.sums[p] = prev + s if s.is_sparse else s.add_(prev)
+            elif prev.is_sparse:  # sparse + sparse stays sparse while smaller than dense
+                if s.is_sparse and prev._nnz() + s._nnz() < prev.shape[0]:
+                    self.sums[p] = prev + s
+                else:
+                    self.sums[p] = (s if not s.is_sparse else s.to_dense()).add_(prev)
             else:
                 self.sums[p] = prev.add_(s)
         self.stats.examples += batch.batch_size
