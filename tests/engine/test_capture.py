@@ -3,10 +3,13 @@ hooks that come off, and the errors for what cannot be computed."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad.engine import PerSampleGradients
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
@@ -208,3 +211,42 @@ def test_unbatched_input_is_refused():
     with pytest.raises(UnsupportedModuleError, match="batch dimension"):
         with PerSampleGradients(nn.Linear(3, 2)) as psg:
             psg.module(torch.randn(3)).sum().backward()
+
+
+class _UnusedBranch(nn.Module):
+    """A trunk and a head the loss uses, and a branch (like BERT's pooler) it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.head, self.pooler = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 4)
+        self.unused = []
+
+    def forward(self, x):
+        h = self.trunk(x)
+        pooled = self.pooler(h)
+        self.unused.append(weakref.ref(pooled))
+        return self.head(h)
+
+
+def test_a_branch_the_loss_does_not_use_is_freed_after_the_step():
+    """Its capture and its output's hook referred to each other through autograd's C++ side,
+    which the garbage collector cannot see: every step's graph stayed alive (MiniLM's pooler
+    leaked about 1.2 GB a step at batch 32)."""
+    import gc
+
+    from privgrad import PrivacyEngine
+
+    model = _UnusedBranch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    engine = PrivacyEngine()
+    _, _, _ = engine.make_private(module=model, optimizer=optimizer,
+                                  data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                                  noise_multiplier=1.0, max_grad_norm=1.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    gc.collect()
+    assert len(model.unused) == 3 and all(ref() is None for ref in model.unused)
+    assert model.pooler.weight.grad is not None  # still noised like every parameter

@@ -226,7 +226,12 @@ class Recorder:
         done = []
         for c in captures:
             if all(g is None for g in c.grad_outputs):
-                continue  # recorded, but not part of this backward pass (e.g. an eval forward)
+                # Recorded, but the loss does not depend on it (a BERT pooler whose output is
+                # unused): let it go. Its output's hook holds the capture and the capture holds
+                # the output: a cycle through autograd's C++ side that Python's garbage
+                # collector cannot see, which kept the output's whole graph alive every step.
+                c.output_like = None
+                continue
             c.grad_outputs = [
                 g if g is not None else torch.zeros_like(o)
                 for g, o in zip(c.grad_outputs, c.output_like)
