@@ -250,3 +250,28 @@ def test_a_branch_the_loss_does_not_use_is_freed_after_the_step():
     gc.collect()
     assert len(model.unused) == 3 and all(ref() is None for ref in model.unused)
     assert model.pooler.weight.grad is not None  # still noised like every parameter
+
+
+def test_a_forward_pass_without_backward_is_not_kept_alive():
+    """A validation loop without torch.no_grad: each forward's graph is freed when the user
+    drops its output, as without privgrad, not kept until the next backward pass."""
+    import gc
+
+    from privgrad import PrivacyEngine
+
+    model = _UnusedBranch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    engine = PrivacyEngine()
+    engine.make_private(module=model, optimizer=optimizer,
+                        data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                        noise_multiplier=1.0, max_grad_norm=1.0)
+    outputs = [weakref.ref(model(x)) for _ in range(5)]  # grad enabled, never backpropagated
+    gc.collect()
+    assert all(ref() is None for ref in outputs + model.unused)
+    before = model.head.weight.detach().clone()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # the next step sees only its own forward
+    optimizer.step()
+    assert engine.last_step_stats.examples == 8 and engine.last_step_stats.backward_passes == 1
+    assert not torch.equal(model.head.weight, before)

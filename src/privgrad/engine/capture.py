@@ -27,6 +27,8 @@ Privacy:
 
 from __future__ import annotations
 
+import weakref
+
 from collections.abc import Callable
 from functools import partial
 
@@ -102,7 +104,10 @@ class Recorder:
         self._rules: dict[nn.Module, LayerRule] = {}
         self._children: dict[nn.Module, tuple[str, ...]] = {}
         self._forward_batch: int | None = None  # batch of the first call in this forward pass
-        self._captures: list[Capture] = []
+        # Held weakly: a capture lives as long as the graph that will deliver its output
+        # gradients (autograd holds its hook), so a forward pass nobody backpropagates through
+        # (a validation loop without torch.no_grad) is freed as it would be without privgrad.
+        self._captures: list[weakref.ref[Capture]] = []
         self._handles: list = []
         self._callback_queued = False
         self._busy = False  # True while rules run: their own forward calls are not recorded
@@ -187,10 +192,10 @@ class Recorder:
             grad_outputs=[None] * len(index),
             versions=tuple(x._version for x in inputs),
             rule=rule,
-            output_like=[leaves[i] for i in index],
+            output_like=[(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in index],
             params=params,
         )
-        self._captures.append(capture)
+        self._captures.append(weakref.ref(capture))
         for slot, i in enumerate(index):
             leaves[i].register_hook(partial(self._grad_hook, capture, slot))
         return replaced  # None keeps the module's own output
@@ -222,19 +227,20 @@ class Recorder:
     def _backward_end(self) -> None:
         self._callback_queued = False
         self._forward_batch = None
-        captures, self._captures = self._captures, []
+        captures = [c for c in (ref() for ref in self._captures) if c is not None]
+        self._captures = []
         done = []
         for c in captures:
             if all(g is None for g in c.grad_outputs):
                 # Recorded, but the loss does not depend on it (a BERT pooler whose output is
-                # unused): let it go. Its output's hook holds the capture and the capture holds
-                # the output: a cycle through autograd's C++ side that Python's garbage
-                # collector cannot see, which kept the output's whole graph alive every step.
+                # unused): let it go. (The capture keeps only its outputs' shapes: holding the
+                # outputs themselves made a cycle with their hooks through autograd's C++ side,
+                # invisible to the garbage collector, which kept every step's graph alive.)
                 c.output_like = None
                 continue
             c.grad_outputs = [
-                g if g is not None else torch.zeros_like(o)
-                for g, o in zip(c.grad_outputs, c.output_like)
+                g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                for g, (shape, dtype, device) in zip(c.grad_outputs, c.output_like)
             ]
             c.output_like = None
             self._check_inputs_unchanged(c)

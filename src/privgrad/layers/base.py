@@ -52,8 +52,8 @@ class Capture:
         versions: ``_version`` counters of the tensor inputs at capture time, to detect an input
             that was modified in place before backward used it.
         rule: the rule serving the module (engine bookkeeping).
-        output_like: the hooked outputs until backward ends (engine bookkeeping, to build zero
-            gradients for outputs autograd did not reach).
+        output_like: ``(shape, dtype, device)`` of the hooked outputs until backward ends
+            (engine bookkeeping, to build zero gradients for outputs autograd did not reach).
         scratch: the rule's own per-call working space (e.g. a recomputation that both the norm
             and the weighted sum need), dropped with the capture after the step.
         params: the parameters that ``names`` named at the time of the call, in the same order
