@@ -105,11 +105,13 @@ def _single_step(noise_multiplier: float, sample_rate: float, interval: float) -
 def _run(noise_multiplier: float, sample_rate: float, num_steps: int, interval: float) -> dp_pld.PrivacyLossDistribution:
     """PLD of ``num_steps`` identical steps, built the same way whatever was asked before.
 
-    A power of two is one FFT self-composition; any other count is the run without its lowest
-    set bit composed with that power of two (``13 = 8 + 4 + 1``). A training loop that asks
-    after every step thus reuses the cached run of the step before and pays one composition
-    (a third to a quarter of a self-composition), and the result is a function of the count
-    alone: a resumed run reports bit for bit the epsilon of an uninterrupted one.
+    Up to ``STEP_GRID`` steps, a count that is not a power of two is the run without its lowest
+    set bit composed with that power of two (``13 = 8 + 4 + 1``): a training loop that asks
+    after every step reuses the cached run of the step before and pays one composition (a third
+    to a quarter of a self-composition). Longer runs, which the step grid already spaces out
+    and calibration evaluates at many noise levels, are one FFT self-composition. Either way
+    the result is a function of the count alone: a resumed run reports bit for bit the epsilon
+    of an uninterrupted one.
     """
     if sample_rate == 1.0:
         # Without subsampling, n Gaussian steps are exactly one Gaussian with sigma / sqrt(n).
@@ -119,7 +121,7 @@ def _run(noise_multiplier: float, sample_rate: float, num_steps: int, interval: 
             pessimistic_estimate=True,
         )
     low = num_steps & -num_steps
-    if low != num_steps:
+    if low != num_steps and num_steps <= STEP_GRID:
         rest = _run(noise_multiplier, sample_rate, num_steps - low, interval)
         return rest.compose(_run(noise_multiplier, sample_rate, low, interval))
     single = _single_step(noise_multiplier, sample_rate, interval)
@@ -130,7 +132,7 @@ class PLDAccountant(Accountant):
     """Privacy-loss-distribution accountant: tight epsilon for DP-SGD. The default.
 
     Getting epsilon for a new history composes distributions by FFT (``dp_accounting``'s).
-    Results are cached, a run of equal steps is built from power-of-two pieces (:func:`_run`),
+    Results are cached, the first 256 steps are built from power-of-two pieces (:func:`_run`),
     and the last run is accounted on a step grid (:func:`accounted_steps`), so a training loop
     that asks after every step pays one composition when the count reaches a new grid point
     (every step for the first 256, about 2,460 times in 1e5 steps) and nothing otherwise.
