@@ -243,3 +243,38 @@ def test_rnn_and_gru_private_step(kind, kwargs, packed):
     case = _readout_case(kind, kwargs, packed=packed)
     for mode in ("ghost", "materialize"):
         check_private_step(*case, mode=mode)
+
+
+class _Below(nn.Module):
+    """A linear layer under the recurrent one, so private training needs the recurrent layer's
+    input gradient: its one backward (``joint_backward``) replaces the native kernel's."""
+
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        self.lin, self.read = nn.Linear(3, 3), Readout(rnn)
+
+    def forward(self, x, hx=None):  # x: (b, t, i) whatever the recurrent layer's layout
+        y = torch.tanh(self.lin(x))
+        return self.read(y if self.read.rnn.batch_first else y.transpose(0, 1), hx=hx)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind,kwargs", LAYOUTS, ids=IDS)
+def test_private_step_through_the_joint_backward(kind, kwargs, batch_first):
+    rnn = kind(3, 4, batch_first=batch_first, **kwargs).double()
+    model = _Below(rnn).double()
+    b, t, d = 4, 5, 2 if rnn.bidirectional else 1
+    x = torch.randn(b, t, 3, dtype=D)
+    h0 = torch.randn(rnn.num_layers * d, b, rnn.proj_size or 4, dtype=D)
+    hx = (h0, torch.randn(rnn.num_layers * d, b, 4, dtype=D)) if kind is nn.LSTM else h0
+    r = torch.randn_like(model(x, hx))
+
+    def example(i):
+        one = tuple(h[:, i:i + 1] for h in hx) if isinstance(hx, tuple) else hx[:, i:i + 1]
+        return (x[i:i + 1],), {"hx": one}
+
+    def loss(rows, out):
+        return (out * r[rows]).sum()
+
+    for mode in ("ghost", "materialize"):
+        check_private_step(model, (x,), {"hx": hx}, example, loss, b, mode=mode)

@@ -59,9 +59,11 @@ def test_float32_captures_leaves_float32_captures_alone():
     assert float32_captures([c])[0] is c
     half = Capture(module=c.module, args=(c.args[0].half(),), kwargs={}, batch_size=3,
                    grad_outputs=[c.grad_outputs[0].half()])
+    half.scratch["projections"] = "computed during backward from the half, scaled gradients"
     up = float32_captures([half], loss_scale=4.0)[0]
     assert up.args[0].dtype == torch.float32
     assert torch.equal(up.grad_outputs[0], half.grad_outputs[0].float() / 4)
+    assert up.scratch == {}  # recomputed from the float32, unscaled gradients
 
 
 def test_skipped_step_leaves_nothing_behind():
@@ -132,3 +134,35 @@ def test_a_disabled_scaler_is_a_no_op():
                                     grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+class _Recurrent(nn.Module):
+    """A recurrent layer with a layer under it (whose per-sample work, without a scaler, is
+    done during backward: the joint backward)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.lin, self.rnn, self.head = nn.Linear(10, 6), nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 4)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.tanh(self.lin(x.view(len(x), 2, 5).repeat(1, 1, 2))))
+        return self.head(out[:, -1])
+
+
+def test_loss_scale_does_not_change_a_recurrent_update():
+    """With it left in the gradients, unclipped examples would enter the sum multiplied by
+    the scale."""
+    x, y = checks.amp_batch()
+    kwargs = dict(max_grad_norm=1.0, loss_reduction="sum")
+    ref, ref_engine = checks.one_step_update(_Recurrent(), kwargs, x, y)
+    assert 0 < ref_engine.last_step_stats.clipped < len(x)  # the bound binds for some only
+    for scale in (2.0**4, 2.0**12):
+        got, _ = checks.one_step_update(_Recurrent(), kwargs, x, y,
+                                        grad_scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7)
+    bf16, _ = checks.one_step_update(_Recurrent(), kwargs, x, y, autocast=torch.bfloat16)
+    for name in ref:  # autocast without a scaler: the joint backward runs
+        err = (bf16[name] - ref[name]).norm() / ref[name].norm()
+        assert err < 2e-2, f"bfloat16: {name} relative error {err:.2e}"

@@ -92,9 +92,11 @@ def float32_captures(captures: list[Capture], loss_scale: float = 1.0) -> list[C
         if not half and loss_scale == 1.0:
             out.append(c)
             continue
+        # scratch={}: what a rule computed from the raw (scaled, half) gradients during
+        # backward (a joint backward's recomputation) must be computed again from these.
         out.append(dataclasses.replace(
             c, args=tree_map(up, c.args), kwargs=tree_map(up, c.kwargs),
-            grad_outputs=[grad(g) for g in c.grad_outputs]))
+            grad_outputs=[grad(g) for g in c.grad_outputs], scratch={}))
     return out
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from privgrad.engine.outputs import input_only, unviewed
+from privgrad.engine.outputs import input_only, joint, unviewed
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import Capture, LayerRule, RuleRegistry
 
@@ -171,14 +171,17 @@ class Recorder:
             leaves = [_expand_one(batch, x) if i in index else x for i, x in enumerate(leaves)]
             replaced = _unflatten(leaves, spec)
         inputs = _tensor_inputs(args, kwargs)
-        backward = None
-        if self.skip_parameter_grads and len(index) == 1:
-            backward = self._input_backward(module, rule, args, kwargs, inputs)
+        backward = whole = None
+        if self.skip_parameter_grads and self._only_first_input_needs_grad(args, inputs):
+            if len(index) == 1:
+                backward = rule.input_backward(module, args, kwargs)
+            if backward is None:
+                whole = rule.joint_backward(module, args, kwargs)
         if backward is not None:
             i = index[0]
             leaves[i] = input_only(leaves[i], args[0], params[0], backward)
             replaced = _unflatten(leaves, spec)
-        elif any(leaves[i]._is_view() for i in index):  # see privgrad.engine.outputs
+        elif whole is None and any(leaves[i]._is_view() for i in index):  # see engine.outputs
             leaves = [unviewed(x) if i in index and x._is_view() else x
                       for i, x in enumerate(leaves)]
             replaced = _unflatten(leaves, spec)
@@ -195,19 +198,27 @@ class Recorder:
             output_like=[(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in index],
             params=params,
         )
+        if whole is not None:  # one backward for all outputs (the capture is its context)
+            def backward_all(grads, capture=capture, whole=whole):
+                capture.grad_outputs = list(grads)
+                return whole(capture)
+
+            for i, y in zip(index, joint([leaves[i] for i in index], args[0], params[0],
+                                         backward_all)):
+                leaves[i] = y
+            replaced = _unflatten(leaves, spec)
         self._captures.append(weakref.ref(capture))
         for slot, i in enumerate(index):
             leaves[i].register_hook(partial(self._grad_hook, capture, slot))
         return replaced  # None keeps the module's own output
 
     @staticmethod
-    def _input_backward(module, rule: LayerRule, args, kwargs, inputs):
-        """The rule's input-only backward for this call, where it applies (else ``None``)."""
+    def _only_first_input_needs_grad(args, inputs) -> bool:
+        """Whether a rule's own backward may replace autograd's for this call: the first input
+        is a tensor and no other input needs its gradient."""
         if not args or not isinstance(args[0], torch.Tensor):
-            return None
-        if any(x.requires_grad and x is not args[0] for x in inputs):
-            return None  # another input needs its gradient: keep autograd's backward
-        return rule.input_backward(module, args, kwargs)
+            return False
+        return not any(x.requires_grad and x is not args[0] for x in inputs)
 
     def _grad_hook(self, capture: Capture, slot: int, grad: torch.Tensor) -> None:
         if capture.output_like is None:  # its backward pass has ended: this is another one

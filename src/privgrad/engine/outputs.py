@@ -9,7 +9,8 @@ still fire), but with a ``grad_fn`` of privgrad's:
   its autograd history, and a tensor hook registered on the view before would never fire, so
   the layer's output gradient would be lost. The replacement is not a view, so its hook fires.
 - :func:`input_only`: backward computes only the gradient of the module's first input, with the
-  rule's formula (:meth:`~privgrad.layers.LayerRule.input_backward`). Private training
+  rule's formula (:meth:`~privgrad.layers.LayerRule.input_backward`); :func:`joint` does the
+  same for a module with several outputs (:meth:`~privgrad.layers.LayerRule.joint_backward`). Private training
   overwrites ``p.grad`` of every privatised parameter with the noisy clipped sum, so the
   parameter gradients autograd would form (for a Linear or Conv layer as much work as the
   forward pass) are never used; with this backward they are never computed, and ``p.grad`` of
@@ -59,6 +60,21 @@ class _InputOnly(torch.autograd.Function):
         return None, None, None, grad_x
 
 
+class _Joint(torch.autograd.Function):
+    """Identity on ``outputs``; backward: ``backward(grad_outputs)`` for ``x``, nothing else."""
+
+    @staticmethod
+    def forward(ctx, backward, anchor, x, *outputs):  # noqa: D102 - torch.autograd.Function API
+        ctx.joint_backward = backward
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):  # noqa: D102 - torch.autograd.Function API
+        grad_x = ctx.joint_backward(grad_outputs)
+        return (None, None, grad_x if ctx.needs_input_grad[2] else None,
+                *([None] * len(grad_outputs)))
+
+
 def unviewed(output: torch.Tensor) -> torch.Tensor:
     """``output`` as a tensor that is not a view, with the same values and gradient."""
     return _Unviewed.apply(output)
@@ -75,3 +91,14 @@ def input_only(output: torch.Tensor, x, anchor: torch.Tensor,
         input_grad: ``grad_output -> gradient of x`` (the rule's formula).
     """
     return _InputOnly.apply(input_grad, output.detach(), anchor, x)
+
+
+def joint(outputs: list[torch.Tensor], x, anchor: torch.Tensor,
+          backward: Callable[[tuple], torch.Tensor | None]) -> list[torch.Tensor]:
+    """``outputs``' values with one backward for all of them that computes only the gradient
+    of ``x``: ``backward(grad_outputs)`` (zeros for outputs the loss does not reach).
+
+    Like :func:`input_only`, for a module with several outputs (a recurrent layer's sequence,
+    ``h_n`` and ``c_n``); the module's own graph for the call is dropped.
+    """
+    return list(_Joint.apply(backward, anchor, x, *(o.detach() for o in outputs)))

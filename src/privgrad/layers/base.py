@@ -156,6 +156,18 @@ class LayerRule:
         """
         return None
 
+    def joint_backward(self, module: nn.Module, args: tuple, kwargs: dict):
+        """One backward for the whole call, for private training (optional; any number of
+        outputs).
+
+        Returns a function ``capture -> gradient of args[0]`` (``None`` for none), called
+        during backward once ``capture.grad_outputs`` holds the call's output gradients; it may
+        leave in ``capture.scratch`` what the rule's own methods would compute from them again.
+        Or ``None`` (the default) to keep autograd's backward. Asked under the same conditions
+        as :meth:`input_backward`, which a single-output rule should prefer.
+        """
+        return None
+
     # -- ghost norms (optional) ------------------------------------------------------------
     def ghost_norms_sq(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...]

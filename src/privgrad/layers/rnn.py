@@ -75,6 +75,26 @@ class RecurrentRule(ProjectionRule):
         x, lengths, state, grads = _batch_first(module, capture)
         return Recompute(module, x, lengths, state).projections(grads)
 
+    def joint_backward(self, module: nn.RNNBase, args, kwargs):
+        """One backward for a call on a tensor input: the recomputation this rule needs
+        anyway also gives the input's gradient (``d_gi @ W_ih``), so the native kernel's own
+        backward (input and weight gradients, about as costly again) is skipped."""
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or recurrent_dropout_active(module):
+            return None
+
+        def backward(capture: Capture):
+            x, lengths, state, grads = _batch_first(module, capture)
+            dtype = x.dtype
+            weight_dtype = module.weight_hh_l0.dtype  # autocast: half inputs, float32 weights
+            up = lambda t: t if t is None or t.dtype == weight_dtype else t.to(weight_dtype)  # noqa: E731
+            x, state, grads = up(x), tuple(map(up, state)), tuple(map(up, grads))
+            maps, d_x = Recompute(module, x, lengths, state).projections(grads, input_grad=True)
+            capture.scratch["projections"] = maps
+            d_x = d_x.to(dtype)
+            return d_x if module.batch_first else d_x.transpose(0, 1)
+        return backward
+
 
 def _batch_first(module: nn.RNNBase, capture: Capture):
     """The call's input ``(b, t, i)``, lengths (or ``None``), initial state and output

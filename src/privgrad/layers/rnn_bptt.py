@@ -60,8 +60,10 @@ class Recompute:
         self.mask = None if lengths is None else (
             torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).to(x.device)  # (b, t)
 
-    def projections(self, grads) -> list[Projection]:
-        """``grads``: ``(output (b, t, d*h_out), h_n, c_n or None)`` output gradients."""
+    def projections(self, grads, *, input_grad: bool = False):
+        """The maps of every layer and direction, from ``grads``: ``(output (b, t, d*h_out),
+        h_n, c_n or None)`` output gradients. With ``input_grad``, also the gradient of the
+        input ``x`` (``(b, t, i)``): ``(maps, d_x)``."""
         g_out, g_h, g_c = grads
         m, d = self.module, self.directions
         h0, c0 = self.state
@@ -79,11 +81,12 @@ class Recompute:
                 for k, tr in enumerate(traces[layer]):
                     j = layer * d + k
                     maps, d_x = self._backward(tr, d_out[..., k * width:(k + 1) * width], g_h[j],
-                                               None if g_c is None else g_c[j], need_input=layer > 0)
+                                               None if g_c is None else g_c[j],
+                                               need_input=layer > 0 or input_grad)
                     result += maps
                     d_in = d_x if d_in is None else d_in + d_x
                 d_out = d_in
-        return result
+        return (result, d_out) if input_grad else result
 
     def _weights(self, suffix: str) -> dict[str, torch.Tensor | None]:
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
