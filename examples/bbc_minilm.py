@@ -15,9 +15,22 @@ with a new linear head is fine-tuned three ways at each epsilon, and once withou
 Each run happens in its own process, so the peak memory (max RSS) it reports is its own.
 The split is a fixed stratified 80/20 split of the articles.
 
-Command and what it printed (see docs/examples.md for machine and date):
+Command and what it printed (2026-12-02, 2-core x86_64 VM, two runs side by side at one torch
+thread each; see docs/examples.md):
 
-    python examples/bbc_minilm.py
+    python examples/bbc_minilm.py --modes full              # lane 1
+     mode     epsilon  accuracy  s/step  peak MB  trainable
+     full non-private    95.72%    7.04     3872 22,715,141
+     full        1.00    63.51%   11.45     6055 22,715,141
+     full        3.00    86.26%    8.04     5845 22,715,141
+     full        7.99    92.57%    7.81     5820 22,715,141
+    python examples/bbc_minilm.py --modes lora last --no-baseline   # lane 2
+     lora        1.00    90.32%    7.28     6250     75,653
+     lora        3.00    93.92%    5.74     6001     75,653
+     lora        7.99    93.24%    5.10     6070     75,653
+     last        1.00    84.91%    3.77     2066  1,776,389
+     last        3.00    90.99%    3.38     2165  1,776,389
+     last        7.99    94.14%    3.66     2296  1,776,389
 """
 
 from __future__ import annotations
