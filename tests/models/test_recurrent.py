@@ -278,3 +278,13 @@ def test_private_step_through_the_joint_backward(kind, kwargs, batch_first):
 
     for mode in ("ghost", "materialize"):
         check_private_step(model, (x,), {"hx": hx}, example, loss, b, mode=mode)
+    # the recurrent layer first: its input needs no gradient, the joint backward still runs
+    first = Readout(rnn)
+    xs = x if batch_first else x.transpose(0, 1)
+    r1 = torch.randn_like(first(xs, hx=hx))
+
+    def example1(i):
+        one = tuple(h[:, i:i + 1] for h in hx) if isinstance(hx, tuple) else hx[:, i:i + 1]
+        return ((xs[i:i + 1] if batch_first else xs[:, i:i + 1]),), {"hx": one}
+
+    check_private_step(first, (xs,), {"hx": hx}, example1, lambda rows, out: (out * r1[rows]).sum(), b)

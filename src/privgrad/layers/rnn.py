@@ -83,13 +83,19 @@ class RecurrentRule(ProjectionRule):
         if not isinstance(x, torch.Tensor) or recurrent_dropout_active(module):
             return None
 
+        needs_input_grad = x.requires_grad  # a first layer's input needs none
+
         def backward(capture: Capture):
             x, lengths, state, grads = _batch_first(module, capture)
             dtype = x.dtype
             weight_dtype = module.weight_hh_l0.dtype  # autocast: half inputs, float32 weights
             up = lambda t: t if t is None or t.dtype == weight_dtype else t.to(weight_dtype)  # noqa: E731
             x, state, grads = up(x), tuple(map(up, state)), tuple(map(up, grads))
-            maps, d_x = Recompute(module, x, lengths, state).projections(grads, input_grad=True)
+            recompute = Recompute(module, x, lengths, state)
+            if not needs_input_grad:
+                capture.scratch["projections"] = recompute.projections(grads)
+                return None
+            maps, d_x = recompute.projections(grads, input_grad=True)
             capture.scratch["projections"] = maps
             d_x = d_x.to(dtype)
             return d_x if module.batch_first else d_x.transpose(0, 1)
