@@ -28,7 +28,6 @@ Privacy:
 from __future__ import annotations
 
 import weakref
-
 from collections.abc import Callable
 from functools import partial
 
@@ -199,9 +198,9 @@ class Recorder:
             params=params,
         )
         if whole is not None:  # one backward for all outputs (the capture is its context)
-            def backward_all(grads, capture=capture, whole=whole):
+            def backward_all(grads, needs_x, capture=capture, whole=whole):
                 capture.grad_outputs = list(grads)
-                return whole(capture)
+                return whole(capture, needs_x)
 
             for i, y in zip(index, joint([leaves[i] for i in index], args[0], params[0],
                                          backward_all)):

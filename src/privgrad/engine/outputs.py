@@ -10,8 +10,8 @@ still fire), but with a ``grad_fn`` of privgrad's:
   the layer's output gradient would be lost. The replacement is not a view, so its hook fires.
 - :func:`input_only`: backward computes only the gradient of the module's first input, with the
   rule's formula (:meth:`~privgrad.layers.LayerRule.input_backward`); :func:`joint` does the
-  same for a module with several outputs (:meth:`~privgrad.layers.LayerRule.joint_backward`). Private training
-  overwrites ``p.grad`` of every privatised parameter with the noisy clipped sum, so the
+  same for a module with several outputs (:meth:`~privgrad.layers.LayerRule.joint_backward`).
+  Private training overwrites ``p.grad`` of every privatised parameter with the noisy clipped sum, so the
   parameter gradients autograd would form (for a Linear or Conv layer as much work as the
   forward pass) are never used; with this backward they are never computed, and ``p.grad`` of
   the layer's parameters stays as it was until the optimizer step writes the private gradient.
@@ -42,37 +42,24 @@ class _Unviewed(torch.autograd.Function):
         return grad_output
 
 
-class _InputOnly(torch.autograd.Function):
-    """Identity on ``output``; backward: ``input_grad(grad_output)`` for ``x``, nothing else.
+class _RuleBackward(torch.autograd.Function):
+    """Identity on ``outputs``; backward: ``backward(grad_outputs, needs_x)`` gives the gradient
+    of ``x`` (or ``None``), and nothing else gets one.
 
-    ``anchor`` is one of the layer's trainable parameters: it makes the result require grad
+    ``anchor`` is one of the layer's trainable parameters: it makes the results require grad
     when ``x`` does not (a first layer), and receives no gradient.
     """
 
     @staticmethod
-    def forward(ctx, input_grad, output, anchor, x):  # noqa: D102 - torch.autograd.Function API
-        ctx.input_grad = input_grad
-        return output.detach()
-
-    @staticmethod
-    def backward(ctx, grad_output):  # noqa: D102 - torch.autograd.Function API
-        grad_x = ctx.input_grad(grad_output) if ctx.needs_input_grad[3] else None
-        return None, None, None, grad_x
-
-
-class _Joint(torch.autograd.Function):
-    """Identity on ``outputs``; backward: ``backward(grad_outputs)`` for ``x``, nothing else."""
-
-    @staticmethod
     def forward(ctx, backward, anchor, x, *outputs):  # noqa: D102 - torch.autograd.Function API
-        ctx.joint_backward = backward
+        ctx.rule_backward = backward
         return tuple(o.detach() for o in outputs)
 
     @staticmethod
     def backward(ctx, *grad_outputs):  # noqa: D102 - torch.autograd.Function API
-        grad_x = ctx.joint_backward(grad_outputs)
-        return (None, None, grad_x if ctx.needs_input_grad[2] else None,
-                *([None] * len(grad_outputs)))
+        needs_x = ctx.needs_input_grad[2]
+        grad_x = ctx.rule_backward(grad_outputs, needs_x)
+        return (None, None, grad_x if needs_x else None, *([None] * len(grad_outputs)))
 
 
 def unviewed(output: torch.Tensor) -> torch.Tensor:
@@ -88,17 +75,20 @@ def input_only(output: torch.Tensor, x, anchor: torch.Tensor,
         output: the module's output (its own autograd graph is dropped).
         x: the module's first input (an index tensor gets no gradient).
         anchor: a parameter of the module that requires grad.
-        input_grad: ``grad_output -> gradient of x`` (the rule's formula).
+        input_grad: ``grad_output -> gradient of x`` (the rule's formula), called only when
+            ``x`` needs a gradient.
     """
-    return _InputOnly.apply(input_grad, output.detach(), anchor, x)
+    return joint([output], x, anchor,
+                 lambda grads, needs_x: input_grad(grads[0]) if needs_x else None)[0]
 
 
 def joint(outputs: list[torch.Tensor], x, anchor: torch.Tensor,
-          backward: Callable[[tuple], torch.Tensor | None]) -> list[torch.Tensor]:
+          backward: Callable[[tuple, bool], torch.Tensor | None]) -> list[torch.Tensor]:
     """``outputs``' values with one backward for all of them that computes only the gradient
-    of ``x``: ``backward(grad_outputs)`` (zeros for outputs the loss does not reach).
+    of ``x``: ``backward(grad_outputs, needs_x)`` (zeros for outputs the loss does not reach;
+    ``needs_x`` False for a first layer, whose input needs no gradient).
 
-    Like :func:`input_only`, for a module with several outputs (a recurrent layer's sequence,
-    ``h_n`` and ``c_n``); the module's own graph for the call is dropped.
+    :func:`input_only` for a module with several outputs (a recurrent layer's sequence, ``h_n``
+    and ``c_n``); the module's own graph for the call is dropped.
     """
-    return list(_Joint.apply(backward, anchor, x, *(o.detach() for o in outputs)))
+    return list(_RuleBackward.apply(backward, anchor, x, *(o.detach() for o in outputs)))

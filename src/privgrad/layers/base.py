@@ -160,9 +160,10 @@ class LayerRule:
         """One backward for the whole call, for private training (optional; any number of
         outputs).
 
-        Returns a function ``capture -> gradient of args[0]`` (``None`` for none), called
-        during backward once ``capture.grad_outputs`` holds the call's output gradients; it may
-        leave in ``capture.scratch`` what the rule's own methods would compute from them again.
+        Returns a function ``(capture, needs_input_grad) -> gradient of args[0]`` (``None``
+        when not needed), called during backward once ``capture.grad_outputs`` holds the call's
+        output gradients; it may leave in ``capture.scratch`` what the rule's own methods would
+        compute from them again.
         Or ``None`` (the default) to keep autograd's backward. Asked under the same conditions
         as :meth:`input_backward`, which a single-output rule should prefer.
         """

@@ -83,9 +83,7 @@ class RecurrentRule(ProjectionRule):
         if not isinstance(x, torch.Tensor) or recurrent_dropout_active(module):
             return None
 
-        needs_input_grad = x.requires_grad  # a first layer's input needs none
-
-        def backward(capture: Capture):
+        def backward(capture: Capture, needs_input_grad: bool):
             x, lengths, state, grads = _batch_first(module, capture)
             dtype = x.dtype
             weight_dtype = module.weight_hh_l0.dtype  # autocast: half inputs, float32 weights
