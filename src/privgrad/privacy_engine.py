@@ -259,7 +259,7 @@ class PrivacyEngine:
         self._module, self._optimizer = module, optimizer
         # Sparse embedding sums only where they go straight into the fused noise buffer.
         self._clipped = ClippedSum(params, bound, clipping,
-                                   sparse_sums=ranks is None and type(self.noise) is TorchGaussian)
+                                   sparse_sums=ranks is None and self.noise.fuses_sums)
         self._batch_norms = [(path, m) for path, m in module.named_modules()
                              if isinstance(m, _RUNNING_STATS)]  # also InstanceNorm
         # Private training overwrites p.grad, so autograd need not form the parameter

@@ -16,9 +16,9 @@ from privgrad.sampling.poisson import PoissonSampler, steps_per_epoch
 
 def noise_halved(monkeypatch) -> None:
     """The Gaussian noise is drawn with half the standard deviation."""
-    original = TorchGaussian.sample
-    monkeypatch.setattr(TorchGaussian, "sample",
-                        lambda self, like, std: original(self, like, 0.5 * std))
+    original = TorchGaussian.fill
+    monkeypatch.setattr(TorchGaussian, "fill",
+                        lambda self, out, std: original(self, out, 0.5 * std))
 
 
 def clipping_off(monkeypatch) -> None:

@@ -399,13 +399,13 @@ def check_virtual_batches(mode: str = "auto") -> None:
                                    data_loader=DataLoader(TensorDataset(x.float(), y), batch_size=16),
                                    noise_multiplier=SIGMA, max_grad_norm=C, loss_reduction="sum")
     draws = []
-    original = engine.noise.sample
+    original = engine.noise.fill
 
-    def counting(like, std):
-        draws.append(like.numel())
-        return original(like, std)
+    def counting(out, std):
+        draws.append(out.numel())
+        return original(out, std)
 
-    engine.noise.sample = counting
+    engine.noise.fill = counting
     grads = []
     for _ in range(40):
         with engine.virtual_batches(dl, max_physical_batch_size=3) as chunks:

@@ -34,8 +34,8 @@ CASES = {c.name: c for c in checks.CASES}
 
 def scaled_noise(factor):
     def apply(mp):
-        original = TorchGaussian.sample
-        mp.setattr(TorchGaussian, "sample", lambda self, like, std: original(self, like, std * factor))
+        original = TorchGaussian.fill
+        mp.setattr(TorchGaussian, "fill", lambda self, out, std: original(self, out, std * factor))
     return apply
 
 

@@ -23,7 +23,7 @@ from dp_accounting.pld import privacy_loss_distribution as dp_pld
 
 from privgrad import _validate
 from privgrad.accounting.accountant import Accountant
-from privgrad.accounting.events import HistoryEntry
+from privgrad.accounting.events import HistoryEntry, history_event
 from privgrad.accounting.rdp import RDPAccountant
 from privgrad.errors import ConfigTypeError
 
@@ -223,6 +223,5 @@ class PLDAccountant(Accountant):
 
     def _rdp(self) -> RDPAccountant:
         rdp = RDPAccountant()
-        for sigma, q, n in self._accounted:
-            rdp.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+        rdp.compose(history_event(self._accounted))  # counts no fewer steps than ran
         return rdp

@@ -34,7 +34,7 @@ def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Par
                            "bound, e.g. 1.0.")
     _validate.choice("clipping", clipping, CLIPPING)
     noise = noise or TorchGaussian()
-    clipped = ClippedSum(params, c, clipping, sparse_sums=type(noise) is TorchGaussian)
+    clipped = ClippedSum(params, c, clipping, sparse_sums=getattr(noise, "fuses_sums", False))
     for b in batch if isinstance(batch, list) else [batch]:
         clipped.add(b, set(params))
     grads = noisy_gradients(params, clipped.sums, noise_std=sigma * c, normaliser=normaliser,

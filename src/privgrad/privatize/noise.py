@@ -49,13 +49,21 @@ class TorchGaussian:
     """
 
     secure = False
+    #: :func:`~privgrad.privatize.noisy_gradients` may draw the noise (:meth:`sample_many`) into
+    #: the gradient buffers and add the (possibly sparse) clipped sums to it; a source without
+    #: this adds the noise to the sum itself (``add_noise``).
+    fuses_sums = True
 
     def __init__(self, parallel_min: int = PARALLEL_MIN):
         self.parallel_min = parallel_min
 
     def sample(self, like: torch.Tensor, std: float) -> torch.Tensor:
         """A new tensor shaped like ``like`` (same dtype and device) of ``N(0, std^2)`` draws."""
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return self.fill(torch.empty_like(like, memory_format=torch.contiguous_format), std)
+
+    def fill(self, out: torch.Tensor, std: float) -> torch.Tensor:
+        """Overwrite the contiguous tensor ``out`` with ``N(0, std^2)`` draws and return it;
+        every draw of this source goes through here."""
         if std <= 0:
             return out.zero_()
         if (out.device.type != "cpu" or out.numel() < self.parallel_min
@@ -78,7 +86,7 @@ class TorchGaussian:
         out: list[torch.Tensor | None] = [None] * len(likes)
         for (dtype, device), members in groups.items():
             sizes = [math.prod(likes[i][0]) for i in members]
-            flat = self.sample(torch.empty(sum(sizes), dtype=dtype, device=device), std)
+            flat = self.fill(torch.empty(sum(sizes), dtype=dtype, device=device), std)
             for i, piece in zip(members, flat.split(sizes)):
                 out[i] = piece.view(likes[i][0])
         return out

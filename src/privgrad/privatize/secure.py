@@ -209,6 +209,7 @@ class SecureGaussian:
     """
 
     secure = True
+    fuses_sums = False  # the sum must be snapped to the lattice with the noise (add_noise)
 
     def __init__(self, random: SecureRandom | None = None):
         self.random = random if random is not None else SecureRandom()

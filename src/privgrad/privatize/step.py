@@ -22,7 +22,6 @@ from torch import nn
 
 from privgrad.engine.batch import BackwardBatch
 from privgrad.privatize.clipping import flat_clip, per_layer_bounds, per_layer_clip
-from privgrad.privatize.noise import TorchGaussian
 
 
 @dataclass
@@ -44,8 +43,8 @@ class ClippedSum:
         max_grad_norm: ``C`` (float), or one bound per parameter for per-layer clipping.
         clipping: ``"flat"`` or ``"per_layer"``.
         sparse_sums: keep embeddings' sums as sparse rows where that is smaller, for
-            :func:`noisy_gradients` with :class:`TorchGaussian` (which adds them into the noise
-            buffer); every other consumer needs dense sums.
+            :func:`noisy_gradients` with a noise source that ``fuses_sums`` (it adds them into
+            the noise buffer); every other consumer needs dense sums.
     """
 
     def __init__(self, params: list[nn.Parameter], max_grad_norm, clipping: str, *,
@@ -118,7 +117,7 @@ def noisy_gradients(
     the noise to the sum themselves, and the result is divided afterwards.
     """
     out = {}
-    if type(noise) is TorchGaussian:
+    if getattr(noise, "fuses_sums", False):
         draws = noise.sample_many([(p.shape, _accumulation_dtype(p), p.device) for p in params],
                                   noise_std / normaliser)
         for p, g in zip(params, draws):
