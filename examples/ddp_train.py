@@ -120,6 +120,7 @@ def main(argv=None) -> None:
         torch.save(net.state_dict(), args.out / "model.pt")  # the model's own keys, no prefix
         print(f"saved {args.out / 'model.pt'} (keys {', '.join(net.state_dict())})")
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be saving: tear the group down together
         dist.destroy_process_group()
 
 
