@@ -62,6 +62,30 @@ def test_convolutions(kind, kwargs, shape):
     check_module(kind(**kwargs).double(), (randn(*shape),))
 
 
+# Channel counts where the CPU per-sample kernel is the grouped weight-gradient convolution
+# (conv.py): the engine's results must be the same as on the unfold path.
+GROUPED_KERNEL_CASES = [
+    (nn.Conv2d, dict(in_channels=8, out_channels=4, kernel_size=3, padding=1), (3, 8, 5, 5)),
+    (nn.Conv2d, dict(in_channels=16, out_channels=8, kernel_size=(2, 3), stride=2, dilation=(2, 1), groups=2), (2, 16, 9, 8)),
+    (nn.Conv2d, dict(in_channels=8, out_channels=3, kernel_size=3, padding=1, padding_mode="reflect"), (2, 8, 4, 4)),
+    (nn.Conv2d, dict(in_channels=8, out_channels=2, kernel_size=4, padding="same"), (2, 8, 5, 6)),
+    (nn.Conv1d, dict(in_channels=8, out_channels=3, kernel_size=3, stride=2, padding=1), (4, 8, 9)),
+    (nn.Conv3d, dict(in_channels=8, out_channels=2, kernel_size=2, padding=1), (2, 8, 3, 3, 2)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kind,kwargs,shape", GROUPED_KERNEL_CASES,
+                         ids=[f"{k.__name__}-{i}" for i, (k, _, _) in enumerate(GROUPED_KERNEL_CASES)])
+def test_convolutions_grouped_kernel(kind, kwargs, shape):
+    from privgrad.layers.conv import _grouped_kernel_faster
+
+    layer = kind(**kwargs).double()
+    assert _grouped_kernel_faster(layer, randn(*shape))  # the case tests the path it names
+    check_module(layer, (randn(*shape),))
+    check_module(layer, (randn(*shape),), engine_dtype=torch.float32)
+
+
 @given(b=st.integers(0, 3), c_in=st.integers(1, 3), c_out=st.integers(1, 3),
        k=st.integers(1, 3), stride=st.integers(1, 2), size=st.integers(3, 6))
 def test_conv2d_shapes(b, c_in, c_out, k, stride, size):
@@ -152,6 +176,16 @@ def test_norm_layers(layer, shape, b):
             layer(randn(0, *shape[1:]))
         return
     check_module(layer.double(), (randn(b, *shape[1:]),))
+
+
+def test_group_norm_float32_channels_last_and_offset_inputs():
+    # The per-sample gradients come from the layer's fused backward kernel with the batch
+    # folded into the groups: a float32 engine, a non-contiguous input and inputs far from zero
+    # mean (where sum(g x) - mean sum(g) cancels) still agree with float64 to 1e-5.
+    layer = nn.GroupNorm(4, 8).double()
+    x = randn(3, 8, 5, 5) * 0.5 + 4.0
+    check_module(layer, (x,), engine_dtype=torch.float32)
+    check_module(layer, (x.transpose(2, 3),))  # not contiguous
 
 
 def test_instance_norm_eval_with_running_stats():

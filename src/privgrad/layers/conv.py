@@ -9,6 +9,16 @@ elements), ``o`` output channel of the group.
 Per-sample weight gradient: ``sum_l G_bgol U_bgil``; ghost norm:
 ``sum_g sum_{l,m} (U_bgl . U_bgm)(G_bgl . G_bgm)``. The engine picks the cheaper per call
 (ghost costs ``B L^2 (i + o)`` per group, materialising ``B L i o``).
+
+Materialising has two exact kernels. The default builds the patches ``U`` (unfold) and
+contracts them with ``G`` in one batched matrix product. On CPU, for small channel counts,
+the convolution's own weight-gradient kernel is faster: with the batch folded into the groups
+(input ``(1, B C_in, ...)``, ``B * groups`` groups) its weight gradient *is* the per-sample
+gradients, with no patch tensor. Measured on 2 cores, 3x3 kernels, batch 64, inside a training
+step (cold caches, fresh allocations): 32->64 channels at 16x16 3.2-3.6 ms against 8.3-8.9 by
+unfold, but 64->64 at 8x8 7.5-10 against 3.6-4.1; alone: 16->32 at 32x32 3.7 against 21.9,
+128->128 at 8x8 31 against 22, 3->32 at 32x32 3.9 against 2.7. Hence the rule: at least 8
+input channels per group and at most 20,000 weights per group.
 """
 
 from __future__ import annotations
@@ -81,6 +91,35 @@ def conv_weight_sum(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.T
         module.groups)
 
 
+def grouped_per_sample_weight(module: nn.modules.conv._ConvNd, x: torch.Tensor,
+                              g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(b, *weight.shape)`` by one convolution weight-gradient
+    kernel: example ``b``'s channels are groups of their own, so no example's gradient mixes
+    with another's."""
+    nd = len(module.kernel_size)
+    padding = symmetric_padding(module)
+    if padding is None:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0,) * nd
+    b, shape = x.shape[0], module.weight.shape
+    folded_x = x.to(g.dtype).reshape(1, b * x.shape[1], *x.shape[2:])
+    folded_g = g.reshape(1, b * g.shape[1], *g.shape[2:])
+    weight = g.new_zeros(()).expand(b * shape[0], *shape[1:])  # read for its shape only
+    _, grad, _ = torch.ops.aten.convolution_backward(
+        folded_g, folded_x, weight, None, list(module.stride), list(padding),
+        list(module.dilation), False, [0] * nd, b * module.groups, [False, True, False])
+    return grad.view(b, *shape)
+
+
+def _grouped_kernel_faster(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
+    """Whether :func:`grouped_per_sample_weight` beats unfold + batched product (CPU
+    measurements, see the module docstring; elsewhere unfold, the usual GPU method)."""
+    if x.device.type != "cpu":
+        return False
+    c_in, c_out = module.in_channels // module.groups, module.out_channels // module.groups
+    return c_in >= 8 and c_in * math.prod(module.kernel_size) * c_out <= 20_000
+
+
 class ConvRule(LayerRule):
     """Rule for ``nn.Conv1d/2d/3d`` (not transposed convolutions)."""
 
@@ -107,7 +146,9 @@ class ConvRule(LayerRule):
     def per_sample_gradients(self, module, capture: Capture, names):
         out = {}
         g_full = capture.grad_output
-        if "weight" in names:
+        if "weight" in names and _grouped_kernel_faster(module, capture.activation):
+            out["weight"] = grouped_per_sample_weight(module, capture.activation, g_full)
+        elif "weight" in names:
             u, g = self._grouped(module, capture)
             w = torch.einsum("bglo,bgli->bgoi", g, u.to(g.dtype))
             out["weight"] = w.reshape(g.shape[0], *module.weight.shape)

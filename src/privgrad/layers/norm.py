@@ -65,14 +65,49 @@ class RMSNormRule(_LastDimsRule):
 
 
 class _ChannelRule(_AffineNormRule):
-    """Parameters span the channel dimension 1 (GroupNorm, InstanceNorm)."""
+    """Parameters span the channel dimension 1 (GroupNorm, InstanceNorm).
+
+    Where the statistics come from the input itself (every GroupNorm; InstanceNorm in training
+    mode or without running statistics) the per-sample gradients come from the layer's own
+    backward kernel with the batch folded into the groups: the input seen as one example of
+    ``B * C`` channels in ``B * groups`` groups normalises exactly as before, and its weight and
+    bias gradients are the per-sample ones, without writing the normalised input or its product
+    with the output gradient (two activation-sized temporaries).
+    """
 
     def _reduce(self, module, t):
         return t.flatten(2).sum(-1) if t.dim() > 2 else t
 
+    def groups(self, module) -> int | None:
+        """Number of groups normalised together, or ``None`` for fixed (running) statistics."""
+        raise NotImplementedError
+
+    def per_sample_gradients(self, module, capture: Capture, names):
+        x, g, groups = capture.activation, capture.grad_output, self.groups(module)
+        b, c = x.shape[:2]
+        positions = x[0, 0].numel() if b and c else 0
+        if groups is None or not positions:
+            return super().per_sample_gradients(module, capture, names)
+        folded = x.reshape(1, b * c, positions)
+        _, mean, rstd = torch.ops.aten.native_group_norm(
+            folded, None, None, 1, b * c, positions, b * groups, module.eps)
+        ones = folded.new_ones(()).expand(b * c)  # the affine weight enters the input grad only
+        _, weight, bias = torch.ops.aten.native_group_norm_backward(
+            g.to(x.dtype).reshape(1, b * c, positions), folded, mean, rstd, ones, 1, b * c,
+            positions, b * groups, [False, "weight" in names, "bias" in names])
+        out = {}
+        if "weight" in names:
+            out["weight"] = weight.view(b, c).to(g.dtype)
+        if "bias" in names:
+            out["bias"] = bias.view(b, c).to(g.dtype)
+        return out
+
 
 class GroupNormRule(_ChannelRule):
     """Rule for ``nn.GroupNorm``."""
+
+    def groups(self, module):
+        return module.num_groups
 
     def normalized(self, module, x):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
@@ -97,9 +132,12 @@ class InstanceNormRule(_ChannelRule):
                 f"{tuple(x.shape)}. Add the batch dimension (x.unsqueeze(0)).")
         return int(x.shape[0])
 
-    def normalized(self, module, x):
+    def groups(self, module):
         use_input_stats = module.training or not module.track_running_stats
-        if use_input_stats:
+        return module.num_features if use_input_stats else None
+
+    def normalized(self, module, x):
+        if self.groups(module) is not None:
             return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean, var = module.running_mean.view(shape), module.running_var.view(shape)
