@@ -175,9 +175,13 @@ class ConvRule(LayerRule):
         g_full = capture.grad_output
         w = weights.to(g_full.dtype)
         out = {}
-        if "weight" in names:  # the weights scale each example's output gradient
-            gw = g_full * w.view(-1, *([1] * (g_full.dim() - 1)))
-            out["weight"] = conv_weight_sum(module, capture.activation, gw)
+        if "weight" in names:  # the weights scale each example's input or output gradient
+            x = capture.activation
+            rows = w.view(-1, *([1] * (g_full.dim() - 1)))
+            if x.numel() <= g_full.numel():  # whichever is smaller
+                out["weight"] = conv_weight_sum(module, x.to(g_full.dtype) * rows, g_full)
+            else:
+                out["weight"] = conv_weight_sum(module, x, g_full * rows)
         if "bias" in names:
             out["bias"] = w @ g_full.flatten(2).sum(-1)
         return out

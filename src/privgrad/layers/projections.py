@@ -101,15 +101,21 @@ class ProjectionRule(LayerRule):
 
     def weighted_sum(self, module, capture: Capture, names, weights):
         parts: dict[str, list[torch.Tensor]] = {}
-        weigh = _once(lambda g: g * weights.to(g.dtype).view(-1, 1, 1))
-        bias_sum = _once(lambda gw: gw.sum((0, 1)))
+        # sum_b w_b g_b^T a_b = (w g)^T a = g^T (w a): the smaller of the two is scaled (an
+        # LSTM's gate gradient is 4H wide, its inputs I and H), each tensor at most once.
+        weigh = _once(lambda x, dtype: x.to(dtype) * weights.to(dtype).view(-1, 1, 1))
+        bias_sum = _once(lambda g: weights.to(g.dtype) @ g.sum(1))
         for p in self.projections(module, capture):
-            gw = weigh(p.g)
             if p.weight in names:
-                flat_g, flat_a = gw.reshape(-1, gw.shape[-1]), p.a.reshape(-1, p.a.shape[-1])
-                parts.setdefault(p.weight, []).append(flat_g.T @ flat_a.to(gw.dtype))
+                g, a = p.g, p.a.to(p.g.dtype)
+                if a.numel() <= g.numel():
+                    a = weigh(p.a, g.dtype)
+                else:
+                    g = weigh(p.g, g.dtype)
+                flat_g, flat_a = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+                parts.setdefault(p.weight, []).append(flat_g.T @ flat_a)
             if p.bias in names:
-                parts.setdefault(p.bias, []).append(bias_sum(gw))
+                parts.setdefault(p.bias, []).append(bias_sum(p.g))
         return {n: self._assemble(module, n, blocks, batched=False) for n, blocks in parts.items()}
 
     def ghost_cost(self, module, capture: Capture) -> float:
