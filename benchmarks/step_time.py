@@ -22,6 +22,12 @@ machine. Columns:
 - ``MB``: peak resident set size of the training loop (``VmHWM`` after resetting it, so the
   import of torch counts but the set-up's transients do not), non-private and privgrad.
 
+The notes under the table give, per configuration, the minor page faults per step and the
+kernel's share of the CPU time (non-private and privgrad). ``--malloc-tuned`` runs every
+configuration, all columns alike, with glibc keeping freed memory instead of returning it to
+the kernel: on a virtual machine, where a page fault costs microseconds, that separates the
+allocator's cost from the arithmetic.
+
 Opacus modes that would materialise per-sample gradients larger than ``--max-psg-gb`` are
 skipped (printed as ``skip``) so that the run cannot exhaust a shared machine's memory.
 Needs the ``bench`` extra (``pip install -e .[bench] -c constraints.txt``).
@@ -34,6 +40,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -238,6 +245,7 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
         step()
     base = rss_mb("VmRSS")
     reset_peak()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     times, start = [], time.perf_counter()
     while len(times) < min_steps or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
@@ -246,10 +254,13 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
         elapsed = time.perf_counter() - start
         if len(times) >= 200 or (len(times) >= 3 and elapsed > 60.0):
             break  # slow configurations: at least 3 timed steps, about a minute
+    after = resource.getrusage(resource.RUSAGE_SELF)
     if variant == "privgrad":
         extra["methods"] = sorted(set(engine_methods(engine)))
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"ms": statistics.median(times) * 1e3, "steps": len(times), "peak_mb": rss_mb("VmHWM"),
-            "base_mb": base, **extra}
+            "base_mb": base, "faults": (after.ru_minflt - before.ru_minflt) / len(times),
+            "kernel_share": (after.ru_stime - before.ru_stime) / cpu if cpu else math.nan, **extra}
 
 
 def engine_methods(engine) -> list[str]:
@@ -265,11 +276,18 @@ def psg_gb(name: str, batch: int) -> float:
     return batch * sum(p.numel() for p in model.parameters()) * 4 / 1e9
 
 
+# glibc returns freed memory to the kernel eagerly (blocks of 32 MB and more are always fresh
+# mappings, and the heap top is trimmed), so every step pays page faults for its large tensors;
+# on a virtual machine a fault costs microseconds. These settings keep freed memory for reuse.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**40), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
 def run(name: str, batch: int, variant: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, str(batch), variant, "--threads",
            str(args.threads), "--min-time", str(args.min_time), "--min-steps", str(args.min_steps)]
+    env = {**os.environ, **(TUNED_MALLOC if args.malloc_tuned else {})}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout {args.timeout}s"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -301,6 +319,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--max-psg-gb", type=float, default=4.0)
     ap.add_argument("--json", help="also write every measurement to this file")
+    ap.add_argument("--malloc-tuned", action="store_true",
+                    help="run every configuration (all columns alike) with glibc told to keep "
+                         "freed memory: " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()))
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "BATCH", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -314,7 +335,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"# privgrad step time, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} threads), "
-          f"opacus {opacus.__version__}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"opacus {opacus.__version__}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"allocator: glibc {'tuned (--malloc-tuned)' if args.malloc_tuned else 'default'}")
     print("# ms/step medians; x = privgrad / column; each cell a fresh process\n")
     head = ("| model | B | np | np2 | floor | privgrad | hooks | functorch | ew | ghost | x np | "
             "x floor | x opacus | noise pg/op ms | MB np | MB pg (x) |")
@@ -342,6 +364,10 @@ def main() -> None:
             if isinstance(v, dict) and ("error" in v or "skip" in v):
                 print(f"- {r['model']} B={r['batch']} {k}: {v.get('error') or v.get('skip')}")
         pg = r.get("privgrad", {})
+        if "faults" in pg and "faults" in r["np"]:
+            print(f"- {r['model']} B={r['batch']} page faults per step np / privgrad: "
+                  f"{r['np']['faults']:.0f} / {pg['faults']:.0f}; kernel share of CPU time "
+                  f"{r['np']['kernel_share']:.0%} / {pg['kernel_share']:.0%}")
         if pg.get("methods"):
             print(f"- {r['model']} B={r['batch']} privgrad rules: {', '.join(pg['methods'])}")
     if args.json:
