@@ -59,6 +59,14 @@ def test_batch_first(kind, kwargs):
     check_module(model, (torch.randn(4, 5, 3, dtype=D),))
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
+@pytest.mark.parametrize("kind,kwargs", LAYOUTS, ids=IDS)
+def test_float32_engine_against_float64_references(kind, kwargs):
+    # float32 is where the rule's products run on oneDNN (privgrad.layers.kernels) on CPU
+    model = Readout(kind(3, 4, batch_first=True, **kwargs)).double()
+    check_module(model, (torch.randn(4, 5, 3, dtype=D),), engine_dtype=torch.float32)
+
+
 @pytest.mark.parametrize("kind,kwargs", LAYOUTS[2:4] + LAYOUTS[5:6], ids=IDS[2:4] + IDS[5:6])
 def test_sequence_first_with_initial_state(kind, kwargs):
     rnn = kind(3, 4, **kwargs).double()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from privgrad.layers.base import Capture, LayerRule, batched_size
+from privgrad.layers.kernels import linear, sum_of_outer
 
 
 def positions(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,7 @@ class LinearRule(LayerRule):
         if self.weight_name in names:  # one GEMM over (b, t); the narrower side is scaled
             lhs, rhs = (g, a * w_rows) if a.shape[-1] <= g.shape[-1] else (g * w_rows, a)
             out[self.weight_name] = self._orient(
-                lhs.reshape(-1, lhs.shape[-1]).T @ rhs.reshape(-1, rhs.shape[-1]))
+                sum_of_outer(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(-1, rhs.shape[-1])))
         if self.bias_name in names:
             out[self.bias_name] = w @ (g if g.dim() == 2 else g.sum(1))
         return out
@@ -116,7 +117,7 @@ class LinearRule(LayerRule):
 def _linear_input_grad(weight: torch.Tensor, dtype: torch.dtype, g: torch.Tensor) -> torch.Tensor:
     """Gradient of ``x`` for ``y = x W^T + b``: ``G W`` (in the output gradient's dtype, as
     autograd computes it under autocast, then in the input's dtype)."""
-    return torch.matmul(g, weight.to(g.dtype)).to(dtype)
+    return linear(g, weight.to(g.dtype).t()).to(dtype)
 
 
 def _positions(capture: Capture) -> int:

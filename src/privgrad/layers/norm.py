@@ -91,7 +91,7 @@ class _ChannelRule(_AffineNormRule):
         folded = x.reshape(1, b * c, positions)
         _, mean, rstd = torch.ops.aten.native_group_norm(
             folded, None, None, 1, b * c, positions, b * groups, module.eps)
-        ones = folded.new_ones(()).expand(b * c)  # the affine weight enters the input grad only
+        ones = folded.new_ones(b * c)  # the affine weight enters the input gradient only
         _, weight, bias = torch.ops.aten.native_group_norm_backward(
             g.to(x.dtype).reshape(1, b * c, positions), folded, mean, rstd, ones, 1, b * c,
             positions, b * groups, [False, "weight" in names, "bias" in names])

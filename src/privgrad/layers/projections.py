@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from privgrad.layers.base import Capture, LayerRule
+from privgrad.layers.kernels import sum_of_outer
 from privgrad.layers.linear import linear_ghost_norm_sq
 
 
@@ -113,7 +114,7 @@ class ProjectionRule(LayerRule):
                 else:
                     g = weigh(p.g, g.dtype)
                 flat_g, flat_a = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
-                parts.setdefault(p.weight, []).append(flat_g.T @ flat_a)
+                parts.setdefault(p.weight, []).append(sum_of_outer(flat_g, flat_a))
             if p.bias in names:
                 parts.setdefault(p.bias, []).append(bias_sum(p.g))
         return {n: self._assemble(module, n, blocks, batched=False) for n, blocks in parts.items()}

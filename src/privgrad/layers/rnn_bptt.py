@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from privgrad.layers.kernels import linear
 from privgrad.layers.projections import Projection
 
 
@@ -99,7 +99,7 @@ class Recompute:
         w = self._weights(suffix)
         b, t = x.shape[:2]
         hidden = m.hidden_size
-        gi = F.linear(x, w["weight_ih"], w["bias_ih"])  # (b, t, g): every step at once
+        gi = linear(x, w["weight_ih"], w["bias_ih"])  # (b, t, g): every step at once
         acts = torch.empty_like(gi)
         h_prev = x.new_empty((b, t, h.shape[-1]))
         out = x.new_zeros((b, t, h.shape[-1]))
@@ -112,7 +112,7 @@ class Recompute:
             extra = {"gh_n": x.new_empty((b, t, hidden))}
         for s in (reversed(range(t)) if direction else range(t)):
             h_prev[:, s] = h
-            gh = F.linear(h, w["weight_hh"], w["bias_hh"])
+            gh = linear(h, w["weight_hh"], w["bias_hh"])
             c_new = None
             if mode == "LSTM":
                 a = gi[:, s] + gh
@@ -126,7 +126,7 @@ class Recompute:
                 h_new = o * torch.tanh(c_new)
                 if w["weight_hr"] is not None:
                     extra["m"][:, s] = h_new
-                    h_new = F.linear(h_new, w["weight_hr"])
+                    h_new = linear(h_new, w["weight_hr"])
             elif mode == "GRU":
                 gi_r, gi_z, gi_n = gi[:, s].chunk(3, 1)
                 gh_r, gh_z, gh_n = gh.chunk(3, 1)
@@ -183,6 +183,7 @@ class Recompute:
         d_gh = torch.empty_like(tr.acts) if mode == "GRU" else d_gi
         d_hr = torch.empty_like(tr.out) if "m" in tr.extra else None
         d_h = d_h.clone()
+        w_hh_t = w["weight_hh"].t()  # d_h = d_gates @ W_hh
         d_c = d_c.clone() if d_c is not None else None
         if mode != "GRU":
             # The gates' local derivatives depend only on the forward pass: computed for every
@@ -201,13 +202,13 @@ class Recompute:
                     dc_new, carry_c = torch.where(keep, d_c, zero), torch.where(keep, zero, d_c)
             if d_hr is not None:
                 d_hr[:, s] = d_new
-                d_new = d_new @ w["weight_hr"]
+                d_new = linear(d_new, w["weight_hr"].t())
             if mode == "LSTM":
                 dc_all = torch.addcmul(dc_new, d_new, d_cell[:, s])  # dL/dc_t
                 row = d_gi[:, s]  # (b, 4H): i, f, g factors times dc_all; o factor times d_new
                 row[:, :3 * hidden].view(b, 3, hidden).mul_(dc_all.unsqueeze(1))
                 row[:, 3 * hidden:].mul_(d_new)
-                d_h, d_c = row @ w["weight_hh"], dc_all * tr.acts[:, s, hidden:2 * hidden]
+                d_h, d_c = linear(row, w_hh_t), dc_all * tr.acts[:, s, hidden:2 * hidden]
             elif mode == "GRU":
                 r, z, n = tr.acts[:, s].chunk(3, 1)
                 d_n = d_new * (1 - z) * (1 - n * n)
@@ -215,10 +216,10 @@ class Recompute:
                 d_z = d_new * (tr.h_prev[:, s] - n) * z * (1 - z)
                 d_gi[:, s] = torch.cat([d_r, d_z, d_n], 1)
                 d_gh[:, s] = torch.cat([d_r, d_z, d_n * r], 1)
-                d_h = d_new * z + d_gh[:, s] @ w["weight_hh"]
+                d_h = d_new * z + linear(d_gh[:, s], w_hh_t)
             else:
                 row = d_gi[:, s].mul_(d_new)
-                d_h = row @ w["weight_hh"]
+                d_h = linear(row, w_hh_t)
             if self.mask is not None:
                 d_h = d_h + carry_h
                 if d_c is not None:
@@ -230,4 +231,4 @@ class Recompute:
                            bias="bias_hh" + sfx if w["bias_hh"] is not None else None)]
         if d_hr is not None:
             maps.append(Projection(g=d_hr, a=tr.extra["m"], weight="weight_hr" + sfx))
-        return maps, (d_gi @ w["weight_ih"] if need_input else None)
+        return maps, (linear(d_gi, w["weight_ih"].t()) if need_input else None)
