@@ -15,6 +15,8 @@ machine. Columns:
 - ``floor``: non-private step plus one ``torch.normal_`` draw per parameter, added to ``p.grad``
   (what any DP-SGD step must at least cost: fresh noise on every parameter);
 - ``privgrad``: ``privgrad.PrivacyEngine`` with its defaults (``grad_sample_mode="auto"``);
+  the variant ``privgrad-mkl`` (in ``--variants``, reported in the notes) runs the rules' own
+  float32 products on torch's BLAS instead of oneDNN (see ``privgrad/layers/kernels.py``);
 - ``hooks``, ``functorch``, ``ew``, ``ghost``: Opacus 1.6.0's ``grad_sample_mode``s;
 - ratios of privgrad to the mean non-private time, to the floor and to Opacus's fastest mode;
 - ``noise``: ms to draw one step's noise for all parameters, privgrad's source versus Opacus's
@@ -208,8 +210,13 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
     params = [p for p in model.parameters() if p.requires_grad]
     extra = {}
 
-    if variant == "privgrad":
+    if variant.startswith("privgrad"):
         from privgrad import PrivacyEngine
+
+        if variant == "privgrad-mkl":  # the rules' products on torch's BLAS, not oneDNN
+            import privgrad.layers.kernels as kernels
+
+            kernels._onednn_linear_works = lambda: False
 
         engine = PrivacyEngine()
         engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
@@ -255,7 +262,7 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
         if len(times) >= 200 or (len(times) >= 3 and elapsed > 60.0):
             break  # slow configurations: at least 3 timed steps, about a minute
     after = resource.getrusage(resource.RUSAGE_SELF)
-    if variant == "privgrad":
+    if variant.startswith("privgrad"):
         extra["methods"] = sorted(set(engine_methods(engine)))
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"ms": statistics.median(times) * 1e3, "steps": len(times), "peak_mb": rss_mb("VmHWM"),
@@ -368,6 +375,9 @@ def main() -> None:
             print(f"- {r['model']} B={r['batch']} page faults per step np / privgrad: "
                   f"{r['np']['faults']:.0f} / {pg['faults']:.0f}; kernel share of CPU time "
                   f"{r['np']['kernel_share']:.0%} / {pg['kernel_share']:.0%}")
+        if "ms" in r.get("privgrad-mkl", {}):
+            print(f"- {r['model']} B={r['batch']} privgrad with the rules' products on MKL "
+                  f"(privgrad-mkl): {r['privgrad-mkl']['ms']:.1f} ms")
         if pg.get("methods"):
             print(f"- {r['model']} B={r['batch']} privgrad rules: {', '.join(pg['methods'])}")
     if args.json:
