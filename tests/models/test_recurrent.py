@@ -296,3 +296,27 @@ def test_private_step_through_the_joint_backward(kind, kwargs, batch_first):
         return ((xs[i:i + 1] if batch_first else xs[:, i:i + 1]),), {"hx": one}
 
     check_private_step(first, (xs,), {"hx": hx}, example1, lambda rows, out: (out * r1[rows]).sum(), b)
+
+
+@pytest.mark.parametrize("kind,kwargs", LAYOUTS, ids=IDS)
+def test_gates_from_the_output_sequence_match_the_step_by_step_recomputation(kind, kwargs):
+    # Recompute(output=...) reads the top layer's states from the layer's own output; the
+    # projections (inputs and gate gradients of every map) must be those of the full recurrence
+    from privgrad.layers.rnn_bptt import Recompute
+
+    torch.manual_seed(0)
+    rnn = kind(3, 4, batch_first=True, **kwargs).double()
+    b, t, d = 3, 6, 2 if rnn.bidirectional else 1
+    x = torch.randn(b, t, 3, dtype=D)
+    h0 = torch.randn(rnn.num_layers * d, b, rnn.proj_size or 4, dtype=D)
+    c0 = torch.randn(rnn.num_layers * d, b, 4, dtype=D) if kind is nn.LSTM else None
+    with torch.no_grad():
+        out, _ = rnn(x, (h0, c0) if c0 is not None else h0)
+    grads = (torch.randn_like(out), torch.randn_like(h0), None if c0 is None else torch.randn_like(c0))
+    slow, d_slow = Recompute(rnn, x, None, (h0, c0)).projections(grads, input_grad=True)
+    fast, d_fast = Recompute(rnn, x, None, (h0, c0), out).projections(grads, input_grad=True)
+    assert [p.weight for p in fast] == [p.weight for p in slow]
+    for p, q in zip(fast, slow):
+        torch.testing.assert_close(p.g, q.g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.a, q.a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d_fast, d_slow, rtol=1e-10, atol=1e-12)

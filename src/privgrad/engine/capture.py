@@ -196,6 +196,7 @@ class Recorder:
             rule=rule,
             output_like=[(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in index],
             params=params,
+            outputs=[leaves[i].detach() for i in index] if whole is not None else [],
         )
         if whole is not None:  # one backward for all outputs (the capture is its context)
             def backward_all(grads, needs_x, capture=capture, whole=whole):

@@ -58,6 +58,9 @@ class Capture:
             and the weighted sum need), dropped with the capture after the step.
         params: the parameters that ``names`` named at the time of the call, in the same order
             (engine bookkeeping; empty where the capture was built without them).
+        outputs: the values (detached) of the hooked outputs, in ``output_index`` order, kept
+            until the step for a rule that has a :meth:`LayerRule.joint_backward` (a recurrent
+            rule reads every step's state from them instead of recomputing it); empty otherwise.
     """
 
     module: nn.Module
@@ -72,6 +75,7 @@ class Capture:
     output_like: list | None = None
     scratch: dict = field(default_factory=dict)
     params: tuple = ()
+    outputs: list = field(default_factory=list)
 
     @property
     def activation(self) -> torch.Tensor:

@@ -73,7 +73,7 @@ class RecurrentRule(ProjectionRule):
                 f"reproduced; got dropout={module.dropout}. Set dropout=0 (privgrad.fix(model) "
                 f"does this) and put nn.Dropout between single-layer modules if you need it.")
         x, lengths, state, grads = _batch_first(module, capture)
-        return Recompute(module, x, lengths, state).projections(grads)
+        return Recompute(module, x, lengths, state, _output(module, capture, x.dtype)).projections(grads)
 
     def joint_backward(self, module: nn.RNNBase, args, kwargs):
         """One backward for a call on a tensor input: the recomputation this rule needs
@@ -89,7 +89,7 @@ class RecurrentRule(ProjectionRule):
             weight_dtype = module.weight_hh_l0.dtype  # autocast: half inputs, float32 weights
             up = lambda t: t if t is None or t.dtype == weight_dtype else t.to(weight_dtype)  # noqa: E731
             x, state, grads = up(x), tuple(map(up, state)), tuple(map(up, grads))
-            recompute = Recompute(module, x, lengths, state)
+            recompute = Recompute(module, x, lengths, state, _output(module, capture, weight_dtype))
             if not needs_input_grad:
                 capture.scratch["projections"] = recompute.projections(grads)
                 return None
@@ -138,6 +138,17 @@ def _batch_first(module: nn.RNNBase, capture: Capture):
     g_c = grads.get(first_state + 1, x.new_zeros(c_shape)) if lstm else None
     state = (h0.detach(), None if c0 is None else c0.detach())
     return x.detach(), lengths, state, (g_out, g_h, g_c)
+
+
+def _output(module: nn.RNNBase, capture: Capture, dtype: torch.dtype) -> torch.Tensor | None:
+    """The output sequence of the call, batch first, if the capture kept it (tensor input)."""
+    outputs = dict(zip(capture.output_index, capture.outputs))
+    out = outputs.get(0)
+    if out is None or isinstance(capture.args[0] if capture.args else capture.kwargs.get("input"),
+                                 PackedSequence):
+        return None
+    out = out if module.batch_first else out.transpose(0, 1)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _out_features(module: nn.RNNBase) -> int:

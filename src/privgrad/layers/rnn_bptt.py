@@ -38,8 +38,6 @@ class _Trace:
     h_prev: torch.Tensor  # (b, t, h_out) the state before each step
     acts: torch.Tensor  # (b, t, g) activated gates (RNN: the new state)
     out: torch.Tensor  # (b, t, h_out) the outputs (0 at padded steps)
-    h: torch.Tensor  # (b, h_out) the final state
-    c: torch.Tensor | None = None  # (b, h) the final LSTM cell
     extra: dict = field(default_factory=dict)  # LSTM: c, c_prev, m; GRU: gh_n
 
 
@@ -52,13 +50,19 @@ class Recompute:
         lengths: ``(b,)`` valid steps per example (``PackedSequence``), or ``None``.
         state: ``(h0, c0)``, each ``(layers * directions, b, features)`` (``c0`` ``None`` unless
             LSTM).
+        output: ``(b, t, d*h_out)`` the output sequence the layer's own forward pass returned,
+            batch first, or ``None`` (then every layer is recomputed step by step).
     """
 
-    def __init__(self, module: nn.RNNBase, x: torch.Tensor, lengths, state):
+    def __init__(self, module: nn.RNNBase, x: torch.Tensor, lengths, state, output=None):
         self.module, self.x, self.state = module, x, state
         self.directions = 2 if module.bidirectional else 1
         self.mask = None if lengths is None else (
             torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).to(x.device)  # (b, t)
+        # The top layer's states are the layer's output: with them every step's gates come
+        # from whole-sequence products instead of a step-by-step recurrence (padded sequences
+        # keep the step-by-step pass, whose held states differ from the zero outputs).
+        self.output = output if lengths is None else None
 
     def projections(self, grads, *, input_grad: bool = False):
         """The maps of every layer and direction, from ``grads``: ``(output (b, t, d*h_out),
@@ -68,14 +72,18 @@ class Recompute:
         m, d = self.module, self.directions
         h0, c0 = self.state
         traces, layer_in = [], self.x
+        width = m.proj_size or m.hidden_size
         with torch.no_grad():
             for layer in range(m.num_layers):
-                row = [self._forward(layer_in, layer, k, h0[layer * d + k],
-                                     None if c0 is None else c0[layer * d + k]) for k in range(d)]
+                top = self.output is not None and layer == m.num_layers - 1
+                forward = self._forward_from_states if top else self._forward
+                row = [forward(layer_in, layer, k, h0[layer * d + k],
+                               None if c0 is None else c0[layer * d + k],
+                               *((self.output[..., k * width:(k + 1) * width],) if top else ()))
+                       for k in range(d)]
                 traces.append(row)
                 layer_in = torch.cat([tr.out for tr in row], -1) if d > 1 else row[0].out
             result, d_out = [], g_out
-            width = m.proj_size or m.hidden_size
             for layer in reversed(range(m.num_layers)):
                 d_in = None
                 for k, tr in enumerate(traces[layer]):
@@ -146,7 +154,55 @@ class Recompute:
                 h = torch.where(keep, h_new, h)
                 c = None if c is None else torch.where(keep, c_new, c)
                 out[:, s] = torch.where(keep, h_new, out[:, s])
-        return _Trace(suffix, x, h_prev, acts, out, h, c, extra)
+        return _Trace(suffix, x, h_prev, acts, out, extra)
+
+    def _forward_from_states(self, x, layer: int, direction: int, h, c, out) -> _Trace:
+        """:meth:`_forward` given the outputs ``out`` (``(b, t, h_out)``) the layer's own
+        forward pass computed: the state before each step is the output of the step before, so
+        both projections are products over the whole sequence and the gates elementwise
+        functions of them; only the LSTM cell, ``c_t = f_t c_{t-1} + i_t g_t``, still needs a
+        pass over the steps (one in-place multiply-add each)."""
+        mode, hidden = self.module.mode, self.module.hidden_size
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        w = self._weights(suffix)
+        t = x.shape[1]
+        h_prev = torch.empty_like(out)
+        first, rest, shifted = (t - 1, slice(0, t - 1), out[:, 1:]) if direction else (
+            0, slice(1, t), out[:, :-1])
+        h_prev[:, first] = h
+        h_prev[:, rest] = shifted
+        gi = linear(x, w["weight_ih"], w["bias_ih"])  # (b, t, g)
+        gh = linear(h_prev, w["weight_hh"], w["bias_hh"])
+        extra = {}
+        if mode == "LSTM":
+            acts = gi.add_(gh)
+            del gh
+            torch.sigmoid(acts[..., :2 * hidden], out=acts[..., :2 * hidden])
+            torch.tanh(acts[..., 2 * hidden:3 * hidden], out=acts[..., 2 * hidden:3 * hidden])
+            torch.sigmoid(acts[..., 3 * hidden:], out=acts[..., 3 * hidden:])
+            i, f, g, o = acts.chunk(4, -1)
+            cell = i * g  # (b, t, h): each step then adds f_t c_{t-1}
+            steps = range(t - 1, -1, -1) if direction else range(t)
+            before = c
+            for s in steps:
+                cell[:, s].addcmul_(f[:, s], before)
+                before = cell[:, s]
+            c_prev = torch.empty_like(cell)
+            c_prev[:, first] = c
+            c_prev[:, rest] = cell[:, 1:] if direction else cell[:, :-1]
+            extra = {"c": cell, "c_prev": c_prev}
+            if w["weight_hr"] is not None:
+                extra["m"] = torch.tanh(cell).mul_(o)
+        elif mode == "GRU":
+            gi_r, gi_z, gi_n = gi.chunk(3, -1)
+            gh_r, gh_z, gh_n = gh.chunk(3, -1)
+            r = torch.sigmoid(gi_r + gh_r)
+            z = torch.sigmoid(gi_z + gh_z)
+            acts = torch.cat([r, z, torch.tanh(torch.addcmul(gi_n, r, gh_n))], -1)
+            extra = {"gh_n": gh_n.contiguous()}
+        else:
+            acts = out  # the new state is the activated gate
+        return _Trace(suffix, x, h_prev, acts, out, extra)
 
     def _local_derivatives(self, tr: _Trace, out: torch.Tensor) -> torch.Tensor | None:
         """Write every step's gate derivatives into ``out`` (``(b, t, g)``); for an LSTM also
