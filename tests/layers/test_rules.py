@@ -86,6 +86,32 @@ def test_convolutions_grouped_kernel(kind, kwargs, shape):
     check_module(layer, (randn(*shape),), engine_dtype=torch.float32)
 
 
+# Per-sample gradients larger than the call's input and output gradient, where the Gram form
+# is dearer too: the norms come from chunks of per-sample gradients (conv.py), on the grouped
+# kernel (8 input channels) and on the unfold path (4).
+CHUNKED_CASES = [(nn.Conv2d(8, 8, 3), (4, 8, 5, 5)), (nn.Conv2d(4, 16, 3), (5, 4, 6, 6))]
+
+
+@pytest.mark.parametrize("layer,shape", CHUNKED_CASES, ids=["grouped-kernel", "unfold"])
+def test_convolution_norms_in_chunks(layer, shape, monkeypatch):
+    import privgrad.layers.conv as conv
+    from privgrad.engine import PerSampleGradients
+
+    layer = layer.double()
+    x = randn(*shape)
+    with PerSampleGradients(layer, mode="auto") as psg:
+        layer(x).sum().backward()
+    assert set(psg.batch.methods.values()) == {"ghost"}  # whole tensors are never chosen here
+    chunks = []
+    forming = conv.ConvRule._per_sample_weight
+    monkeypatch.setattr(conv, "CHUNK_MIN_BYTES", 1)  # chunks of one example or a few
+    monkeypatch.setattr(conv.ConvRule, "_per_sample_weight",
+                        lambda self, m, x, g: chunks.append(x.shape[0]) or forming(self, m, x, g))
+    check_module(layer, (x,))
+    check_module(layer, (x,), engine_dtype=torch.float32)
+    assert sum(c < shape[0] for c in chunks) > 2  # ("materialize" mode forms the whole batch)
+
+
 @given(b=st.integers(0, 3), c_in=st.integers(1, 3), c_out=st.integers(1, 3),
        k=st.integers(1, 3), stride=st.integers(1, 2), size=st.integers(3, 6))
 def test_conv2d_shapes(b, c_in, c_out, k, stride, size):
