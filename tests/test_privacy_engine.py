@@ -5,6 +5,7 @@ anything is attached."""
 from __future__ import annotations
 
 import copy
+import weakref
 import math
 
 import pytest
@@ -377,3 +378,36 @@ def test_generic_rule_use_is_reported(caplog):
         engine, *_ = private(model)
     assert engine.layer_rules == {"0": "GenericRule", "1.0": "LinearRule", "1.2": "LinearRule"}
     assert "generic torch.func rule serves 0" in caplog.text
+
+
+# -- memory: nothing of a step outlives it ------------------------------------------------------
+class _Watched(nn.Module):
+    """An MLP over a sequence with a LayerNorm (materialised during backward) and Linear layers
+    (ghost norms), that keeps weak references to the activations its layers were called on."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 16)
+        self.seen = []
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.unsqueeze(1).expand(-1, 4, -1)))
+        n = self.ln(h)
+        self.seen += [weakref.ref(h), weakref.ref(n)]
+        return self.fc2(n).mean(1)[:, :3]  # fc2: T (p + d) < p d, a ghost norm
+
+
+def test_a_kept_loss_does_not_keep_the_steps_activations():
+    # A loop that keeps `loss` (to print it, say) keeps the autograd graph, whose hooks refer to
+    # the layers' captures, until its next forward pass; the captures must let go of the
+    # activations and output gradients once the clipped sums are formed.
+    import gc
+
+    engine, model, optimizer, (_, _, dl) = private(_Watched(), noise_multiplier=0.0)
+    x, y = next(iter(dl))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    gc.collect()
+    assert loss.grad_fn is not None  # the graph is still alive ...
+    assert [r() for r in model.seen] == [None, None]  # ... but holds none of the activations

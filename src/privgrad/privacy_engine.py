@@ -26,7 +26,7 @@ from privgrad import checkpoint as _checkpoint
 from privgrad.accounting import get_noise_multiplier, make_accountant
 from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
 from privgrad.engine.amp import ScalerLink, check_grad_scaler, float32_captures
-from privgrad.engine.batch import MODES, BackwardBatch
+from privgrad.engine.batch import MODES, BackwardBatch, materialize_early
 from privgrad.engine.capture import Recorder
 from privgrad.errors import ConfigError, ModelValidationError, PrivacyStateError
 from privgrad.layers import RuleRegistry
@@ -266,7 +266,7 @@ class PrivacyEngine:
         # gradients; but DDP's reducer and GradScaler.step expect them to exist.
         skip = grad_scaler is None and not isinstance(module, nn.parallel.DistributedDataParallel)
         self._recorder = Recorder(module, registry, self._on_backward,
-                                  skip_parameter_grads=skip)
+                                  skip_parameter_grads=skip, early=self._materialize_early)
         self.layer_rules = {
             path or "<root>": type(registry.lookup(m)).__name__ for path, m in module.named_modules()
             if any(p.requires_grad for p in m.parameters(recurse=False))}
@@ -389,6 +389,10 @@ class PrivacyEngine:
                     f"track_running_stats=True. Call {path or 'model'}.eval() after "
                     f"model.train(), or {fix}.")
 
+    def _materialize_early(self, capture) -> bool:
+        # not under a GradScaler: its captured gradients are unscaled at the end of the pass
+        return self._amp is None and materialize_early(capture, self.performance.grad_sample_mode)
+
     def _on_backward(self, captures) -> None:
         if self._amp is not None and self._backward_since_step:  # GradScaler skipped the step
             self._amp.discard(self._clipped)
@@ -408,6 +412,8 @@ class PrivacyEngine:
                               paths=self._recorder.paths)
         params = _privatised(self._optimizer)
         self._clipped.add(batch, set(params))
+        for c in captures:  # the clipped sums are formed: a kept `loss` must not hold these
+            c.release()
         if self._amp is not None:
             self._amp.hide_raw_gradients(params)
 

@@ -314,3 +314,33 @@ def test_noisy_gradients_with_sparse_sums(source):
     assert_close(got[weight], ref[weight], 1e-12, "noisy gradient")
     if source == "plain":  # (sum + 0.3) / 4 exactly
         assert_close(got[weight], (rows.to_dense() + 0.3) / 4.0, 1e-12, "plain source")
+
+
+# -- materialising during the backward pass ---------------------------------------------------
+def test_small_per_sample_gradients_are_formed_during_backward_and_free_their_tensors(monkeypatch):
+    # A LayerNorm over a sequence: per-sample gradients (2 x 4 per example) are smaller than its
+    # input and output gradient (2 x 5 x 4): formed as soon as its output gradient is in, before
+    # the backward pass reaches the layer below, and the capture lets go of both. So is the
+    # Linear below it, materialised over 5 positions (12 weights against 5 x (3 + 4)).
+    from privgrad.engine.capture import Recorder
+
+    formed = []
+    original = Recorder._materialize_now
+
+    def spy(self, capture):
+        original(self, capture)
+        formed.append(capture)
+    monkeypatch.setattr(Recorder, "_materialize_now", spy)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).double()
+    x = torch.randn(2, 5, 3, dtype=D, requires_grad=True)
+    at_input = []
+    x.register_hook(lambda g: at_input.append([type(c.module) for c in formed]))
+    check_module(model, (x.detach(),))  # same results as the references, every mode
+    formed.clear()
+    with PerSampleGradients(model, mode="auto") as psg:
+        model(x).sum().backward()
+    assert at_input == [[nn.LayerNorm, nn.Linear]]  # both before the pass reached the input
+    ln = formed[0]
+    assert ln.args == () and ln.grad_outputs == [] and set(ln.early) == {"weight", "bias"}
+    assert psg.batch.methods == {"0": "materialize", "1": "materialize"}
+    assert_close(psg.gradients["1.weight"], ln.early["weight"], 0, "the early gradients are used")

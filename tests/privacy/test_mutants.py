@@ -95,11 +95,13 @@ def tied_counted_twice(mp):
         for c in captures:
             for n in c.names:
                 uses[getattr(c.module, n)].append((c, n))
+        def use(c, n):  # a use's own per-sample gradient (formed during backward, or now)
+            return c.early[n] if c.early is not None else c.rule.per_sample_gradients(c.module, c, (n,))[n]
+
         for p, found in uses.items():
             if len(found) > 1:  # each use treated as its own sample: no cross term
                 self.norms_sq[p] = sum(
-                    (c.rule.per_sample_gradients(c.module, c, (n,))[n] * self.scale).flatten(1).square().sum(1)
-                    for c, n in found)
+                    (use(c, n) * self.scale).flatten(1).square().sum(1) for c, n in found)
     mp.setattr(BackwardBatch, "__init__", init)
 
 

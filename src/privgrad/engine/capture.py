@@ -85,6 +85,9 @@ class Recorder:
             the module's parameters (their ``.grad`` stays untouched by backward). For private
             training, which overwrites those gradients anyway; see
             :mod:`privgrad.engine.outputs`.
+        early: ``capture -> bool``, asked once a capture's output gradients are all in: if
+            true, its per-sample gradients are formed at once (:attr:`Capture.early`) and its
+            tensors released (see :func:`privgrad.engine.batch.materialize_early`).
     """
 
     def __init__(
@@ -94,8 +97,10 @@ class Recorder:
         on_backward: Callable[[list[Capture]], None],
         *,
         skip_parameter_grads: bool = False,
+        early: Callable[[Capture], bool] | None = None,
     ):
         self.module = module
+        self.early = early
         self.registry = registry
         self.on_backward = on_backward
         self.skip_parameter_grads = skip_parameter_grads
@@ -231,9 +236,22 @@ class Recorder:
                 f"sensitivity. Combine the losses into one before a single backward(), or run a "
                 f"new forward pass.")
         capture.grad_outputs[slot] = grad
+        if (self.early is not None and all(g is not None for g in capture.grad_outputs)
+                and self.early(capture)):
+            self._materialize_now(capture)
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+
+    def _materialize_now(self, capture: Capture) -> None:
+        """Form the capture's per-sample gradients now and let go of the tensors they came from."""
+        self._check_inputs_unchanged(capture)
+        self._busy = True
+        try:
+            capture.early = capture.rule.per_sample_gradients(capture.module, capture, capture.names)
+        finally:
+            self._busy = False
+        capture.args, capture.kwargs, capture.grad_outputs = (), {}, []
 
     def _backward_end(self) -> None:
         self._callback_queued = False
@@ -242,6 +260,10 @@ class Recorder:
         self._captures = []
         done = []
         for c in captures:
+            if c.early is not None:  # formed during the pass; inputs checked then
+                c.output_like = None
+                done.append(c)
+                continue
             if all(g is None for g in c.grad_outputs):
                 # Recorded, but the loss does not depend on it (a BERT pooler whose output is
                 # unused): let it go. (The capture keeps only its outputs' shapes: holding the

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from privgrad import _validate
-from privgrad.engine.batch import MODES, BackwardBatch
+from privgrad.engine.batch import MODES, BackwardBatch, materialize_early
 from privgrad.engine.capture import Recorder
 from privgrad.layers import RuleRegistry
 
@@ -50,7 +50,8 @@ class PerSampleGradients:
         self.loss_reduction = loss_reduction
         self.batches: list[BackwardBatch] = []
         self._recorder = Recorder(module, rules or RuleRegistry.default(), self._on_backward,
-                                  skip_parameter_grads=skip_parameter_grads)
+                                  skip_parameter_grads=skip_parameter_grads,
+                                  early=lambda c: materialize_early(c, self.mode))
 
     def _on_backward(self, captures) -> None:
         self.batches.append(BackwardBatch(

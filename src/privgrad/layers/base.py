@@ -58,6 +58,9 @@ class Capture:
             and the weighted sum need), dropped with the capture after the step.
         params: the parameters that ``names`` named at the time of the call, in the same order
             (engine bookkeeping; empty where the capture was built without them).
+        early: per-sample gradients ``{name: (batch, *shape)}`` formed during the backward
+            pass (:func:`privgrad.engine.batch.materialize_early`); then ``args``, ``kwargs``
+            and ``grad_outputs`` are emptied. ``None`` otherwise.
         outputs: the values (detached) of the hooked outputs, in ``output_index`` order, kept
             until the step for a rule that has a :meth:`LayerRule.joint_backward` (a recurrent
             rule reads every step's state from them instead of recomputing it); empty otherwise.
@@ -76,6 +79,15 @@ class Capture:
     scratch: dict = field(default_factory=dict)
     params: tuple = ()
     outputs: list = field(default_factory=list)
+    early: dict | None = None
+
+    def release(self) -> None:
+        """Let go of every tensor of the call (inputs, output gradients, per-sample gradients,
+        the rule's scratch), once what needed them is done. Autograd keeps the capture itself
+        alive while the graph lives (its hooks refer to it), and a training loop that keeps the
+        last ``loss`` keeps the graph until its next forward pass."""
+        self.args, self.kwargs, self.grad_outputs = (), {}, []
+        self.scratch, self.outputs, self.early = {}, [], None
 
     @property
     def activation(self) -> torch.Tensor:
@@ -104,6 +116,10 @@ class LayerRule:
     """
 
     has_ghost_norm: ClassVar[bool] = False
+    #: Whether :meth:`per_sample_gradients` may run during the backward pass, from a hook, as
+    #: soon as the call's output gradients are in (plain tensor arithmetic: no autograd, no
+    #: module calls). The engine then does so where the result is smaller than the capture.
+    materializes_early: ClassVar[bool] = False
     #: Children whose parameters this rule also serves (as ``"child.name"``), because the module
     #: applies them itself instead of calling the child (``nn.MultiheadAttention.out_proj``).
     serves_children: ClassVar[tuple[str, ...]] = ()

@@ -136,6 +136,8 @@ def _grouped_kernel_faster(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> 
 class ConvRule(LayerRule):
     """Rule for ``nn.Conv1d/2d/3d`` (not transposed convolutions)."""
 
+    materializes_early = True
+
     has_ghost_norm = True
 
     def batch_size(self, module, args, kwargs) -> int:

@@ -45,6 +45,8 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class LinearRule(LayerRule):
     """Rule for ``nn.Linear``: ``y = x W^T + b`` over the last dimension of ``x``."""
 
+    materializes_early = True
+
     has_ghost_norm = True
     weight_name = "weight"
     bias_name = "bias"

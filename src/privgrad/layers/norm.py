@@ -22,6 +22,8 @@ from privgrad.layers.base import Capture, LayerRule
 class _AffineNormRule(LayerRule):
     """Shared shape logic: the parameter spans ``param_dims`` of the activation."""
 
+    materializes_early = True
+
     def normalized(self, module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
