@@ -320,3 +320,61 @@ def test_gates_from_the_output_sequence_match_the_step_by_step_recomputation(kin
         torch.testing.assert_close(p.g, q.g, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(p.a, q.a, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(d_fast, d_slow, rtol=1e-10, atol=1e-12)
+
+
+def _graphless_calls(monkeypatch):
+    """Record, for every recurrent forward the recorder runs without a graph, the module."""
+    from privgrad.engine.capture import Recorder
+
+    calls = []
+    original = Recorder._graphless_starts
+
+    def spy(self, module, args, kwargs):
+        original(self, module, args, kwargs)
+        calls.append(module in self._graphless)
+    monkeypatch.setattr(Recorder, "_graphless_starts", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind,kwargs", LAYOUTS, ids=IDS)
+def test_private_step_with_the_forward_run_without_a_graph(kind, kwargs, monkeypatch):
+    # Under PrivacyEngine the native forward runs without autograd (its inference kernel); the
+    # rule's joint backward gives the input gradient and the clipped sums, as with the graph.
+    calls = _graphless_calls(monkeypatch)
+    rnn = kind(3, 4, batch_first=True, **kwargs).double()
+    model = _Below(rnn).double()
+    x = torch.randn(4, 5, 3, dtype=D)
+    r = torch.randn_like(model(x))
+
+    def example(i):
+        return (x[i:i + 1],), {}
+
+    check_private_step(model, (x,), {}, example, lambda rows, out: (out * r[rows]).sum(), 4)
+    assert calls == [True]
+    assert torch.is_grad_enabled()
+
+
+def test_forward_keeps_its_graph_where_another_hook_could_see_it(monkeypatch):
+    # A user's forward hook on the layer sees its outputs as autograd made them: then the
+    # forward keeps its graph. And a forward that raises gives grad mode back.
+    calls = _graphless_calls(monkeypatch)
+    model = _Below(nn.LSTM(3, 4, batch_first=True)).double()
+    seen = []
+    handle = model.read.rnn.register_forward_hook(lambda m, a, out: seen.append(out[0].requires_grad))
+    x = torch.randn(4, 5, 3, dtype=D)
+    r = torch.randn_like(model(x))
+    seen.clear()
+    check_private_step(model, (x,), {}, lambda i: ((x[i:i + 1],), {}),
+                       lambda rows, out: (out * r[rows]).sum(), 4)
+    assert calls == [False] and seen and all(seen)  # (the references call it too)
+    handle.remove()
+    from privgrad import PrivacyEngine
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine(accountant="rdp")
+    engine.make_private(module=model, optimizer=optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
+                        data_loader=torch.utils.data.DataLoader(torch.zeros(16, 5, 3), batch_size=4))
+    with pytest.raises(RuntimeError):
+        model.read.rnn(torch.randn(4, 5, 7, dtype=D))  # wrong input width: the layer raises
+    assert calls[-1] is True and torch.is_grad_enabled()
+    engine.detach()

@@ -189,6 +189,12 @@ class LayerRule:
         """
         return None
 
+    def forward_without_graph(self, module: nn.Module) -> bool:
+        """Whether the module's forward may run without an autograd graph when
+        :meth:`joint_backward` serves the call (it then needs nothing autograd would save, and
+        the forward calls no other module). Default ``False``."""
+        return False
+
     # -- ghost norms (optional) ------------------------------------------------------------
     def ghost_norms_sq(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...]

@@ -75,6 +75,11 @@ class RecurrentRule(ProjectionRule):
         x, lengths, state, grads = _batch_first(module, capture)
         return Recompute(module, x, lengths, state, _output(module, capture, x.dtype)).projections(grads)
 
+    def forward_without_graph(self, module: nn.RNNBase) -> bool:
+        """The layers' own forward (one native kernel call): the recomputation needs only the
+        call's inputs and outputs."""
+        return type(module).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
     def joint_backward(self, module: nn.RNNBase, args, kwargs):
         """One backward for a call on a tensor input: the recomputation this rule needs
         anyway also gives the input's gradient (``d_gi @ W_ih``), so the native kernel's own
