@@ -23,12 +23,13 @@ input channels per group and at most 20,000 weights per group.
 A whole per-sample gradient tensor can be many times larger than the layer's activations (64->64
 channels at 8x8: 9x the input). The engine keeps it until the clipped sum, so it is materialised
 whole only while it is no larger than the call's input plus output gradient (what the capture
-holds anyway). Beyond that the norms come from the ghost path: the Gram form where it is
-cheaper, else per-sample gradients formed a chunk of examples at a time (each chunk no larger
-than that same size, at least :data:`CHUNK_MIN_BYTES`) and dropped once normed; the clipped sum is
-then one weight-gradient kernel. Measured on 2 cores at batch 256, 64->64 at 8x8 (norms and
-clipped sum): 30 ms in chunks against 48 ms whole, and 187 MB -> about 110 MB of extra peak
-memory for the benchmark CNN.
+holds anyway) or :data:`CHUNK_MIN_BYTES`, whichever is larger. Beyond that the norms come from
+the ghost path: the Gram form where it is cheaper, else per-sample gradients formed a chunk of
+examples at a time (each chunk within that same size) and dropped once normed; the clipped sum
+is then one weight-gradient kernel. Measured on 2 cores at batch 256, 64->64 at 8x8 (norms and
+clipped sum): 30 ms in chunks against 48 ms whole (the whole tensor, 38 MB, is fresh memory each
+step), and 187 MB -> about 110 MB of extra peak memory for the benchmark CNN; at batch 64 (9 MB)
+whole is faster, 7 ms against 10.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def grouped_per_sample_weight(module: nn.modules.conv._ConvNd, x: torch.Tensor,
     return grad.view(b, *shape)
 
 
-CHUNK_MIN_BYTES = 8 << 20  #: smallest chunk of per-sample gradients formed for norms alone
+CHUNK_MIN_BYTES = 16 << 20  #: per-sample gradients up to this size are never a memory concern
 
 
 def _grouped_kernel_faster(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
@@ -201,8 +202,7 @@ class ConvRule(LayerRule):
         x, g = capture.activation, capture.grad_output
         b = x.shape[0]
         per_example = module.weight.numel() * g.element_size()
-        budget = max(CHUNK_MIN_BYTES, _held_bytes(capture))
-        step = max(1, budget // max(1, per_example))
+        step = max(1, _budget_bytes(capture) // max(1, per_example))
         norms = [torch.linalg.vector_norm(
                      self._per_sample_weight(module, x[s:s + step], g[s:s + step])
                      .flatten(1).to(dtype), dim=1).square()
@@ -244,15 +244,16 @@ class ConvRule(LayerRule):
         return float(b * groups * length * min(length * (i + o), i * o))
 
     def materialize_cost(self, module, capture: Capture) -> float:
-        """Forming the per-sample gradients, where the whole tensor is no larger than what the
-        capture holds; beyond that, never chosen by the cost model (memory)."""
+        """Forming the per-sample gradients, where the whole tensor fits :func:`_budget_bytes`;
+        beyond that, never chosen by the cost model (memory)."""
         b, groups, length, i, o = self._sizes(module, capture)
-        if b * module.weight.numel() * capture.grad_output.element_size() > _held_bytes(capture):
+        if b * module.weight.numel() * capture.grad_output.element_size() > _budget_bytes(capture):
             return math.inf
         return float(b * groups * length * i * o)
 
 
-def _held_bytes(capture: Capture) -> int:
-    """Bytes of the call's input and output gradient (what the capture holds until the step)."""
+def _budget_bytes(capture: Capture) -> int:
+    """The most bytes of per-sample gradients to hold at once: the call's input and output
+    gradient (what the capture holds until the step anyway), or :data:`CHUNK_MIN_BYTES`."""
     x, g = capture.activation, capture.grad_output
-    return x.numel() * x.element_size() + g.numel() * g.element_size()
+    return max(CHUNK_MIN_BYTES, x.numel() * x.element_size() + g.numel() * g.element_size())
