@@ -29,6 +29,10 @@ from privgrad.layers.kernels import linear
 from privgrad.layers.projections import Projection
 
 
+_SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.grad_input
+_TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input
+
+
 @dataclass
 class _Trace:
     """What one direction of one layer's forward pass keeps for its backward pass."""
@@ -219,14 +223,17 @@ class Recompute:
         if self.module.mode == "RNN_RELU":
             out.copy_(acts > 0)
             return None
+        # One fused pass each (these arrays are (b, t, h): on a CPU the passes, not the
+        # arithmetic, are the cost): sigmoid_backward(x, s) = x s (1 - s),
+        # tanh_backward(x, y) = x (1 - y^2).
         i, f, g, o = acts.chunk(4, -1)
         d_i, d_f, d_g, d_o = out.chunk(4, -1)
-        torch.mul(i, 1 - i, out=d_i).mul_(g)
-        torch.mul(f, 1 - f, out=d_f).mul_(tr.extra["c_prev"])
-        torch.mul(g, g, out=d_g).neg_().add_(1).mul_(i)
+        _SIGMOID_BACKWARD(g, i, grad_input=d_i)
+        _SIGMOID_BACKWARD(tr.extra["c_prev"], f, grad_input=d_f)
+        _TANH_BACKWARD(i, g, grad_input=d_g)
         tc = torch.tanh(tr.extra["c"])
-        torch.mul(o, 1 - o, out=d_o).mul_(tc)
-        return tc.mul_(tc).neg_().add_(1).mul_(o)
+        _SIGMOID_BACKWARD(tc, o, grad_input=d_o)
+        return _TANH_BACKWARD(o, tc, grad_input=tc)
 
     def _backward(self, tr: _Trace, d_out, d_h, d_c, *, need_input: bool):
         """The maps of one direction and, if ``need_input``, the gradient of its input."""
@@ -247,8 +254,14 @@ class Recompute:
             # gradients in place (a handful of small operations per step instead of ~20).
             d_cell = self._local_derivatives(tr, d_gi)
         direction = tr.suffix.endswith("_reverse")
+        outs = d_out.unbind(1)  # every step's views at once (the loop below is Python)
+        if mode == "LSTM":  # row of step s: i, f, g factors times dc_all; o factor times d_new
+            cells, rows = d_cell.unbind(1), d_gi.unbind(1)
+            ifg = d_gi[..., :3 * hidden].unflatten(-1, (3, hidden)).unbind(1)
+            o_rows = d_gi[..., 3 * hidden:].unbind(1)
+            forgets = tr.acts[..., hidden:2 * hidden].unbind(1)
         for s in (range(t) if direction else reversed(range(t))):
-            d_new = d_h + d_out[:, s]
+            d_new = d_h + outs[s]
             dc_new = d_c
             if self.mask is not None:
                 keep = self.mask[:, s].unsqueeze(1)
@@ -260,11 +273,10 @@ class Recompute:
                 d_hr[:, s] = d_new
                 d_new = linear(d_new, w["weight_hr"].t())
             if mode == "LSTM":
-                dc_all = torch.addcmul(dc_new, d_new, d_cell[:, s])  # dL/dc_t
-                row = d_gi[:, s]  # (b, 4H): i, f, g factors times dc_all; o factor times d_new
-                row[:, :3 * hidden].view(b, 3, hidden).mul_(dc_all.unsqueeze(1))
-                row[:, 3 * hidden:].mul_(d_new)
-                d_h, d_c = linear(row, w_hh_t), dc_all * tr.acts[:, s, hidden:2 * hidden]
+                dc_all = torch.addcmul(dc_new, d_new, cells[s])  # dL/dc_t
+                ifg[s].mul_(dc_all.unsqueeze(1))
+                o_rows[s].mul_(d_new)
+                d_h, d_c = linear(rows[s], w_hh_t), dc_all * forgets[s]
             elif mode == "GRU":
                 r, z, n = tr.acts[:, s].chunk(3, 1)
                 d_n = d_new * (1 - z) * (1 - n * n)
