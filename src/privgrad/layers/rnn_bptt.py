@@ -209,15 +209,28 @@ class Recompute:
             acts = out  # the new state is the activated gate: no product needed
         return _Trace(suffix, x, h_prev, acts, out, extra)
 
-    def _local_derivatives(self, tr: _Trace, out: torch.Tensor) -> torch.Tensor | None:
+    def _local_derivatives(self, tr: _Trace, out: torch.Tensor,
+                           out_h: torch.Tensor | None = None) -> torch.Tensor | None:
         """Write every step's gate derivatives into ``out`` (``(b, t, g)``); for an LSTM also
         return ``o (1 - tanh(c)^2)`` (``(b, t, h)``), the output gradient's path into the cell.
 
         LSTM: ``out`` holds ``(g i (1 - i), c_prev f (1 - f), i (1 - g^2))`` (to be multiplied
         by ``dL/dc_t``) and ``tanh(c) o (1 - o)`` (by ``dL/dh_t``). RNN: ``1 - h^2`` (tanh) or
-        ``h > 0`` (ReLU), by ``dL/dh_t``.
+        ``h > 0`` (ReLU), by ``dL/dh_t``. GRU (``h' = (1 - z) n + z h``,
+        ``n = tanh(gi_n + r gh_n)``), all by ``dL/dh_t``: ``out`` (the ``gi`` map) holds
+        ``(F_n gh_n r (1 - r), (h - n) z (1 - z), F_n)`` with ``F_n = (1 - z)(1 - n^2)``, and
+        ``out_h`` (the ``gh`` map) the same with its ``n`` block times ``r``.
         """
         acts = tr.acts
+        if self.module.mode == "GRU":
+            r, z, n = acts.chunk(3, -1)
+            o_r, o_z, o_n = out.chunk(3, -1)
+            _TANH_BACKWARD(1 - z, n, grad_input=o_n)
+            _SIGMOID_BACKWARD(o_n * tr.extra["gh_n"], r, grad_input=o_r)
+            _SIGMOID_BACKWARD(tr.h_prev - n, z, grad_input=o_z)
+            out_h[..., :o_n.shape[-1] * 2].copy_(out[..., :o_n.shape[-1] * 2])
+            torch.mul(o_n, r, out=out_h[..., o_n.shape[-1] * 2:])
+            return None
         if self.module.mode == "RNN_TANH":
             torch.mul(acts, acts, out=out).neg_().add_(1)
             return None
@@ -249,11 +262,10 @@ class Recompute:
         d_h = d_h.clone()
         w_hh_t = w["weight_hh"].t()  # d_h = d_gates @ W_hh
         d_c = d_c.clone() if d_c is not None else None
-        if mode != "GRU":
-            # The gates' local derivatives depend only on the forward pass: computed for every
-            # step at once into d_gi, then each step multiplies its row by the incoming
-            # gradients in place (a handful of small operations per step instead of ~20).
-            d_cell = self._local_derivatives(tr, d_gi)
+        # The gates' local derivatives depend only on the forward pass: computed for every
+        # step at once into d_gi (and d_gh), then each step multiplies its row by the incoming
+        # gradients in place (a handful of small operations per step instead of ~20).
+        d_cell = self._local_derivatives(tr, d_gi, d_gh)
         direction = tr.suffix.endswith("_reverse")
         outs = d_out.unbind(1)  # every step's views at once (the loop below is Python)
         if mode == "LSTM":  # row of step s: i, f, g factors times dc_all; o factor times d_new
@@ -261,6 +273,10 @@ class Recompute:
             ifg = d_gi[..., :3 * hidden].unflatten(-1, (3, hidden)).unbind(1)
             o_rows = d_gi[..., 3 * hidden:].unbind(1)
             forgets = tr.acts[..., hidden:2 * hidden].unbind(1)
+        elif mode == "GRU":  # rows of step s: every block times d_new
+            gi_blocks = d_gi.unflatten(-1, (3, hidden)).unbind(1)
+            gh_blocks = d_gh.unflatten(-1, (3, hidden)).unbind(1)
+            gh_rows, updates = d_gh.unbind(1), tr.acts[..., hidden:2 * hidden].unbind(1)
         for s in (range(t) if direction else reversed(range(t))):
             d_new = d_h + outs[s]
             dc_new = d_c
@@ -279,13 +295,9 @@ class Recompute:
                 o_rows[s].mul_(d_new)
                 d_h, d_c = linear(rows[s], w_hh_t), dc_all * forgets[s]
             elif mode == "GRU":
-                r, z, n = tr.acts[:, s].chunk(3, 1)
-                d_n = d_new * (1 - z) * (1 - n * n)
-                d_r = d_n * tr.extra["gh_n"][:, s] * r * (1 - r)
-                d_z = d_new * (tr.h_prev[:, s] - n) * z * (1 - z)
-                d_gi[:, s] = torch.cat([d_r, d_z, d_n], 1)
-                d_gh[:, s] = torch.cat([d_r, d_z, d_n * r], 1)
-                d_h = d_new * z + linear(d_gh[:, s], w_hh_t)
+                gi_blocks[s].mul_(d_new.unsqueeze(1))
+                gh_blocks[s].mul_(d_new.unsqueeze(1))
+                d_h = torch.addcmul(linear(gh_rows[s], w_hh_t), d_new, updates[s])
             else:
                 row = d_gi[:, s].mul_(d_new)
                 d_h = linear(row, w_hh_t)
