@@ -342,3 +342,29 @@ def test_small_per_sample_gradients_are_formed_during_backward_and_free_their_te
     assert ln.args == () and ln.grad_outputs == [] and set(ln.early) == {"weight", "bias"}
     assert psg.batch.methods == {"0": "materialize", "1": "materialize"}
     assert_close(psg.gradients["1.weight"], ln.early["weight"], 0, "the early gradients are used")
+
+
+class TwoUses(nn.Module):
+    """One Linear and one LayerNorm applied to the input's mean (formed at the end of the pass)
+    and then over the sequence (formed during backward: 9 weights against 6 x (3 + 3) numbers per
+    example): one per-sample gradient per parameter, the sum of its uses, in either order."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.ln = nn.Linear(3, 3), nn.LayerNorm(3)
+
+    def forward(self, x):
+        pooled = self.ln(self.lin(x.mean(1)))
+        return pooled + self.ln(self.lin(x)).sum(1)
+
+
+def test_a_parameter_used_early_and_late_is_one_per_sample_gradient(monkeypatch):
+    from privgrad.engine.capture import Recorder
+
+    formed = []
+    original = Recorder._materialize_now
+    monkeypatch.setattr(Recorder, "_materialize_now",
+                        lambda self, c: formed.append(type(c.module)) or original(self, c))
+    model = TwoUses().double()
+    check_module(model, (torch.randn(4, 6, 3, dtype=D),))
+    assert nn.Linear in formed and nn.LayerNorm in formed  # some uses formed during backward
