@@ -54,3 +54,20 @@ def test_sum_of_outer_products(p, q):
     got = kernels.sum_of_outer(a, b)
     assert got.is_contiguous() and got.shape == (p, q)
     assert torch.allclose(got.double(), a.double().T @ b.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p,q", [(3, 40), (40, 3), (7, 7)])
+def test_sum_of_outer_products_with_row_weights(p, q, dtype):
+    # sum_n w_n a_n^T b_n: the narrower operand is scaled while it is written transposed
+    gen = torch.Generator().manual_seed(p * q + 1)
+    a, b = torch.randn(200, p, generator=gen).to(dtype), torch.randn(200, q, generator=gen).to(dtype)
+    w = torch.rand(200, generator=gen).to(dtype)
+    expected = torch.einsum("n,np,nq->pq", w.double(), a.double(), b.double())
+    got = kernels.sum_of_outer(a, b, w)
+    assert got.is_contiguous() and got.shape == (p, q) and got.dtype == dtype
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-4)
+    a.requires_grad_()  # inputs that need autograd take the differentiable path
+    kernels.sum_of_outer(a, b, w).sum().backward()
+    assert torch.allclose(a.grad.double(), w.double()[:, None] * b.double().sum(1, keepdim=True).expand(-1, p),
+                          rtol=1e-5, atol=1e-5)

@@ -31,12 +31,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def sum_of_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def sum_of_outer(a: torch.Tensor, b: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """``a.T @ b`` for ``a: (n, p)`` and ``b: (n, q)`` (a sum of ``n`` outer products, the shape
-    of every clipped sum): the narrower operand goes first, as the one oneDNN copies."""
-    if a.shape[1] <= b.shape[1]:
-        return linear(a.T, b.T)
-    return linear(b.T, a.T).T.contiguous()
+    of every clipped sum), with row ``k`` of the narrower operand scaled by ``row_weights[k]``
+    if given (``(n,)``).
+
+    The narrower operand goes first, as the one the product reads transposed: oneDNN would
+    copy it into that layout, so the weighting pass writes it there itself (one pass instead of
+    a multiply and a copy: 58 -> 53 ms for an LSTM's ``(16384, 256) x (16384, 1024)`` sum)."""
+    first = a.shape[1] <= b.shape[1]
+    x, y = (a, b) if first else (b, a)
+    if row_weights is None:
+        xt = x.T
+    elif torch.is_grad_enabled() and (x.requires_grad or row_weights.requires_grad):
+        xt = (x * row_weights.to(x.dtype).view(-1, 1)).T  # (out= does not differentiate)
+    else:
+        xt = torch.empty((x.shape[1], x.shape[0]), dtype=x.dtype, device=x.device)
+        torch.mul(x.T, row_weights.to(x.dtype).view(1, -1), out=xt)
+    product = linear(xt, y.T)
+    return product if first else product.T.contiguous()
 
 
 @functools.cache

@@ -85,14 +85,12 @@ class LinearRule(LayerRule):
         a, g = capture.activation, capture.grad_output
         a, w = _as(a, g.dtype), _as(weights, g.dtype)
         if a.dim() > 2:
-            a, g, w_rows = positions(a), positions(g), w.view(-1, 1, 1)  # (b, t, i), (b, t, o)
-        else:
-            w_rows = w.unsqueeze(1)
+            a, g = positions(a), positions(g)  # (b, t, i), (b, t, o)
         out = {}
         if self.weight_name in names:  # one GEMM over (b, t); the narrower side is scaled
-            lhs, rhs = (g, a * w_rows) if a.shape[-1] <= g.shape[-1] else (g * w_rows, a)
-            out[self.weight_name] = self._orient(
-                sum_of_outer(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(-1, rhs.shape[-1])))
+            rows = w if a.dim() == 2 else w.repeat_interleave(a.shape[1])
+            out[self.weight_name] = self._orient(sum_of_outer(
+                g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), rows))
         if self.bias_name in names:
             out[self.bias_name] = w @ (g if g.dim() == 2 else g.sum(1))
         return out

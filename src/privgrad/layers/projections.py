@@ -102,19 +102,15 @@ class ProjectionRule(LayerRule):
 
     def weighted_sum(self, module, capture: Capture, names, weights):
         parts: dict[str, list[torch.Tensor]] = {}
-        # sum_b w_b g_b^T a_b = (w g)^T a = g^T (w a): the smaller of the two is scaled (an
-        # LSTM's gate gradient is 4H wide, its inputs I and H), each tensor at most once.
-        weigh = _once(lambda x, dtype: x.to(dtype) * weights.to(dtype).view(-1, 1, 1))
+        # sum_b w_b g_b^T a_b = (w g)^T a = g^T (w a): the narrower of the two is scaled (an
+        # LSTM's gate gradient is 4H wide, its inputs I and H), by sum_of_outer.
         bias_sum = _once(lambda g: weights.to(g.dtype) @ g.sum(1))
         for p in self.projections(module, capture):
             if p.weight in names:
                 g, a = p.g, p.a.to(p.g.dtype)
-                if a.numel() <= g.numel():
-                    a = weigh(p.a, g.dtype)
-                else:
-                    g = weigh(p.g, g.dtype)
-                flat_g, flat_a = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
-                parts.setdefault(p.weight, []).append(sum_of_outer(flat_g, flat_a))
+                rows = weights.to(g.dtype).repeat_interleave(g.shape[1])  # (b t,)
+                parts.setdefault(p.weight, []).append(sum_of_outer(
+                    g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), rows))
             if p.bias in names:
                 parts.setdefault(p.bias, []).append(bias_sum(p.g))
         return {n: self._assemble(module, n, blocks, batched=False) for n, blocks in parts.items()}
