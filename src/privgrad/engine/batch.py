@@ -11,7 +11,7 @@ A parameter used by several calls in one forward pass (tied weights, a module ap
 one per-sample gradient, the sum over its uses, so its uses are materialised and summed before
 the norm is taken.
 
-A call to be materialised whose per-sample gradients are smaller than the tensors its capture
+A call to be materialised whose per-sample gradients are no larger than the tensors its capture
 holds (a LayerNorm over a sequence: ``2d`` numbers per example against ``2Td``) is materialised
 during the backward pass, as soon as its output gradients are in (:func:`materialize_early`),
 and the capture lets go of its input and output gradient: they no longer wait for the end of the
@@ -42,8 +42,9 @@ _HALF = (torch.float16, torch.bfloat16)
 def materialize_early(capture: Capture, mode: str) -> bool:
     """Whether to form ``capture``'s per-sample gradients as soon as its output gradients are
     in: its rule allows it, the method is materialising, no tensor is in half precision (AMP
-    converts and unscales at the end of the pass), and the per-sample gradients are smaller
-    than the input and output gradients they replace."""
+    converts and unscales at the end of the pass), and the per-sample gradients are no larger
+    than the input and output gradients they replace: memory never grows at any moment of the
+    pass, and at its end (where all three would otherwise coexist) it drops by those tensors."""
     rule = capture.rule
     if not rule.materializes_early or _use_ghost(capture, mode):
         return False
@@ -53,7 +54,7 @@ def materialize_early(capture: Capture, mode: str) -> bool:
         return False
     held = sum(x.numel() for x in tensors if x.is_floating_point())
     params = _params_of(capture)
-    return capture.batch_size * sum(params[n].numel() for n in capture.names) < held
+    return capture.batch_size * sum(params[n].numel() for n in capture.names) <= held
 
 
 def _use_ghost(capture: Capture, mode: str) -> bool:
