@@ -282,10 +282,11 @@ class Recorder:
         self._check_inputs_unchanged(capture)
         self._busy = True
         try:
-            capture.early = capture.rule.per_sample_gradients(capture.module, capture, capture.names)
+            early = capture.rule.per_sample_gradients(capture.module, capture, capture.names)
         finally:
             self._busy = False
-        capture.args, capture.kwargs, capture.grad_outputs = (), {}, []
+        capture.release()
+        capture.early = early
 
     def _backward_end(self) -> None:
         self._callback_queued = False

@@ -59,8 +59,8 @@ class Capture:
         params: the parameters that ``names`` named at the time of the call, in the same order
             (engine bookkeeping; empty where the capture was built without them).
         early: per-sample gradients ``{name: (batch, *shape)}`` formed during the backward
-            pass (:func:`privgrad.engine.batch.materialize_early`); then ``args``, ``kwargs``
-            and ``grad_outputs`` are emptied. ``None`` otherwise.
+            pass (:func:`privgrad.engine.batch.materialize_early`); then everything else is
+            released (:meth:`release`). ``None`` otherwise.
         outputs: the values (detached) of the hooked outputs, in ``output_index`` order, kept
             until the step for a rule that has a :meth:`LayerRule.joint_backward` (a recurrent
             rule reads every step's state from them instead of recomputing it); empty otherwise.

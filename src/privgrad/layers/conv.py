@@ -183,9 +183,9 @@ class ConvRule(LayerRule):
         dtype = self.norm_dtype(g_full)
         out = {}
         if "weight" in names:
-            b, groups, length, i, o = self._sizes(module, capture)
-            if length * (i + o) <= i * o:  # the Gram form is the cheaper exact norm
+            if self._gram_cheaper(module, capture):
                 u, g = self._grouped(module, capture.activation, g_full)
+                b, groups = g.shape[:2]
                 flat_u = u.reshape(b * groups, *u.shape[2:])
                 flat_g = g.reshape(b * groups, *g.shape[2:])
                 out["weight"] = linear_ghost_norm_sq(flat_u, flat_g, dtype).view(b, groups).sum(1)
@@ -238,10 +238,17 @@ class ConvRule(LayerRule):
         patch = (module.in_channels // module.groups) * math.prod(module.kernel_size)
         return capture.batch_size, module.groups, positions, patch, module.out_channels // module.groups
 
+    def _gram_cheaper(self, module, capture: Capture) -> bool:
+        """Whether the Gram form (``L^2 (i + o)`` per group) beats forming per-sample gradients
+        (``L i o``) for the norms."""
+        _, _, length, i, o = self._sizes(module, capture)
+        return length * (i + o) <= i * o
+
     def ghost_cost(self, module, capture: Capture) -> float:
         """The cheaper exact norm without a whole per-sample tensor: Gram form or chunks."""
         b, groups, length, i, o = self._sizes(module, capture)
-        return float(b * groups * length * min(length * (i + o), i * o))
+        per_group = length * (i + o) if self._gram_cheaper(module, capture) else i * o
+        return float(b * groups * length * per_group)
 
     def materialize_cost(self, module, capture: Capture) -> float:
         """Forming the per-sample gradients, where the whole tensor fits :func:`_budget_bytes`;

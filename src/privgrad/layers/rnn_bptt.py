@@ -253,7 +253,7 @@ class Recompute:
         """The maps of one direction and, if ``need_input``, the gradient of its input."""
         mode, hidden = self.module.mode, self.module.hidden_size
         w = self._weights(tr.suffix)
-        b, t = d_out.shape[:2]
+        t = d_out.shape[1]
         # Every step writes its row below. For RNN and LSTM the two maps of a step share one
         # gate gradient (gi and gh enter the gates only as their sum): one buffer serves both.
         d_gi = torch.empty_like(tr.acts)
