@@ -378,3 +378,96 @@ def test_forward_keeps_its_graph_where_another_hook_could_see_it(monkeypatch):
         model.read.rnn(torch.randn(4, 5, 7, dtype=D))  # wrong input width: the layer raises
     assert calls[-1] is True and torch.is_grad_enabled()
     engine.detach()
+
+
+KEPT = [(k, kw) for k, kw in LAYOUTS if k is nn.LSTM and not kw.get("proj_size")]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind,kwargs", KEPT, ids=[IDS[LAYOUTS.index(c)] for c in KEPT])
+def test_lstm_forward_that_keeps_its_gates(kind, kwargs, batch_first):
+    # lstm_forward returns what the native kernel returns (output contiguous in the module's
+    # layout), and its traces give the projections of the step-by-step recomputation
+    from privgrad.layers.rnn_bptt import Recompute, lstm_forward
+
+    torch.manual_seed(0)
+    rnn = kind(3, 4, batch_first=batch_first, **kwargs).double()
+    b, t, d = 3, 6, 2 if rnn.bidirectional else 1
+    x = torch.randn(b, t, 3, dtype=D)
+    x = x if batch_first else x.transpose(0, 1).contiguous()
+    state = (torch.randn(rnn.num_layers * d, b, 4, dtype=D), torch.randn(rnn.num_layers * d, b, 4, dtype=D))
+    with torch.no_grad():
+        out, (h_n, c_n) = rnn(x, state)
+    kept_out, kept_h, kept_c, traces = lstm_forward(rnn, x, state, batch_first=batch_first)
+    assert kept_out.is_contiguous() and kept_out.shape == out.shape
+    for mine, native in ((kept_out, out), (kept_h, h_n), (kept_c, c_n)):
+        torch.testing.assert_close(mine, native, rtol=1e-10, atol=1e-12)
+    xb = x if batch_first else x.transpose(0, 1)
+    grads = (torch.randn(b, t, d * 4, dtype=D), torch.randn_like(h_n), torch.randn_like(c_n))
+    slow, d_slow = Recompute(rnn, xb, None, state).projections(grads, input_grad=True)
+    fast, d_fast = Recompute(rnn, xb, None, state, traces=traces).projections(grads, input_grad=True)
+    assert [p.weight for p in fast] == [p.weight for p in slow]
+    for p, q in zip(fast, slow):
+        torch.testing.assert_close(p.g, q.g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.a, q.a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d_fast, d_slow, rtol=1e-10, atol=1e-12)
+
+
+def test_private_lstm_steps_use_the_kept_gates_and_leave_no_mode_behind(monkeypatch):
+    # Under PrivacyEngine an LSTM's forward is lstm_forward (nothing recomputed in backward);
+    # a float32 step (tanh through the logistic function) matches float64 references to 1e-5;
+    # the function mode is gone after the forward, also after one that raises in the kernel call.
+    import privgrad.layers.rnn as rnn_rule
+    import privgrad.layers.rnn_bptt as bptt
+    from privgrad import PrivacyEngine
+
+    kept, recomputed = [], []
+    real = rnn_rule.lstm_forward
+    monkeypatch.setattr(rnn_rule, "lstm_forward", lambda *a, **k: kept.append(1) or real(*a, **k))
+    monkeypatch.setattr(bptt.Recompute, "_forward_from_states",
+                        lambda *a, **k: recomputed.append(1))
+    model = _Below(nn.LSTM(3, 4, num_layers=2, batch_first=True)).double()
+    x = torch.randn(4, 5, 3, dtype=D)
+    r = torch.randn_like(model(x))
+    check_private_step(model, (x,), {}, lambda i: ((x[i:i + 1],), {}),
+                       lambda rows, out: (out * r[rows]).sum(), 4)
+    assert kept and not recomputed
+    assert torch._C._len_torch_function_stack() == 0
+    wide = _Below(nn.LSTM(3, 32, batch_first=True)).double()
+    x = 3 * torch.randn(6, 20, 3, dtype=D)
+    r = torch.randn_like(wide(x))
+    ref = references(wide, lambda i: ((x[i:i + 1],), {}), lambda rows, out: (out * r[rows]).sum(), 6,
+                     func=False)
+    kept.clear()
+    check_private_step(wide.float(), (x.float(),), {}, None,
+                       lambda rows, out: (out * r[rows].float()).sum(), 6, ref=ref, rtol=1e-5)
+    assert kept and not recomputed
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine(accountant="rdp")
+    engine.make_private(module=model, optimizer=optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
+                        data_loader=torch.utils.data.DataLoader(torch.zeros(16, 5, 3), batch_size=4))
+    monkeypatch.setattr(rnn_rule, "lstm_forward", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model(x.float().double())
+    assert torch._C._len_torch_function_stack() == 0 and torch.is_grad_enabled()
+    engine.detach()
+
+
+def test_lstm_keeps_the_native_kernel_where_the_loop_would_not_pay(monkeypatch):
+    # proj_size, packed input and autocast keep the native kernel (and the recomputation)
+    import privgrad.layers.rnn as rnn_rule
+
+    kept = []
+    real = rnn_rule.lstm_forward
+    monkeypatch.setattr(rnn_rule, "lstm_forward", lambda *a, **k: kept.append(1) or real(*a, **k))
+    rule = rnn_rule.RecurrentRule()
+    x = torch.randn(2, 5, 3)
+    assert rule.graphless_forward(nn.LSTM(3, 4, proj_size=2, batch_first=True), (x,), {}, {}) is None
+    assert rule.graphless_forward(nn.GRU(3, 4, batch_first=True), (x,), {}, {}) is None
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
+    assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (packed,), {}, {}) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (x,), {}, {}) is None
+    assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (x,), {}, {}) is not None
+    assert not kept

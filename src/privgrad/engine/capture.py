@@ -115,7 +115,8 @@ class Recorder:
         self._handles: list = []
         self._callback_queued = False
         self._busy = False  # True while rules run: their own forward calls are not recorded
-        self._graphless: dict[nn.Module, Callable] = {}  # forwards running without a graph
+        # forwards running without a graph: (joint backward, context entered or None, scratch)
+        self._graphless: dict[nn.Module, tuple] = {}
 
     # -- wiring ------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -149,11 +150,16 @@ class Recorder:
             return None
         if not self._only_first_input_needs_grad(args, _tensor_inputs(args, kwargs)):
             return None
-        whole = self.rule_for(module).joint_backward(module, args, kwargs)
+        rule = self.rule_for(module)
+        whole = rule.joint_backward(module, args, kwargs)
         if whole is None:
             return None
-        self._graphless[module] = whole
+        scratch: dict = {}
+        kept = rule.graphless_forward(module, args, kwargs, scratch)
+        self._graphless[module] = (whole, kept, scratch)
         torch._C._set_grad_enabled(False)
+        if kept is not None:
+            kept.__enter__()
         return None
 
     def detach(self) -> None:
@@ -179,8 +185,10 @@ class Recorder:
 
     # -- hooks -------------------------------------------------------------------------------
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        whole = self._graphless.pop(module, None)
+        whole, kept, scratch = self._graphless.pop(module, (None, None, {}))
         if whole is not None:  # the forward ran without a graph (_graphless_starts)
+            if kept is not None:
+                kept.__exit__(None, None, None)
             torch._C._set_grad_enabled(True)
             if output is None:  # it raised; the error propagates
                 return None
@@ -236,6 +244,7 @@ class Recorder:
             output_like=[(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in index],
             params=params,
             outputs=[leaves[i].detach() for i in index] if whole is not None else [],
+            scratch=scratch,
         )
         if whole is not None:  # one backward for all outputs (the capture is its context)
             def backward_all(grads, needs_x, capture=capture, whole=whole):

@@ -195,6 +195,14 @@ class LayerRule:
         the forward calls no other module). Default ``False``."""
         return False
 
+    def graphless_forward(self, module: nn.Module, args: tuple, kwargs: dict, scratch: dict):
+        """A context manager to run the module's graph-free forward under (see
+        :meth:`forward_without_graph`), or ``None`` (the default: the module's forward as it
+        is). Under it the rule may compute the forward itself, as long as it returns exactly
+        what the module's own forward returns, and keep in ``scratch`` (which becomes the
+        call's :attr:`Capture.scratch`) what its joint backward would otherwise recompute."""
+        return None
+
     # -- ghost norms (optional) ------------------------------------------------------------
     def ghost_norms_sq(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...]
