@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, WeightedRandomSampler
