@@ -471,3 +471,61 @@ def test_lstm_keeps_the_native_kernel_where_the_loop_would_not_pay(monkeypatch):
         assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (x,), {}, {}) is None
     assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (x,), {}, {}) is not None
     assert not kept
+
+
+class _Twice(nn.Module):
+    """One LSTM called twice in one forward pass (two leases of its workspace at once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.rnn = nn.Linear(3, 3), nn.LSTM(3, 4, batch_first=True)
+
+    def forward(self, x):
+        y = torch.tanh(self.lin(x))
+        a, _ = self.rnn(y)
+        b, _ = self.rnn(y.flip(1) * 2)
+        return torch.cat([a, b], 1).flatten(1)
+
+
+def test_lstm_work_arrays_are_reused_across_steps_and_never_shared_within_one():
+    # The kept gates live in the module's workspace: given back after a step's clipped sums,
+    # reused by the next step (also at a smaller batch), never by two calls of one step.
+    from privgrad.layers.workspace import workspace_of
+
+    torch.manual_seed(0)
+    for model in (_Below(nn.LSTM(3, 4, batch_first=True)).double(), _Twice().double()):
+        rnn = model.read.rnn if isinstance(model, _Below) else model.rnn
+        space = workspace_of(rnn)
+        seen = []
+        for b in (5, 5, 3):
+            x = torch.randn(b, 6, 3, dtype=D)
+            r = torch.randn_like(model(x))
+            check_private_step(model, (x,), {}, lambda i, x=x: ((x[i:i + 1],), {}),
+                               lambda rows, out, r=r: (out * r[rows]).sum(), b)
+            seen.append({k: v.data_ptr() for k, v in space._free.items()})
+        assert {k[0] for k in seen[0]} == {"0.acts", "0.cells", "0.tanh_c", "0.h_prev", "_l0.d_gi"}
+        if isinstance(model, _Below):  # one call a step: the same memory every step
+            assert seen[0] == seen[1] == seen[2]
+
+
+def test_workspace_lease_reuse_and_growth():
+    from privgrad.layers.workspace import Workspace
+
+    space, like = Workspace(), torch.zeros(1, dtype=torch.float64)
+    first = space.lease()
+    a = first.empty("a", (4, 5), like)
+    second = space.lease()
+    b = second.empty("a", (4, 5), like)
+    assert a.data_ptr() != b.data_ptr()  # both held: two arrays
+    first.give_back()
+    second.give_back()
+    third = space.lease()
+    c = third.empty("a", (2, 3), like)  # smaller: the kept array
+    assert c.data_ptr() in (a.data_ptr(), b.data_ptr()) and c.shape == (2, 3) and c.is_contiguous()
+    third.give_back()
+    fourth = space.lease()
+    d = fourth.empty("a", (10, 10), like)  # larger: a new array, with room to spare
+    assert d.shape == (10, 10) and d.untyped_storage().nbytes() >= 100 * 8
+    assert d.dtype == torch.float64
+    fourth.give_back()
+    assert fourth.empty("a", (10, 11), like).data_ptr() == d.data_ptr()  # within the slack

@@ -55,7 +55,8 @@ class Capture:
         output_like: ``(shape, dtype, device)`` of the hooked outputs until backward ends
             (engine bookkeeping, to build zero gradients for outputs autograd did not reach).
         scratch: the rule's own per-call working space (e.g. a recomputation that both the norm
-            and the weighted sum need), dropped with the capture after the step.
+            and the weighted sum need), dropped with the capture after the step. A
+            :class:`~privgrad.layers.workspace.Lease` under ``"lease"`` is given back then.
         params: the parameters that ``names`` named at the time of the call, in the same order
             (engine bookkeeping; empty where the capture was built without them).
         early: per-sample gradients ``{name: (batch, *shape)}`` formed during the backward
@@ -86,6 +87,9 @@ class Capture:
         the rule's scratch), once what needed them is done. Autograd keeps the capture itself
         alive while the graph lives (its hooks refer to it), and a training loop that keeps the
         last ``loss`` keeps the graph until its next forward pass."""
+        lease = self.scratch.get("lease")
+        if lease is not None:  # the rule's work arrays: the module's next call reuses them
+            lease.give_back()
         self.args, self.kwargs, self.grad_outputs = (), {}, []
         self.scratch, self.outputs, self.early = {}, [], None
 

@@ -41,6 +41,7 @@ from privgrad.errors import UnsupportedModuleError
 from privgrad.layers.base import Capture
 from privgrad.layers.projections import Projection, ProjectionRule
 from privgrad.layers.rnn_bptt import Recompute, lstm_forward
+from privgrad.layers.workspace import workspace_of
 
 
 def recurrent_dropout_active(module: nn.RNNBase) -> bool:
@@ -95,6 +96,7 @@ class RecurrentRule(ProjectionRule):
                 or weight.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
                 or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu")):
             return None
+        scratch["lease"] = workspace_of(module).lease()
         return _KeepGates(module, scratch)
 
     def joint_backward(self, module: nn.RNNBase, args, kwargs):
@@ -112,7 +114,8 @@ class RecurrentRule(ProjectionRule):
             up = lambda t: t if t is None or t.dtype == weight_dtype else t.to(weight_dtype)  # noqa: E731
             x, state, grads = up(x), tuple(map(up, state)), tuple(map(up, grads))
             recompute = Recompute(module, x, lengths, state, _output(module, capture, weight_dtype),
-                                  traces=capture.scratch.pop("traces", None))
+                                  traces=capture.scratch.pop("traces", None),
+                                  lease=capture.scratch.get("lease"))
             if not needs_input_grad:
                 capture.scratch["projections"] = recompute.projections(grads)
                 return None
@@ -141,7 +144,8 @@ class _KeepGates(TorchFunctionMode):
                     and all(w is v for w, v in zip(weights, m._flat_weights))
                     and (bias, layers, bidirectional) == (m.bias, m.num_layers, m.bidirectional)
                     and not (train and dropout > 0 and layers > 1)):
-                out, h, c, self.scratch["traces"] = lstm_forward(m, x, hx, batch_first=batch_first)
+                out, h, c, self.scratch["traces"] = lstm_forward(
+                    m, x, hx, batch_first=batch_first, lease=self.scratch["lease"])
                 return out, h, c
         return func(*args, **(kwargs or {}))
 

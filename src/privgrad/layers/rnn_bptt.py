@@ -27,6 +27,7 @@ from torch import nn
 
 from privgrad.layers.kernels import linear
 from privgrad.layers.projections import Projection
+from privgrad.layers.workspace import Lease
 
 
 _SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.grad_input
@@ -56,7 +57,8 @@ class _Trace:
     extra: dict = field(default_factory=dict)  # LSTM: c, c_prev, m; GRU: gh_n
 
 
-def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool):
+def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool,
+                 lease: Lease | None = None):
     """An ``nn.LSTM`` forward pass (no ``proj_size``, tensor input) that keeps what its backward
     pass needs: ``(output, h_n, c_n, traces)``, the first three as the native kernel returns
     them (``output`` contiguous in the module's layout), ``traces`` for :class:`Recompute`.
@@ -70,6 +72,8 @@ def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool):
     Args:
         x: ``(b, t, i)`` batch first or ``(t, b, i)``, as the module takes it.
         state: ``(h0, c0)``, each ``(layers * directions, b, hidden)``.
+        lease: where the work arrays come from (reused from the module's last call), or
+            ``None`` (fresh ones).
     """
     d, hidden = (2 if module.bidirectional else 1), module.hidden_size
     h0, c0 = state
@@ -85,7 +89,8 @@ def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool):
                 j = layer * d + k
                 tr, h, c = _lstm_direction(module, f"_l{layer}" + ("_reverse" if k else ""),
                                            layer_in, h0[j], c0[j],
-                                           out_bf[..., k * hidden:(k + 1) * hidden], bool(k))
+                                           out_bf[..., k * hidden:(k + 1) * hidden], bool(k),
+                                           _Arrays(lease, f"{j}."))
                 row.append(tr)
                 h_n.append(h)
                 c_n.append(c)
@@ -94,7 +99,20 @@ def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool):
     return out, torch.stack(h_n), torch.stack(c_n), traces
 
 
-def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool):
+class _Arrays:
+    """Work arrays from a :class:`~privgrad.layers.workspace.Lease` (names prefixed, one set
+    per layer and direction), or fresh ones without."""
+
+    def __init__(self, lease: Lease | None, prefix: str):
+        self.lease, self.prefix = lease, prefix
+
+    def empty(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        if self.lease is None:
+            return like.new_empty(shape)
+        return self.lease.empty(self.prefix + name, shape, like)
+
+
+def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, arrays: _Arrays):
     """One direction of one layer of :func:`lstm_forward`, writing its outputs into ``out``
     (``(b, t, hidden)``, a view): ``(trace, h_last, c_last)``."""
     hidden = module.hidden_size
@@ -104,17 +122,23 @@ def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool):
     bias = None
     if module.bias:
         bias = (getattr(module, "bias_ih" + suffix) + getattr(module, "bias_hh" + suffix)) * scale
-    acts = linear(x, w_ih * scale.unsqueeze(1), bias)  # (b, t, 4h): the input's part of every gate
-    w_hh = w_hh * scale.unsqueeze(1)
     b, t = x.shape[:2]
+    # (b, t, 4h): the input's part of every gate, one product into the reused array
+    acts = arrays.empty("acts", (b, t, 4 * hidden), x)
+    x_rows, act_rows, w_t = x.reshape(b * t, -1), acts.view(b * t, -1), (w_ih * scale.unsqueeze(1)).t()
+    if bias is None:
+        torch.mm(x_rows, w_t, out=act_rows)
+    else:
+        torch.addmm(bias, x_rows, w_t, out=act_rows)
+    w_hh = w_hh * scale.unsqueeze(1)
     # c_{t-1} and c_t as two views of one buffer: the initial cell in the extra slot
-    cells = x.new_empty((b, t + 1, hidden))
+    cells = arrays.empty("cells", (b, t + 1, hidden), x)
     first, c_prev, c_all = (t, cells[:, 1:], cells[:, :t]) if reverse else (
         0, cells[:, :t], cells[:, 1:])
     cells[:, first] = c
-    tanh_c = x.new_empty((b, t, hidden))
+    tanh_c = arrays.empty("tanh_c", (b, t, hidden), x)
     rows, cs, tcs, outs = acts.unbind(1), c_all.unbind(1), tanh_c.unbind(1), out.unbind(1)
-    h_prev = torch.empty_like(tanh_c)  # the state before each step: h0, then the outputs
+    h_prev = arrays.empty("h_prev", (b, t, hidden), x)  # the state before each step: h0, then the outputs
     h_prev[:, t - 1 if reverse else 0] = h
     for s in (range(t - 1, -1, -1) if reverse else range(t)):
         a = rows[s].add_(linear(h, w_hh)).sigmoid_()  # oneDNN's product: up to 2x MKL's addmm_ here
@@ -140,13 +164,14 @@ class Recompute:
             LSTM).
         output: ``(b, t, d*h_out)`` the output sequence the layer's own forward pass returned,
             batch first, or ``None`` (then every layer is recomputed step by step).
-        traces: what :func:`lstm_forward` kept of the call (one row of directions per layer),
-            or ``None``: then nothing of the forward pass is recomputed at all.
+        traces: what :func:`lstm_forward` kept of the call (one row of directions per layer):
+            then nothing of the forward pass is recomputed at all. Or ``None``.
+        lease: where the gate gradients' arrays come from (see :func:`lstm_forward`).
     """
 
     def __init__(self, module: nn.RNNBase, x: torch.Tensor, lengths, state, output=None,
-                 traces: list[list[_Trace]] | None = None):
-        self.module, self.x, self.state, self.traces = module, x, state, traces
+                 traces: list[list[_Trace]] | None = None, lease: Lease | None = None):
+        self.module, self.x, self.state, self.traces, self.lease = module, x, state, traces, lease
         self.directions = 2 if module.bidirectional else 1
         self.mask = None if lengths is None else (
             torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).to(x.device)  # (b, t)
@@ -344,8 +369,9 @@ class Recompute:
         t = d_out.shape[1]
         # Every step writes its row below. For RNN and LSTM the two maps of a step share one
         # gate gradient (gi and gh enter the gates only as their sum): one buffer serves both.
-        d_gi = torch.empty_like(tr.acts)
-        d_gh = torch.empty_like(tr.acts) if mode == "GRU" else d_gi
+        arrays = _Arrays(self.lease, tr.suffix + ".")
+        d_gi = arrays.empty("d_gi", tr.acts.shape, tr.acts)
+        d_gh = arrays.empty("d_gh", tr.acts.shape, tr.acts) if mode == "GRU" else d_gi
         d_hr = torch.empty_like(tr.out) if "m" in tr.extra else None
         d_h = d_h.clone()
         w_hh_t = w["weight_hh"].t()  # d_h = d_gates @ W_hh
