@@ -9,7 +9,11 @@ column does the same work; each cell is the median over at least ``--min-steps``
 configurations slower than that). Each configuration runs in a fresh subprocess (no allocator or
 thread-pool state carried over); the non-private baseline runs first and last for every
 model and batch size, and the spread of the two exposes drift caused by other load on the
-machine. Columns:
+machine. With ``--rounds N`` the non-private, floor and privgrad runs are repeated N times,
+interleaved (np, floor, privgrad, np, ...; Opacus once), each cell is the median over the
+rounds and the ratios to ``np`` and ``floor`` are medians of the per-round ratios, each from
+runs a few seconds apart: on a machine whose speed drifts (a shared VM) that is far steadier
+than one run of each. Columns:
 
 - ``np`` / ``np2``: non-private step (first and last run), median ms;
 - ``floor``: non-private step plus one ``torch.normal_`` draw per parameter, added to ``p.grad``
@@ -325,6 +329,8 @@ def main() -> None:
                     help="torch threads per run (default: torch's, one per core)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--max-psg-gb", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the np, floor and privgrad runs this many times, interleaved")
     ap.add_argument("--json", help="also write every measurement to this file")
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="run every configuration (all columns alike) with glibc told to keep "
@@ -353,9 +359,15 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            r = {"model": name, "batch": batch, "np": run(name, batch, "nonprivate", args),
-                 "floor": run(name, batch, "floor", args)}
+            rounds = [{k: run(name, batch, variant, args) for k, variant in (
+                ("np", "nonprivate"), ("floor", "floor"), ("privgrad", "privgrad"))}
+                for _ in range(args.rounds if "privgrad" in variants else 0)]
+            r = {"model": name, "batch": batch, **(
+                combined(rounds) if rounds else {"np": run(name, batch, "nonprivate", args),
+                                                 "floor": run(name, batch, "floor", args)})}
             for v in variants:
+                if v == "privgrad" and rounds:
+                    continue
                 if v.startswith("opacus") and v != "opacus-ghost" and psg_gb(name, batch) > args.max_psg_gb:
                     r[v] = {"skip": f"per-sample gradients ~{psg_gb(name, batch):.1f} GB"}
                 elif v == "opacus-ghost" and name == "bag" and psg_gb(name, batch) > args.max_psg_gb:
@@ -380,9 +392,34 @@ def main() -> None:
                   f"(privgrad-mkl): {r['privgrad-mkl']['ms']:.1f} ms")
         if pg.get("methods"):
             print(f"- {r['model']} B={r['batch']} privgrad rules: {', '.join(pg['methods'])}")
+        if len(r.get("rounds", ())) > 1:
+            print(f"- {r['model']} B={r['batch']} per round (np / floor / privgrad ms, x floor): "
+                  + "; ".join(f"{a:.1f} / {b:.1f} / {c:.1f}, {c / b:.2f}" for a, b, c in r["rounds"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def combined(rounds: list[dict]) -> dict:
+    """One result per column from ``--rounds`` interleaved runs: each run's median step time
+    is replaced by the median over the rounds (the other fields are the middle round's), and
+    the ratios of privgrad to np and to the floor by the medians of the per-round ratios."""
+    out = {}
+    ok = [rd for rd in rounds if all("ms" in rd[k] for k in ("np", "floor", "privgrad"))]
+    for k in ("np", "floor", "privgrad"):
+        runs = [rd[k] for rd in (ok or rounds)]
+        good = [x for x in runs if "ms" in x]
+        if not good:
+            out[k] = runs[0]
+            continue
+        out[k] = {**sorted(good, key=lambda x: x["ms"])[len(good) // 2],
+                  "ms": statistics.median(x["ms"] for x in good)}
+    if ok:
+        out["ratios"] = {
+            "np": statistics.median(rd["privgrad"]["ms"] / rd["np"]["ms"] for rd in ok),
+            "floor": statistics.median(rd["privgrad"]["ms"] / rd["floor"]["ms"] for rd in ok)}
+        out["rounds"] = [(rd["np"]["ms"], rd["floor"]["ms"], rd["privgrad"]["ms"]) for rd in ok]
+    return out
 
 
 def row(r: dict) -> str:
@@ -399,7 +436,8 @@ def row(r: dict) -> str:
     mem_pg = r.get("privgrad", {}).get("peak_mb", math.nan)
     cells = [r["model"], str(r["batch"]), fmt(r["np"]), fmt(r["np2"]), fmt(r["floor"]),
              fmt(r.get("privgrad"))] + [fmt(r.get("opacus-" + m)) for m in OPACUS_MODES] + [
-        f"{pg / base:.2f}", f"{pg / ms('floor'):.2f}", f"{pg / best:.2f}",
+        f"{r['ratios']['np'] if 'ratios' in r else pg / base:.2f}",
+        f"{r['ratios']['floor'] if 'ratios' in r else pg / ms('floor'):.2f}", f"{pg / best:.2f}",
         f"{noise.get('privgrad', math.nan):.1f} / {noise.get('opacus', math.nan):.1f}",
         f"{mem_np:.0f}", f"{mem_pg:.0f} ({mem_pg / mem_np:.2f})"]
     return "| " + " | ".join(cells) + " |"
