@@ -10,11 +10,12 @@ Every weight of a recurrent layer enters through a linear map applied at every t
 
 so, given the gradients of the loss with respect to ``gi_t``, ``gh_t`` and ``h_t``, each weight's
 per-sample gradient, ghost norm and weighted sum are those of a linear layer over the ``T`` steps
-(``projections.py``). The native kernels do not expose those gradients, so the rule recomputes
-the layer step by step from the captured input and initial state and pulls the captured output
-gradients (of the output sequence, ``h_n`` and ``c_n``) back through it with the gates' own
-derivatives (``rnn_bptt.py``): about one more forward and backward pass of the layer, once per
-call. A cell's single step is recomputed with autograd.
+(``projections.py``). The native kernels do not expose those gradients, so the rule pulls the
+captured output gradients (of the output sequence, ``h_n`` and ``c_n``) back through the layer
+itself, with the gates' own derivatives (``rnn_bptt.py``), and that pass gives the input's
+gradient too, in place of the native backward. The gates come from privgrad's own forward of
+an ``nn.LSTM`` on a CPU, which keeps them, or else from recomputing the layer from the captured
+input and initial state. A cell's single step is recomputed with autograd.
 
 Padded steps of a ``PackedSequence`` keep the state unchanged and output zero, exactly as the
 packed kernel skips them, so they contribute nothing.

@@ -3,10 +3,11 @@
 The recurrent rule (``rnn.py``) needs, for every step ``t``, the gradient of the loss with respect
 to the two linear maps of that step, ``gi_t = W_ih x_t + b_ih`` and ``gh_t = W_hh h_{t-1} + b_hh``
 (and the LSTM projection ``h_t = W_hr m_t``). The native kernels compute those inside their
-backward pass and discard them, so :class:`Recompute` runs the layer again from the captured input:
-a forward pass step by step without autograd that keeps every gate, then the backward pass step
-by step with the gates' closed-form derivatives, from the captured output gradients. Written out
-it costs about what the native forward and backward cost; through autograd it cost twice as much
+backward pass and discard them. On a CPU an LSTM's forward is :func:`lstm_forward`, which keeps
+every gate as it computes it; otherwise :class:`Recompute` runs the layer again from the captured
+input (the top layer from its own output sequence). Then the backward pass goes step by step
+with the gates' closed-form derivatives, from the captured output gradients. Written out it
+costs about what the native forward and backward cost; through autograd it cost twice as much
 again (a graph of small operations per step).
 
 Gate layouts are PyTorch's: LSTM ``(i, f, g, o)``, GRU ``(r, z, n)``. Index letters in the
@@ -66,8 +67,9 @@ def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool,
     The native kernel discards its gates, so a rule that needs them would run the layer's
     products a second time (about a third of a private LSTM step on a CPU); computed here
     they are kept as they are made. The input's contribution to every gate is one product over
-    the whole sequence; each step adds ``h_{t-1} W_hh^T`` and applies the gates in place. Rows of the cell gate ``g`` are scaled by 2 in the weights (exact in floating
-    point), so one ``sigmoid`` over all four gates gives ``g = 2 sigmoid(2a) - 1 = tanh(a)``.
+    the whole sequence; each step adds ``h_{t-1} W_hh^T`` and applies the gates in place. Rows
+    of the cell gate ``g`` are scaled by 2 in the weights (exact in floating point), so one
+    ``sigmoid`` over all four gates gives ``g = 2 sigmoid(2a) - 1 = tanh(a)``.
 
     Args:
         x: ``(b, t, i)`` batch first or ``(t, b, i)``, as the module takes it.
@@ -125,7 +127,8 @@ def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, a
     b, t = x.shape[:2]
     # (b, t, 4h): the input's part of every gate, one product into the reused array
     acts = arrays.empty("acts", (b, t, 4 * hidden), x)
-    x_rows, act_rows, w_t = x.reshape(b * t, -1), acts.view(b * t, -1), (w_ih * scale.unsqueeze(1)).t()
+    x_rows, act_rows = x.reshape(b * t, -1), acts.view(b * t, -1)
+    w_t = (w_ih * scale.unsqueeze(1)).t()
     if bias is None:
         torch.mm(x_rows, w_t, out=act_rows)
     else:
@@ -138,7 +141,7 @@ def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, a
     cells[:, first] = c
     tanh_c = arrays.empty("tanh_c", (b, t, hidden), x)
     rows, cs, tcs, outs = acts.unbind(1), c_all.unbind(1), tanh_c.unbind(1), out.unbind(1)
-    h_prev = arrays.empty("h_prev", (b, t, hidden), x)  # the state before each step: h0, then the outputs
+    h_prev = arrays.empty("h_prev", (b, t, hidden), x)  # state before each step: h0, outputs
     h_prev[:, t - 1 if reverse else 0] = h
     for s in (range(t - 1, -1, -1) if reverse else range(t)):
         a = rows[s].add_(linear(h, w_hh)).sigmoid_()  # oneDNN's product: up to 2x MKL's addmm_ here
@@ -150,7 +153,8 @@ def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, a
         h_prev[:, :t - 1] = out[:, 1:]
     else:
         h_prev[:, 1:] = out[:, :t - 1]
-    return _Trace(suffix, x, h_prev, acts, out, {"c": c_all, "c_prev": c_prev, "tanh_c": tanh_c}), h, c
+    extra = {"c": c_all, "c_prev": c_prev, "tanh_c": tanh_c}
+    return _Trace(suffix, x, h_prev, acts, out, extra), h, c
 
 
 class Recompute:
