@@ -490,23 +490,45 @@ class _Twice(nn.Module):
 
 def test_lstm_work_arrays_are_reused_across_steps_and_never_shared_within_one():
     # The kept gates live in the module's workspace: given back after a step's clipped sums,
-    # reused by the next step (also at a smaller batch), never by two calls of one step.
-    from privgrad.layers.workspace import workspace_of
+    # reused by the next step (also at a smaller batch), never by two calls of one step; every
+    # step still gives the reference clipped sum. Detaching the engine frees the workspace.
+    from privgrad import PrivacyEngine
+    from privgrad.layers import workspace
+    from tests.models.harness import close, floor_of, norms_of
 
     torch.manual_seed(0)
     for model in (_Below(nn.LSTM(3, 4, batch_first=True)).double(), _Twice().double()):
         rnn = model.read.rnn if isinstance(model, _Below) else model.rnn
-        space = workspace_of(rnn)
-        seen = []
+        steps = []  # (x, r, reference per-sample gradients), made before the engine attaches
         for b in (5, 5, 3):
             x = torch.randn(b, 6, 3, dtype=D)
-            r = torch.randn_like(model(x))
-            check_private_step(model, (x,), {}, lambda i, x=x: ((x[i:i + 1],), {}),
-                               lambda rows, out, r=r: (out * r[rows]).sum(), b)
-            seen.append({k: v.data_ptr() for k, v in space._free.items()})
+            with torch.no_grad():
+                r = torch.randn_like(model(x))
+            steps.append((x, r, references(model, lambda i, x=x: ((x[i:i + 1],), {}),
+                                           lambda rows, out, r=r: (out * r[rows]).sum(), b,
+                                           func=False)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        engine = PrivacyEngine(accountant="rdp")
+        c = 1e-4  # below every example's norm: every example is clipped
+        engine.make_private(module=model, optimizer=optimizer, noise_multiplier=0.0,
+                            max_grad_norm=c, loss_reduction="sum",
+                            data_loader=torch.utils.data.DataLoader(torch.zeros(16), batch_size=4))
+        seen = []
+        for x, r, ref in steps:
+            norms = norms_of(ref, x.shape[0])
+            assert (norms > c).all()
+            optimizer.zero_grad()
+            (model(x) * r).sum().backward()
+            optimizer.step()
+            for name, p in model.named_parameters():
+                expected = torch.einsum("b,b...->...", c / norms, ref[name])
+                close(p.grad, expected, 1e-8, floor_of(ref), f"clipped sum of {name}")
+            seen.append({k: v.data_ptr() for k, v in workspace.workspace_of(rnn)._free.items()})
         assert {k[0] for k in seen[0]} == {"0.acts", "0.cells", "0.tanh_c", "0.h_prev", "_l0.d_gi"}
         if isinstance(model, _Below):  # one call a step: the same memory every step
             assert seen[0] == seen[1] == seen[2]
+        engine.detach()
+        assert rnn not in workspace._WORKSPACES
 
 
 def test_workspace_lease_reuse_and_growth():

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from privgrad.engine.outputs import input_only, joint, unviewed
+from privgrad.layers import workspace
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import Capture, LayerRule, RuleRegistry
 
@@ -167,6 +168,7 @@ class Recorder:
             h.remove()
         self._handles.clear()
         self._captures.clear()
+        workspace.drop(self.paths)  # the rules' work arrays kept for the next step
 
     def rule_for(self, module: nn.Module) -> LayerRule:
         """The rule for ``module`` (cached); raises if there is none or it refuses the module."""

@@ -71,8 +71,15 @@ _WORKSPACES: weakref.WeakKeyDictionary[nn.Module, Workspace] = weakref.WeakKeyDi
 
 
 def workspace_of(module: nn.Module) -> Workspace:
-    """The module's workspace (made on first use, freed with the module)."""
+    """The module's workspace (made on first use, freed with the module or :func:`drop`)."""
     ws = _WORKSPACES.get(module)
     if ws is None:
         ws = _WORKSPACES[module] = Workspace()
     return ws
+
+
+def drop(modules) -> None:
+    """Free the workspaces of ``modules`` (the engine lets go of a model it detaches from;
+    leases still out keep their arrays until they are dropped)."""
+    for m in modules:
+        _WORKSPACES.pop(m, None)
