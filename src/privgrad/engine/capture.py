@@ -36,9 +36,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from privgrad.engine.outputs import input_only, joint, unviewed
-from privgrad.layers import workspace
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
-from privgrad.layers import Capture, LayerRule, RuleRegistry
+from privgrad.layers import Capture, LayerRule, RuleRegistry, workspace
 
 
 def _inside_torch_func() -> bool:
