@@ -386,36 +386,41 @@ def test_forward_keeps_its_graph_where_another_hook_could_see_it(monkeypatch):
     engine.detach()
 
 
-KEPT = [(k, kw) for k, kw in LAYOUTS if k is nn.LSTM and not kw.get("proj_size")]
+KEPT = [(k, kw) for k, kw in LAYOUTS if k in (nn.LSTM, nn.GRU) and not kw.get("proj_size")]
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("kind,kwargs", KEPT, ids=[IDS[LAYOUTS.index(c)] for c in KEPT])
-def test_lstm_forward_that_keeps_its_gates(kind, kwargs, batch_first):
-    # lstm_forward returns what the native kernel returns (output contiguous in the module's
+def test_forward_that_keeps_its_gates(kind, kwargs, batch_first):
+    # kept_forward returns what the native kernel returns (output contiguous in the module's
     # layout), and its traces give the projections of the step-by-step recomputation
-    from privgrad.layers.rnn_bptt import Recompute, lstm_forward
+    from privgrad.layers.rnn_bptt import Recompute, kept_forward
 
     torch.manual_seed(0)
     rnn = kind(3, 4, batch_first=batch_first, **kwargs).double()
+    lstm = kind is nn.LSTM
     b, t, d = 3, 6, 2 if rnn.bidirectional else 1
     x = torch.randn(b, t, 3, dtype=D)
     x = x if batch_first else x.transpose(0, 1).contiguous()
-    state = (torch.randn(rnn.num_layers * d, b, 4, dtype=D), torch.randn(rnn.num_layers * d, b, 4, dtype=D))
+    h0 = torch.randn(rnn.num_layers * d, b, 4, dtype=D)
+    c0 = torch.randn(rnn.num_layers * d, b, 4, dtype=D) if lstm else None
     with torch.no_grad():
-        out, (h_n, c_n) = rnn(x, state)
-    kept_out, kept_h, kept_c, traces = lstm_forward(rnn, x, state, batch_first=batch_first)
-    assert kept_out.is_contiguous() and kept_out.shape == out.shape
-    for mine, native in ((kept_out, out), (kept_h, h_n), (kept_c, c_n)):
+        out, h_n = rnn(x, (h0, c0) if lstm else h0)
+    h_n, c_n = h_n if lstm else (h_n, None)
+    kept_out, kept_h, kept_c, traces = kept_forward(rnn, x, (h0, c0), batch_first=batch_first)
+    assert kept_out.is_contiguous() and kept_out.shape == out.shape and (kept_c is None) == (not lstm)
+    for mine, native in ((kept_out, out), (kept_h, h_n)) + (((kept_c, c_n),) if lstm else ()):
         torch.testing.assert_close(mine, native, rtol=1e-10, atol=1e-12)
     xb = x if batch_first else x.transpose(0, 1)
-    grads = (torch.randn(b, t, d * 4, dtype=D), torch.randn_like(h_n), torch.randn_like(c_n))
-    _same_projections(Recompute(rnn, xb, None, state, traces=traces),
-                      Recompute(rnn, xb, None, state), grads)
+    grads = (torch.randn(b, t, d * 4, dtype=D), torch.randn_like(h_n),
+             torch.randn_like(c_n) if lstm else None)
+    _same_projections(Recompute(rnn, xb, None, (h0, c0), traces=traces),
+                      Recompute(rnn, xb, None, (h0, c0)), grads)
 
 
-def test_private_lstm_steps_use_the_kept_gates_and_leave_no_mode_behind(monkeypatch):
-    # Under PrivacyEngine an LSTM's forward is lstm_forward (nothing recomputed in backward);
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_private_steps_use_the_kept_gates_and_leave_no_mode_behind(kind, monkeypatch):
+    # Under PrivacyEngine an LSTM's or GRU's forward is kept_forward (nothing recomputed);
     # a float32 step (tanh through the logistic function) matches float64 references to 1e-5;
     # the function mode is gone after the forward, also after one that raises in the kernel call.
     import privgrad.layers.rnn as rnn_rule
@@ -423,18 +428,18 @@ def test_private_lstm_steps_use_the_kept_gates_and_leave_no_mode_behind(monkeypa
     from privgrad import PrivacyEngine
 
     kept, recomputed = [], []
-    real = rnn_rule.lstm_forward
-    monkeypatch.setattr(rnn_rule, "lstm_forward", lambda *a, **k: kept.append(1) or real(*a, **k))
+    real = rnn_rule.kept_forward
+    monkeypatch.setattr(rnn_rule, "kept_forward", lambda *a, **k: kept.append(1) or real(*a, **k))
     monkeypatch.setattr(bptt.Recompute, "_forward_from_states",
                         lambda *a, **k: recomputed.append(1))
-    model = _Below(nn.LSTM(3, 4, num_layers=2, batch_first=True)).double()
+    model = _Below(kind(3, 4, num_layers=2, batch_first=True)).double()
     x = torch.randn(4, 5, 3, dtype=D)
     r = torch.randn_like(model(x))
     check_private_step(model, (x,), {}, lambda i: ((x[i:i + 1],), {}),
                        lambda rows, out: (out * r[rows]).sum(), 4)
     assert kept and not recomputed
     assert torch._C._len_torch_function_stack() == 0
-    wide = _Below(nn.LSTM(3, 32, batch_first=True)).double()
+    wide = _Below(kind(3, 32, batch_first=True)).double()
     x = 3 * torch.randn(6, 20, 3, dtype=D)
     r = torch.randn_like(wide(x))
     ref = references(wide, lambda i: ((x[i:i + 1],), {}), lambda rows, out: (out * r[rows]).sum(), 6,
@@ -448,29 +453,30 @@ def test_private_lstm_steps_use_the_kept_gates_and_leave_no_mode_behind(monkeypa
     engine = PrivacyEngine(accountant="rdp")
     engine.make_private(module=model, optimizer=optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
                         data_loader=torch.utils.data.DataLoader(torch.zeros(16, 5, 3), batch_size=4))
-    monkeypatch.setattr(rnn_rule, "lstm_forward", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(rnn_rule, "kept_forward", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         model(x.float().double())
     assert torch._C._len_torch_function_stack() == 0 and torch.is_grad_enabled()
     engine.detach()
 
 
-def test_lstm_keeps_the_native_kernel_where_the_loop_would_not_pay(monkeypatch):
-    # proj_size, packed input and autocast keep the native kernel (and the recomputation)
+def test_recurrent_layers_keep_the_native_kernel_where_the_loop_would_not_pay(monkeypatch):
+    # RNN, proj_size, packed input and autocast keep the native kernel (and the recomputation)
     import privgrad.layers.rnn as rnn_rule
 
     kept = []
-    real = rnn_rule.lstm_forward
-    monkeypatch.setattr(rnn_rule, "lstm_forward", lambda *a, **k: kept.append(1) or real(*a, **k))
+    real = rnn_rule.kept_forward
+    monkeypatch.setattr(rnn_rule, "kept_forward", lambda *a, **k: kept.append(1) or real(*a, **k))
     rule = rnn_rule.RecurrentRule()
     x = torch.randn(2, 5, 3)
     assert rule.graphless_forward(nn.LSTM(3, 4, proj_size=2, batch_first=True), (x,), {}, {}) is None
-    assert rule.graphless_forward(nn.GRU(3, 4, batch_first=True), (x,), {}, {}) is None
+    assert rule.graphless_forward(nn.RNN(3, 4, batch_first=True), (x,), {}, {}) is None
     packed = pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
     assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (packed,), {}, {}) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (x,), {}, {}) is None
     assert rule.graphless_forward(nn.LSTM(3, 4, batch_first=True), (x,), {}, {}) is not None
+    assert rule.graphless_forward(nn.GRU(3, 4, batch_first=True), (x,), {}, {}) is not None
     assert not kept
 
 

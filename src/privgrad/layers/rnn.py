@@ -14,8 +14,8 @@ per-sample gradient, ghost norm and weighted sum are those of a linear layer ove
 captured output gradients (of the output sequence, ``h_n`` and ``c_n``) back through the layer
 itself, with the gates' own derivatives (``rnn_bptt.py``), and that pass gives the input's
 gradient too, in place of the native backward. The gates come from privgrad's own forward of
-an ``nn.LSTM`` on a CPU, which keeps them, or else from recomputing the layer from the captured
-input and initial state. A cell's single step is recomputed with autograd.
+an ``nn.LSTM`` or ``nn.GRU`` on a CPU, which keeps them, or else from recomputing the layer
+from the captured input and initial state. A cell's single step is recomputed with autograd.
 
 Padded steps of a ``PackedSequence`` keep the state unchanged and output zero, exactly as the
 packed kernel skips them, so they contribute nothing.
@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from privgrad.errors import UnsupportedModuleError
 from privgrad.layers.base import Capture
 from privgrad.layers.projections import Projection, ProjectionRule
-from privgrad.layers.rnn_bptt import Recompute, lstm_forward
+from privgrad.layers.rnn_bptt import Recompute, kept_forward
 from privgrad.layers.workspace import workspace_of
 
 
@@ -84,15 +84,15 @@ class RecurrentRule(ProjectionRule):
         return type(module).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
 
     def graphless_forward(self, module: nn.RNNBase, args, kwargs, scratch: dict):
-        """An ``nn.LSTM`` (no ``proj_size``) on a CPU tensor input runs :func:`lstm_forward` in
-        place of the native kernel, which discards its gates: kept, they need not be
-        recomputed for the backward (batch 64, T 64, hidden 256: native forward and
-        recomputation 46 -> 35 ms; batch 256: 196 -> 123). The native kernel stays on other
-        devices (on a GPU a loop over the steps costs more than cuDNN's forward and the
-        whole-sequence recomputation), under autocast, and for GRU, RNN and packed input."""
+        """An ``nn.LSTM`` (no ``proj_size``) or ``nn.GRU`` on a CPU tensor input runs
+        :func:`kept_forward` in place of the native kernel, which discards its gates: kept,
+        they need not be recomputed for the backward (LSTM, batch 64, T 64, hidden 256: native
+        forward and recomputation 46 -> 35 ms; batch 256: 196 -> 123). The native kernel stays
+        on other devices (on a GPU a loop over the steps costs more than cuDNN's forward and
+        the whole-sequence recomputation), under autocast, and for RNN and packed input."""
         x = args[0] if args else kwargs.get("input")
         weight = module.weight_ih_l0
-        if (type(module).forward is not nn.LSTM.forward or module.proj_size
+        if (type(module).forward not in (nn.LSTM.forward, nn.GRU.forward) or module.proj_size
                 or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.device.type != "cpu"
                 or weight.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
                 or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu")):
@@ -128,26 +128,28 @@ class RecurrentRule(ProjectionRule):
 
 
 class _KeepGates(TorchFunctionMode):
-    """During one ``nn.LSTM`` forward: its native kernel call (``_VF.lstm`` on a tensor, with
-    the module's own weights) computed by :func:`lstm_forward` instead, whose traces go to
-    ``scratch["traces"]``; every other call as it is."""
+    """During one ``nn.LSTM`` or ``nn.GRU`` forward: its native kernel call (``_VF.lstm`` /
+    ``_VF.gru`` on a tensor, with the module's own weights) computed by :func:`kept_forward`
+    instead, whose traces go to ``scratch["traces"]``; every other call as it is."""
 
-    def __init__(self, module: nn.LSTM, scratch: dict):
+    def __init__(self, module: nn.LSTM | nn.GRU, scratch: dict):
         super().__init__()
         self.module, self.scratch = module, scratch
+        self.kernel = torch._VF.lstm if module.mode == "LSTM" else torch._VF.gru
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         m = self.module
-        if (func is torch._VF.lstm and not kwargs and len(args) == 9
-                and isinstance(args[1], (list, tuple)) and "traces" not in self.scratch):
+        if (func is self.kernel and not kwargs and len(args) == 9 and "traces" not in self.scratch
+                and (isinstance(args[1], (tuple, list)) or args[1].dim() == 3)):  # not packed
             x, hx, weights, bias, layers, dropout, train, bidirectional, batch_first = args
             if (len(weights) == len(m._flat_weights)
                     and all(w is v for w, v in zip(weights, m._flat_weights))
                     and (bias, layers, bidirectional) == (m.bias, m.num_layers, m.bidirectional)
                     and not (train and dropout > 0 and layers > 1)):
-                out, h, c, self.scratch["traces"] = lstm_forward(
-                    m, x, hx, batch_first=batch_first, lease=self.scratch["lease"])
-                return out, h, c
+                state = tuple(hx) if isinstance(hx, (tuple, list)) else (hx, None)
+                out, h, c, self.scratch["traces"] = kept_forward(
+                    m, x, state, batch_first=batch_first, lease=self.scratch["lease"])
+                return (out, h, c) if c is not None else (out, h)
         return func(*args, **(kwargs or {}))
 
 

@@ -3,7 +3,7 @@
 The recurrent rule (``rnn.py``) needs, for every step ``t``, the gradient of the loss with respect
 to the two linear maps of that step, ``gi_t = W_ih x_t + b_ih`` and ``gh_t = W_hh h_{t-1} + b_hh``
 (and the LSTM projection ``h_t = W_hr m_t``). The native kernels compute those inside their
-backward pass and discard them. On a CPU an LSTM's forward is :func:`lstm_forward`, which keeps
+backward pass and discard them. On a CPU an LSTM's or GRU's forward is :func:`kept_forward`, which keeps
 every gate as it computes it; otherwise :class:`Recompute` runs the layer again from the captured
 input (the top layer from its own output sequence). Then the backward pass goes step by step
 with the gates' closed-form derivatives, from the captured output gradients. Written out it
@@ -58,26 +58,27 @@ class _Trace:
     extra: dict = field(default_factory=dict)  # LSTM: c, c_prev, m; GRU: gh_n
 
 
-def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool,
+def kept_forward(module: nn.LSTM | nn.GRU, x: torch.Tensor, state, *, batch_first: bool,
                  lease: Lease | None = None):
-    """An ``nn.LSTM`` forward pass (no ``proj_size``, tensor input) that keeps what its backward
-    pass needs: ``(output, h_n, c_n, traces)``, the first three as the native kernel returns
-    them (``output`` contiguous in the module's layout), ``traces`` for :class:`Recompute`.
+    """An ``nn.LSTM`` (no ``proj_size``) or ``nn.GRU`` forward pass on a tensor input that keeps
+    what its backward pass needs: ``(output, h_n, c_n or None, traces)``, the first three as the
+    native kernel returns them (``output`` contiguous in the module's layout), ``traces`` for
+    :class:`Recompute`.
 
-    The native kernel discards its gates, so a rule that needs them would run the layer's
+    The native kernels discard their gates, so a rule that needs them would run the layer's
     products a second time (about a third of a private LSTM step on a CPU); computed here
     they are kept as they are made. The input's contribution to every gate is one product over
-    the whole sequence; each step adds ``h_{t-1} W_hh^T`` and applies the gates in place. Rows
-    of the cell gate ``g`` are scaled by 2 in the weights (exact in floating point), so one
-    ``sigmoid`` over all four gates gives ``g = 2 sigmoid(2a) - 1 = tanh(a)``.
+    the whole sequence; each step adds the state's product and applies the gates in place.
 
     Args:
         x: ``(b, t, i)`` batch first or ``(t, b, i)``, as the module takes it.
-        state: ``(h0, c0)``, each ``(layers * directions, b, hidden)``.
+        state: ``(h0, c0)``, each ``(layers * directions, b, hidden)`` (``c0`` ``None`` for a
+            GRU).
         lease: where the work arrays come from (reused from the module's last call), or
             ``None`` (fresh ones).
     """
     d, hidden = (2 if module.bidirectional else 1), module.hidden_size
+    direction_pass = _lstm_direction if module.mode == "LSTM" else _gru_direction
     h0, c0 = state
     layer_in = x if batch_first else x.transpose(0, 1)  # (b, t, i), a view
     b, t = layer_in.shape[:2]
@@ -89,16 +90,54 @@ def lstm_forward(module: nn.LSTM, x: torch.Tensor, state, *, batch_first: bool,
             row = []
             for k in range(d):
                 j = layer * d + k
-                tr, h, c = _lstm_direction(module, f"_l{layer}" + ("_reverse" if k else ""),
-                                           layer_in, h0[j], c0[j],
-                                           out_bf[..., k * hidden:(k + 1) * hidden], bool(k),
-                                           _Arrays(lease, f"{j}."))
+                tr, h, c = direction_pass(module, f"_l{layer}" + ("_reverse" if k else ""),
+                                          layer_in, h0[j], None if c0 is None else c0[j],
+                                          out_bf[..., k * hidden:(k + 1) * hidden], bool(k),
+                                          _Arrays(lease, f"{j}."))
                 row.append(tr)
                 h_n.append(h)
                 c_n.append(c)
             traces.append(row)
             layer_in = out_bf
-    return out, torch.stack(h_n), torch.stack(c_n), traces
+    return out, torch.stack(h_n), None if c0 is None else torch.stack(c_n), traces
+
+
+def _input_part(module, suffix: str, x, scale, arrays: _Arrays, gates: int) -> torch.Tensor:
+    """``(b, t, gates * hidden)``: ``x W_ih^T + b_ih`` (LSTM: ``+ b_hh``), rows times
+    ``scale``, as one product into the reused array."""
+    w_ih = getattr(module, "weight_ih" + suffix)
+    bias = None
+    if module.bias:
+        bias = getattr(module, "bias_ih" + suffix)
+        if module.mode == "LSTM":  # gi and gh enter the gates only as their sum
+            bias = bias + getattr(module, "bias_hh" + suffix)
+        bias = bias if scale is None else bias * scale
+    w_t = (w_ih if scale is None else w_ih * scale.unsqueeze(1)).t()
+    b, t = x.shape[:2]
+    acts = arrays.empty("acts", (b, t, gates * module.hidden_size), x)
+    x_rows, act_rows = x.reshape(b * t, -1), acts.view(b * t, -1)
+    if bias is None:
+        torch.mm(x_rows, w_t, out=act_rows)
+    else:
+        torch.addmm(bias, x_rows, w_t, out=act_rows)
+    return acts
+
+
+def _states_before(arrays: _Arrays, h, out, reverse: bool) -> torch.Tensor:
+    """``(b, t, hidden)``: the state before each step, the initial one, then the outputs (to be
+    filled in by :func:`_fill_states_before` once the outputs exist)."""
+    t = out.shape[1]
+    h_prev = arrays.empty("h_prev", out.shape, h)
+    h_prev[:, t - 1 if reverse else 0] = h
+    return h_prev
+
+
+def _fill_states_before(h_prev, out, reverse: bool) -> None:
+    t = out.shape[1]
+    if reverse:
+        h_prev[:, :t - 1] = out[:, 1:]
+    else:
+        h_prev[:, 1:] = out[:, :t - 1]
 
 
 class _Arrays:
@@ -115,25 +154,17 @@ class _Arrays:
 
 
 def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, arrays: _Arrays):
-    """One direction of one layer of :func:`lstm_forward`, writing its outputs into ``out``
-    (``(b, t, hidden)``, a view): ``(trace, h_last, c_last)``."""
+    """One direction of one LSTM layer of :func:`kept_forward`, writing its outputs into ``out``
+    (``(b, t, hidden)``, a view): ``(trace, h_last, c_last)``. Rows of the cell gate ``g`` are
+    scaled by 2 in the weights (exact in floating point), so one ``sigmoid`` over all four gates
+    gives ``g = 2 sigmoid(2a) - 1 = tanh(a)``."""
     hidden = module.hidden_size
-    w_ih, w_hh = getattr(module, "weight_ih" + suffix), getattr(module, "weight_hh" + suffix)
-    scale = torch.ones(4 * hidden, dtype=w_ih.dtype, device=w_ih.device)
+    w_hh = getattr(module, "weight_hh" + suffix)
+    scale = torch.ones(4 * hidden, dtype=w_hh.dtype, device=w_hh.device)
     scale[2 * hidden:3 * hidden] = 2
-    bias = None
-    if module.bias:
-        bias = (getattr(module, "bias_ih" + suffix) + getattr(module, "bias_hh" + suffix)) * scale
-    b, t = x.shape[:2]
-    # (b, t, 4h): the input's part of every gate, one product into the reused array
-    acts = arrays.empty("acts", (b, t, 4 * hidden), x)
-    x_rows, act_rows = x.reshape(b * t, -1), acts.view(b * t, -1)
-    w_t = (w_ih * scale.unsqueeze(1)).t()
-    if bias is None:
-        torch.mm(x_rows, w_t, out=act_rows)
-    else:
-        torch.addmm(bias, x_rows, w_t, out=act_rows)
+    acts = _input_part(module, suffix, x, scale, arrays, 4)  # (b, t, 4h)
     w_hh = w_hh * scale.unsqueeze(1)
+    b, t = x.shape[:2]
     # c_{t-1} and c_t as two views of one buffer: the initial cell in the extra slot
     cells = arrays.empty("cells", (b, t + 1, hidden), x)
     first, c_prev, c_all = (t, cells[:, 1:], cells[:, :t]) if reverse else (
@@ -141,20 +172,40 @@ def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, a
     cells[:, first] = c
     tanh_c = arrays.empty("tanh_c", (b, t, hidden), x)
     rows, cs, tcs, outs = acts.unbind(1), c_all.unbind(1), tanh_c.unbind(1), out.unbind(1)
-    h_prev = arrays.empty("h_prev", (b, t, hidden), x)  # state before each step: h0, outputs
-    h_prev[:, t - 1 if reverse else 0] = h
+    h_prev = _states_before(arrays, h, out, reverse)
     for s in (range(t - 1, -1, -1) if reverse else range(t)):
         a = rows[s].add_(linear(h, w_hh)).sigmoid_()  # oneDNN's product: up to 2x MKL's addmm_ here
         i, f, g, o = a.chunk(4, 1)
         g.mul_(2).sub_(1)
         c = torch.mul(i, g, out=cs[s]).addcmul_(f, c)
         h = torch.mul(o, _tanh(c, out=tcs[s]), out=outs[s])
-    if reverse:
-        h_prev[:, :t - 1] = out[:, 1:]
-    else:
-        h_prev[:, 1:] = out[:, :t - 1]
+    _fill_states_before(h_prev, out, reverse)
     extra = {"c": c_all, "c_prev": c_prev, "tanh_c": tanh_c}
     return _Trace(suffix, x, h_prev, acts, out, extra), h, c
+
+
+def _gru_direction(module: nn.GRU, suffix: str, x, h, c, out, reverse: bool, arrays: _Arrays):
+    """One direction of one GRU layer of :func:`kept_forward` (``c`` unused):
+    ``(trace, h_last, None)``. Per step: ``gh = W_hh h + b_hh``; ``r, z`` the sigmoid of the
+    sums; ``n = tanh(gi_n + r gh_n)``; ``h' = n + z (h - n)``."""
+    hidden = module.hidden_size
+    w_hh = getattr(module, "weight_hh" + suffix)
+    b_hh = getattr(module, "bias_hh" + suffix) if module.bias else None
+    acts = _input_part(module, suffix, x, None, arrays, 3)  # (b, t, 3h): gi, then (r, z, n)
+    b, t = x.shape[:2]
+    gh_n = arrays.empty("gh_n", (b, t, hidden), x)
+    rows, ghs, outs = acts.unbind(1), gh_n.unbind(1), out.unbind(1)
+    h_prev = _states_before(arrays, h, out, reverse)
+    for s in (range(t - 1, -1, -1) if reverse else range(t)):
+        gh = linear(h, w_hh, b_hh)  # (b, 3h)
+        a = rows[s]
+        a[:, :2 * hidden].add_(gh[:, :2 * hidden]).sigmoid_()
+        r, z, n = a.chunk(3, 1)
+        ghs[s].copy_(gh[:, 2 * hidden:])
+        _tanh(n.addcmul_(r, ghs[s]))
+        h = torch.sub(h, n, out=outs[s]).mul_(z).add_(n)
+    _fill_states_before(h_prev, out, reverse)
+    return _Trace(suffix, x, h_prev, acts, out, {"gh_n": gh_n}), h, None
 
 
 class Recompute:
@@ -168,9 +219,9 @@ class Recompute:
             LSTM).
         output: ``(b, t, d*h_out)`` the output sequence the layer's own forward pass returned,
             batch first, or ``None`` (then every layer is recomputed step by step).
-        traces: what :func:`lstm_forward` kept of the call (one row of directions per layer):
+        traces: what :func:`kept_forward` kept of the call (one row of directions per layer):
             then nothing of the forward pass is recomputed at all. Or ``None``.
-        lease: where the gate gradients' arrays come from (see :func:`lstm_forward`).
+        lease: where the gate gradients' arrays come from (see :func:`kept_forward`).
     """
 
     def __init__(self, module: nn.RNNBase, x: torch.Tensor, lengths, state, output=None,
@@ -361,7 +412,7 @@ class Recompute:
         _SIGMOID_BACKWARD(g, i, grad_input=d_i)
         _SIGMOID_BACKWARD(tr.extra["c_prev"], f, grad_input=d_f)
         _TANH_BACKWARD(i, g, grad_input=d_g)
-        tc = tr.extra.pop("tanh_c", None)  # kept by lstm_forward; overwritten below
+        tc = tr.extra.pop("tanh_c", None)  # kept by kept_forward; overwritten below
         tc = _tanh(tr.extra["c"], out=torch.empty_like(tr.extra["c"])) if tc is None else tc
         _SIGMOID_BACKWARD(tc, o, grad_input=d_o)
         return _TANH_BACKWARD(o, tc, grad_input=tc)
