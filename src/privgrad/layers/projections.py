@@ -105,10 +105,11 @@ class ProjectionRule(LayerRule):
         # sum_b w_b g_b^T a_b = (w g)^T a = g^T (w a): the narrower of the two is scaled (an
         # LSTM's gate gradient is 4H wide, its inputs I and H), by sum_of_outer.
         bias_sum = _once(lambda g: weights.to(g.dtype) @ g.sum(1))
+        row_weights = _once(lambda w, dtype, t: w.to(dtype).repeat_interleave(t))  # (b t,)
         for p in self.projections(module, capture):
             if p.weight in names:
                 g, a = p.g, p.a.to(p.g.dtype)
-                rows = weights.to(g.dtype).repeat_interleave(g.shape[1])  # (b t,)
+                rows = row_weights(weights, g.dtype, g.shape[1])
                 parts.setdefault(p.weight, []).append(sum_of_outer(
                     g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), rows))
             if p.bias in names:

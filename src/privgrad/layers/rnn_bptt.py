@@ -123,21 +123,16 @@ def _input_part(module, suffix: str, x, scale, arrays: _Arrays, gates: int) -> t
     return acts
 
 
-def _states_before(arrays: _Arrays, h, out, reverse: bool) -> torch.Tensor:
-    """``(b, t, hidden)``: the state before each step, the initial one, then the outputs (to be
-    filled in by :func:`_fill_states_before` once the outputs exist)."""
-    t = out.shape[1]
-    h_prev = arrays.empty("h_prev", out.shape, h)
-    h_prev[:, t - 1 if reverse else 0] = h
-    return h_prev
-
-
-def _fill_states_before(h_prev, out, reverse: bool) -> None:
-    t = out.shape[1]
+def _before_each_step(initial: torch.Tensor, seq: torch.Tensor, reverse: bool,
+                      into: torch.Tensor) -> torch.Tensor:
+    """``into`` (``(b, t, f)``) filled with the value before each step of ``seq``: ``initial``
+    at the first step (the last one when ``reverse``), then ``seq`` shifted by one step."""
+    t = seq.shape[1]
     if reverse:
-        h_prev[:, :t - 1] = out[:, 1:]
+        into[:, t - 1], into[:, :t - 1] = initial, seq[:, 1:]
     else:
-        h_prev[:, 1:] = out[:, :t - 1]
+        into[:, 0], into[:, 1:] = initial, seq[:, :t - 1]
+    return into
 
 
 class _Arrays:
@@ -172,14 +167,14 @@ def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, a
     cells[:, first] = c
     tanh_c = arrays.empty("tanh_c", (b, t, hidden), x)
     rows, cs, tcs, outs = acts.unbind(1), c_all.unbind(1), tanh_c.unbind(1), out.unbind(1)
-    h_prev = _states_before(arrays, h, out, reverse)
+    h0 = h
     for s in (range(t - 1, -1, -1) if reverse else range(t)):
         a = rows[s].add_(linear(h, w_hh)).sigmoid_()  # oneDNN's product: up to 2x MKL's addmm_ here
         i, f, g, o = a.chunk(4, 1)
         g.mul_(2).sub_(1)
         c = torch.mul(i, g, out=cs[s]).addcmul_(f, c)
         h = torch.mul(o, _tanh(c, out=tcs[s]), out=outs[s])
-    _fill_states_before(h_prev, out, reverse)
+    h_prev = _before_each_step(h0, out, reverse, arrays.empty("h_prev", out.shape, x))
     extra = {"c": c_all, "c_prev": c_prev, "tanh_c": tanh_c}
     return _Trace(suffix, x, h_prev, acts, out, extra), h, c
 
@@ -195,7 +190,7 @@ def _gru_direction(module: nn.GRU, suffix: str, x, h, c, out, reverse: bool, arr
     b, t = x.shape[:2]
     gh_n = arrays.empty("gh_n", (b, t, hidden), x)
     rows, ghs, outs = acts.unbind(1), gh_n.unbind(1), out.unbind(1)
-    h_prev = _states_before(arrays, h, out, reverse)
+    h0 = h
     for s in (range(t - 1, -1, -1) if reverse else range(t)):
         gh = linear(h, w_hh, b_hh)  # (b, 3h)
         a = rows[s]
@@ -204,7 +199,7 @@ def _gru_direction(module: nn.GRU, suffix: str, x, h, c, out, reverse: bool, arr
         ghs[s].copy_(gh[:, 2 * hidden:])
         _tanh(n.addcmul_(r, ghs[s]))
         h = torch.sub(h, n, out=outs[s]).mul_(z).add_(n)
-    _fill_states_before(h_prev, out, reverse)
+    h_prev = _before_each_step(h0, out, reverse, arrays.empty("h_prev", out.shape, x))
     return _Trace(suffix, x, h_prev, acts, out, {"gh_n": gh_n}), h, None
 
 
@@ -338,11 +333,7 @@ class Recompute:
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         w = self._weights(suffix)
         t = x.shape[1]
-        h_prev = torch.empty_like(out)
-        first, rest, shifted = (t - 1, slice(0, t - 1), out[:, 1:]) if direction else (
-            0, slice(1, t), out[:, :-1])
-        h_prev[:, first] = h
-        h_prev[:, rest] = shifted
+        h_prev = _before_each_step(h, out, bool(direction), torch.empty_like(out))
         extra = {}
         if mode == "LSTM":
             # gi + gh as one product over [x_t, h_{t-1}] (faster than two and an addition)
@@ -359,9 +350,7 @@ class Recompute:
             for s in steps:
                 cell[:, s].addcmul_(f[:, s], before)
                 before = cell[:, s]
-            c_prev = torch.empty_like(cell)
-            c_prev[:, first] = c
-            c_prev[:, rest] = cell[:, 1:] if direction else cell[:, :-1]
+            c_prev = _before_each_step(c, cell, bool(direction), torch.empty_like(cell))
             extra = {"c": cell, "c_prev": c_prev}
             if w["weight_hr"] is not None:
                 extra["m"] = torch.tanh(cell).mul_(o)
