@@ -114,3 +114,53 @@ def test_sample_many_draws_each_dtype_once_into_views_of_one_buffer():
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # follows torch.manual_seed
     assert not torch.equal(first[0], source.sample_many(likes, STD)[0])
     assert all(not t.any() for t in source.sample_many(likes, 0.0))
+
+
+def _cpu_likes():
+    return [((300, 40), torch.float32, "cpu"), ((50,), torch.float32, "cpu")]
+
+
+def _base_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_sample_many_refills_its_buffer_once_no_view_is_held():
+    if noise_module._use_count_baseline() is None:
+        pytest.skip("this PyTorch does not count a storage's users")
+    source = TorchGaussian()
+    out = source.sample_many(_cpu_likes(), STD)
+    ptr = _base_ptr(out[0])
+    del out
+    torch.manual_seed(5)
+    again = source.sample_many(_cpu_likes(), STD)
+    assert _base_ptr(again[0]) == ptr  # the same memory, written again
+    torch.manual_seed(5)
+    fresh = TorchGaussian().sample_many(_cpu_likes(), STD)
+    assert all(torch.equal(a, b) for a, b in zip(again, fresh))  # the same draw as a new buffer
+
+
+@pytest.mark.parametrize("holder", ["view", "view of a view", "numpy", "grad"])
+def test_sample_many_never_writes_memory_someone_still_uses(holder):
+    source = TorchGaussian()
+    out = source.sample_many(_cpu_likes(), STD)
+    p = torch.nn.Parameter(torch.zeros(50))
+    kept = {"view": lambda: out[1], "view of a view": lambda: out[0][3:5].view(-1),
+            "numpy": lambda: out[0].numpy(), "grad": lambda: setattr(p, "grad", out[1])}[holder]()
+    snapshot = [t.clone() for t in out]
+    ptr = _base_ptr(out[0])
+    del out
+    again = source.sample_many(_cpu_likes(), STD)
+    assert _base_ptr(again[0]) != ptr
+    if holder == "grad":
+        assert torch.equal(p.grad, snapshot[1])
+    elif holder == "numpy":
+        assert np.array_equal(kept, snapshot[0].numpy())
+    else:
+        assert torch.equal(kept, (snapshot[1] if holder == "view" else snapshot[0][3:5].view(-1)))
+    if noise_module._use_count_baseline() is not None:
+        # the source let go of the held buffer: once the newer one is free, it is reused
+        del kept
+        p.grad = None
+        newer = _base_ptr(again[0])
+        del again
+        assert _base_ptr(source.sample_many(_cpu_likes(), STD)[0]) == newer

@@ -60,6 +60,8 @@ class TorchGaussian:
 
     def __init__(self, parallel_min: int = PARALLEL_MIN):
         self.parallel_min = parallel_min
+        # sample_many's last CPU buffer per (dtype, device), reused once nothing else holds it
+        self._kept: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def sample(self, like: torch.Tensor, std: float) -> torch.Tensor:
         """A new tensor shaped like ``like`` (same dtype and device) of ``N(0, std^2)`` draws."""
@@ -83,6 +85,14 @@ class TorchGaussian:
         Tensors of one dtype and device are views into one buffer filled by a single draw, so
         that many small parameters are drawn together (on several cores on the CPU) instead of
         one short ``normal_`` call each.
+
+        On the CPU the buffer is kept and refilled by the next call once no tensor anywhere
+        still uses its memory (every view handed out is gone: ``optimizer.zero_grad()`` set the
+        gradients to ``None`` and nobody kept one). A fresh buffer of a model's size costs a
+        page fault per 4 KiB on first touch (the C library returns such blocks to the system
+        when they are freed): 0.5-1 ms a step for a 0.5M-parameter MLP, a quarter of its noise.
+        Where a view is still held, the call takes a fresh buffer and the held one is never
+        written again.
         """
         groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, (_, dtype, device) in enumerate(likes):
@@ -90,10 +100,21 @@ class TorchGaussian:
         out: list[torch.Tensor | None] = [None] * len(likes)
         for (dtype, device), members in groups.items():
             sizes = [math.prod(likes[i][0]) for i in members]
-            flat = self.fill(torch.empty(sum(sizes), dtype=dtype, device=device), std)
+            flat = self.fill(self._buffer(sum(sizes), dtype, device), std)
             for i, piece in zip(members, flat.split(sizes)):
                 out[i] = piece.view(likes[i][0])
         return out
+
+    def _buffer(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat ``n``-element buffer: the kept one if nothing else uses it, else a new one
+        (kept in its place on the CPU)."""
+        key = (dtype, device)
+        kept = self._kept.pop(key, None)
+        if kept is None or kept.numel() != n or not _sole_user(kept):
+            kept = torch.empty(n, dtype=dtype, device=device)
+        if device.type == "cpu" and _use_count_baseline() is not None:
+            self._kept[key] = kept
+        return kept
 
     def add_noise(self, total: torch.Tensor, std: float) -> torch.Tensor:
         """``total + N(0, std^2)`` as a new tensor (the noise is drawn first, then added).
@@ -156,6 +177,35 @@ def _state_layout_known() -> bool:
     w0, w1 = np.frombuffer(raw[_WORDS:_WORDS + 16].tobytes(), dtype=np.uint64).tolist()
     return (initial == seed and left == 1 and seeded == 1 and next_ == 0 and w0 == seed
             and w1 == (1812433253 * (seed ^ (seed >> 30)) + 1) & 0xFFFFFFFF)
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors (views included) use ``t``'s memory, plus a fixed offset."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+@functools.cache
+def _use_count_baseline() -> int | None:
+    """:func:`_storage_users` of a tensor nothing else uses, if this PyTorch counts views the
+    way :func:`_sole_user` relies on (checked once); ``None`` turns buffer reuse off."""
+    if not hasattr(torch._C, "_storage_Use_Count"):
+        return None
+    try:
+        t = torch.empty(4)
+        alone = _storage_users(t)
+        view = t[1:]
+        with_view = _storage_users(t)
+        del view
+        after = _storage_users(t)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return alone if with_view == alone + 1 and after == alone else None
+
+
+def _sole_user(t: torch.Tensor) -> bool:
+    """Whether no tensor but ``t`` itself uses its memory (no view, no other holder)."""
+    baseline = _use_count_baseline()
+    return baseline is not None and _storage_users(t) == baseline
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
