@@ -1,4 +1,5 @@
-"""privgrad.layers.kernels.linear equals F.linear (float32 CPU products run on oneDNN there)."""
+"""privgrad.layers.kernels.linear equals F.linear (large float32 CPU products run on oneDNN
+there), and sum_of_outer is the weighted sum of outer products."""
 
 import pytest
 import torch
@@ -17,8 +18,14 @@ def operands():
             (big, big[:33], None), (big.T, big.T[:40], None)]
 
 
+@pytest.fixture
+def onednn_for_all_sizes(monkeypatch):
+    """The oneDNN path for every product, so the small operands below exercise it."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
+
+
 @pytest.mark.parametrize("case", range(6))
-def test_linear_matches_f_linear_in_float32(case):
+def test_linear_matches_f_linear_in_float32(case, onednn_for_all_sizes):
     x, w, b = operands()[case]
     expected = F.linear(x.double(), w.double(), None if b is None else b.double())
     got = kernels.linear(x, w, b)
@@ -26,7 +33,8 @@ def test_linear_matches_f_linear_in_float32(case):
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_linear_keeps_autograd_and_other_dtypes_on_f_linear(monkeypatch):
+def test_linear_keeps_autograd_and_other_dtypes_on_f_linear(monkeypatch, onednn_for_all_sizes):
+    kernels._onednn_linear_works()  # its one-time check calls the op itself
     calls = []
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
                         lambda *a: calls.append(1) or F.linear(*a[:3]), raising=False)
@@ -38,6 +46,20 @@ def test_linear_keeps_autograd_and_other_dtypes_on_f_linear(monkeypatch):
     with torch.no_grad():
         kernels.linear(x, w, b)
     assert calls == ([1] if kernels._onednn_linear_works() else [])
+
+
+def test_small_products_stay_on_f_linear(monkeypatch):
+    kernels._onednn_linear_works()
+    calls = []
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: calls.append(a[0].shape) or F.linear(*a[:3]), raising=False)
+    small = torch.randn(256, 10), torch.randn(256, 10)  # 256 * 10 * 256 multiply-adds
+    m, k, n = 64, 256, kernels.ONEDNN_MIN_MACS // (64 * 256)  # exactly at the threshold
+    large = torch.randn(m, k), torch.randn(n, k)
+    with torch.no_grad():
+        assert torch.allclose(kernels.linear(*small), F.linear(*small))
+        assert torch.allclose(kernels.linear(*large), F.linear(*large), rtol=1e-5, atol=1e-4)
+    assert calls == ([(m, k)] if kernels._onednn_linear_works() else [])
 
 
 def test_onednn_is_used_on_this_build():
