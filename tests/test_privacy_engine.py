@@ -91,6 +91,26 @@ def test_epsilon_is_zero_before_the_first_step_and_grows():
 
 
 # -- the update is exactly the clipped sum ----------------------------------------------------
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_gradient_the_user_keeps_is_never_overwritten_by_a_later_step(set_to_none):
+    # the noise buffer is refilled step after step only while nothing else uses its memory
+    engine, model, optimizer, (_, _, data_loader) = private(lr=0.0)
+    x, y = next(iter(data_loader))
+    kept, snapshots = [], []
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        kept.append(model[0].weight.grad)
+        snapshots.append(model[0].weight.grad.clone())
+    for k, s in zip(kept[:-1], snapshots):
+        # set_to_none=False: the user's own zero_grad() zeroed it in place (PyTorch's meaning),
+        # and no later step wrote noise into it
+        assert torch.equal(k, s if set_to_none else torch.zeros_like(s))
+    assert torch.equal(kept[-1], snapshots[-1])
+    assert not torch.equal(snapshots[0], snapshots[1])  # fresh noise every step
+
+
 def per_example_grads(model, x, y):
     return func_per_example(model, lambda i: ((x[i:i + 1],), {}),
                             lambda i, out: F.cross_entropy(out, y[i:i + 1]), len(x))

@@ -13,9 +13,9 @@ dtypes, a PyTorch built without oneDNN, and small products, where oneDNN's fixed
 30 us is more than the product: ``(256 x 10) @ (10 x 256)`` 0.057 against 0.028 ms).
 
 The clipped sums have the other layout: ``a.T @ b``, contracting the rows (examples, positions).
-There MKL reads the transposed operand in place and was as fast or faster than oneDNN at every
+There MKL reads the transposed operand in place and was within 2% of oneDNN or faster at every
 shape measured (13 shapes, rows 64 to 32,768, widths 10 to 1,024, interleaved on the same
-machine: oneDNN took 0.98-2.83x MKL's time, 1.01-1.37x for the products above 10^8 multiply-
+machine: oneDNN took 0.98-2.83x MKL's time, 0.98-1.37x for the products above 10^8 multiply-
 adds), so :func:`sum_of_outer` calls ``torch.mm``.
 """
 
