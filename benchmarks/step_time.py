@@ -32,7 +32,10 @@ The notes under the table give, per configuration, the minor page faults per ste
 kernel's share of the CPU time (non-private and privgrad). ``--malloc-tuned`` runs every
 configuration, all columns alike, with glibc keeping freed memory instead of returning it to
 the kernel: on a virtual machine, where a page fault costs microseconds, that separates the
-allocator's cost from the arithmetic.
+allocator's cost from the arithmetic. ``--omp-spin COUNT`` runs every configuration, all columns
+alike, with ``GOMP_SPINCOUNT=COUNT``: PyTorch's idle OpenMP threads spin that many times after a
+parallel region before they sleep (default 300,000, several milliseconds), and while they spin
+they take a core from privgrad's noise streams (see docs/performance.md).
 
 Opacus modes that would materialise per-sample gradients larger than ``--max-psg-gb`` are
 skipped (printed as ``skip``) so that the run cannot exhaust a shared machine's memory.
@@ -293,10 +296,20 @@ def psg_gb(name: str, batch: int) -> float:
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**40), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
+def run_env(args) -> dict[str, str]:
+    """Environment settings every configuration of this run gets alike (``--malloc-tuned``,
+    ``--omp-spin``): read by glibc and libgomp when a process starts, so only a fresh
+    subprocess can have them."""
+    env = dict(TUNED_MALLOC) if args.malloc_tuned else {}
+    if args.omp_spin is not None:
+        env["GOMP_SPINCOUNT"] = str(args.omp_spin)
+    return env
+
+
 def run(name: str, batch: int, variant: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, str(batch), variant, "--threads",
            str(args.threads), "--min-time", str(args.min_time), "--min-steps", str(args.min_steps)]
-    env = {**os.environ, **(TUNED_MALLOC if args.malloc_tuned else {})}
+    env = {**os.environ, **run_env(args)}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -335,8 +348,13 @@ def main() -> None:
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="run every configuration (all columns alike) with glibc told to keep "
                          "freed memory: " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()))
+    ap.add_argument("--omp-spin", type=int, metavar="COUNT",
+                    help="run every configuration (all columns alike) with GOMP_SPINCOUNT=COUNT: "
+                         "how long PyTorch's idle OpenMP threads spin before they sleep")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "BATCH", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.omp_spin is not None and args.omp_spin < 0:
+        ap.error(f"--omp-spin must be a count of 0 or more; got {args.omp_spin}")
     torch.set_num_threads(args.threads)
     if args.worker:
         name, batch, variant = args.worker
@@ -349,7 +367,8 @@ def main() -> None:
     print(f"# privgrad step time, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} threads), "
           f"opacus {opacus.__version__}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
-          f"allocator: glibc {'tuned (--malloc-tuned)' if args.malloc_tuned else 'default'}")
+          f"allocator: glibc {'tuned (--malloc-tuned)' if args.malloc_tuned else 'default'}, "
+          f"OpenMP spin: {'GOMP_SPINCOUNT=%d (--omp-spin)' % args.omp_spin if args.omp_spin is not None else 'default'}")
     print("# ms/step medians; x = privgrad / column; each cell a fresh process\n")
     head = ("| model | B | np | np2 | floor | privgrad | hooks | functorch | ew | ghost | x np | "
             "x floor | x opacus | noise pg/op ms | MB np | MB pg (x) |")

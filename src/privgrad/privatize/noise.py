@@ -37,6 +37,10 @@ STREAMS = 4  #: pieces a large CPU tensor is drawn in (fixed: the noise is the s
 #: faster than one ``normal_`` (thread hand-off, fresh generator states, and the intra-op threads
 #: still spinning after the backward pass): measured interleaved in a training step on 2 cores,
 #: 0.54M noise draws took 2.4 ms in pieces against 2.0 ms in one call; 1.7M took 4.9 against 8.3.
+#: The spinning is libgomp's ``GOMP_SPINCOUNT`` (300,000 rounds by default); with 10,000, set
+#: before Python starts, the pieces win from about 0.5M (see docs/performance.md). The threshold
+#: stays fixed here, not read from the environment: it decides which tensors are drawn in pieces,
+#: and so the noise values for a given seed.
 PARALLEL_MIN = 1 << 20
 
 # PyTorch's CPU generator state (CPUGeneratorImplState): a uint64 initial seed, int32 ``left``,
