@@ -123,6 +123,12 @@ SWITCHES = [
     # Linear: ghost when T (d + p) < d p (here d = p = 4: T = 1 ghost, T = 3 materialise)
     ("linear", lambda: nn.Linear(4, 4), lambda: torch.randn(3, 1, 4, dtype=D), "ghost"),
     ("linear", lambda: nn.Linear(4, 4), lambda: torch.randn(3, 3, 4, dtype=D), "materialize"),
+    # ... also where the Gram products are formed in halves (GRAM_HALVES_MIN = 256 positions):
+    # d = p = 400 materialises (its per-sample gradients are smaller than the capture, though
+    # the halves' 3/4 of 256^2 (d + p) is less than 256 d p); d = p = 600 takes the ghost norm
+    ("linear", lambda: nn.Linear(400, 400), lambda: torch.randn(3, 256, 400, dtype=D),
+     "materialize"),
+    ("linear", lambda: nn.Linear(600, 600), lambda: torch.randn(3, 256, 600, dtype=D), "ghost"),
     # Conv: ghost when L (i + o) < i o (i = 18, o = 3: L = 2 ghost, L = 4 materialise; and
     # while the whole per-sample tensor is small: see test_convolution_norms_in_chunks)
     ("conv", lambda: nn.Conv1d(2, 3, 9), lambda: torch.randn(3, 2, 10, dtype=D), "ghost"),

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from privgrad.layers.linear import GRAM_HALVES_MIN, gram_inner, grams, linear_ghost_norm_sq
 from tests.layers.cases import check_module
 
 D = torch.float64
@@ -29,6 +30,25 @@ def test_linear_any_leading_dims(b, middle, d, p, bias):
 def test_linear_long_sequence_prefers_materialising_and_still_agrees():
     # T (d + p) > d p: the cost model picks materialising in "auto"; all modes agree.
     check_module(nn.Linear(2, 2).double(), (randn(3, 9, 2),))
+
+
+# Gram products in halves, from GRAM_HALVES_MIN positions: the same norms as the whole matrices
+@pytest.mark.parametrize("t", [GRAM_HALVES_MIN - 1, GRAM_HALVES_MIN, GRAM_HALVES_MIN + 1])
+def test_gram_blocks_give_the_per_sample_norm(t):
+    torch.manual_seed(t)
+    a, g = randn(3, t, 4), randn(3, t, 2)
+    blocks = grams(a)
+    h = t // 2
+    assert [x.shape[1:] for x in blocks] == (
+        [(t, t)] if t < GRAM_HALVES_MIN else [(h, h), (t - h, t - h), (h, t - h)])
+    per_sample = torch.einsum("bto,bti->boi", g, a).square().sum((1, 2))  # materialised
+    torch.testing.assert_close(gram_inner(blocks, grams(g)), per_sample, rtol=1e-10, atol=0)
+    torch.testing.assert_close(linear_ghost_norm_sq(a, g, D), per_sample, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("t", [GRAM_HALVES_MIN, GRAM_HALVES_MIN + 1])
+def test_linear_gram_in_halves_in_every_mode(t):
+    check_module(nn.Linear(3, 2).double(), (randn(2, t, 3),))
 
 
 def test_linear_partly_frozen():

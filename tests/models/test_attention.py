@@ -13,6 +13,7 @@ from torch import nn
 
 from privgrad.engine import PerSampleGradients
 from privgrad.errors import UnsupportedModuleError
+from privgrad.layers.linear import GRAM_HALVES_MIN
 from tests.layers.cases import check_module
 from tests.models.harness import check_per_sample, check_private_step
 
@@ -47,6 +48,16 @@ def test_self_attention_either_layout(batch_first, need_weights):
     else:
         check_module(model, (x.transpose(0, 1),), batch=B,
                      example=lambda i: ((x[i:i + 1].transpose(0, 1),), {}))
+
+
+def test_cross_attention_over_a_long_key_sequence():
+    # GRAM_HALVES_MIN key positions: the key and value projections' Gram products in halves,
+    # the query projection's (T positions) whole
+    torch.manual_seed(3)
+    model = Attend(nn.MultiheadAttention(E, 2, batch_first=True, kdim=3, vdim=6)).double()
+    s = GRAM_HALVES_MIN
+    q, k, v = torch.randn(B, T, E, dtype=D), torch.randn(B, s, 3, dtype=D), torch.randn(B, s, 6, dtype=D)
+    check_module(model, (q, k, v))
 
 
 def test_cross_attention_with_kdim_vdim_bias_kv_zero_attn_and_padding():

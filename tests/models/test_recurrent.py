@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from privgrad.engine import PerSampleGradients
 from privgrad.errors import UnsupportedModuleError
+from privgrad.layers.linear import GRAM_HALVES_MIN
 from tests.layers.cases import check_module
 from tests.models.harness import check_per_sample, check_private_step, references
 
@@ -107,6 +108,14 @@ def test_shapes_including_empty_and_single_batches(b, t, kind, bidirectional):
     torch.manual_seed(b * 10 + t)
     model = Readout(kind(2, 3, batch_first=True, bidirectional=bidirectional)).double()
     check_module(model, (torch.randn(b, t, 2, dtype=D),))
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_long_sequence_gram_in_halves(kind):
+    # GRAM_HALVES_MIN steps and one more: the ghost norms' Gram products are formed in halves
+    torch.manual_seed(7)
+    model = Readout(kind(2, 3, batch_first=True)).double()
+    check_module(model, (torch.randn(2, GRAM_HALVES_MIN + 1, 2, dtype=D),))
 
 
 def test_partly_frozen():

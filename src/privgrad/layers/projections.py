@@ -23,7 +23,7 @@ import torch
 
 from privgrad.layers.base import Capture, LayerRule
 from privgrad.layers.kernels import sum_of_outer
-from privgrad.layers.linear import linear_ghost_norm_sq
+from privgrad.layers.linear import gram_inner, grams, linear_ghost_norm_sq
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ProjectionRule(LayerRule):
 
     def ghost_norms_sq(self, module, capture: Capture, names):
         out: dict[str, torch.Tensor] = {}
-        gram = _once(lambda x, dtype: torch.bmm(x.to(dtype), x.to(dtype).transpose(1, 2)))
+        gram = _once(lambda x, dtype: grams(x.to(dtype)))
         bias_sq = _once(lambda g, dtype: g.to(dtype).sum(1).square().sum(1))
         for p in self.projections(module, capture):
             dtype = self.norm_dtype(p.g)
@@ -93,7 +93,7 @@ class ProjectionRule(LayerRule):
                 if p.a.shape[1] == 1:
                     sq = linear_ghost_norm_sq(p.a, p.g, dtype)
                 else:  # ||g_b^T a_b||_F^2 = <a_b a_b^T, g_b g_b^T>
-                    sq = (gram(p.a, dtype) * gram(p.g, dtype)).sum((1, 2))
+                    sq = gram_inner(gram(p.a, dtype), gram(p.g, dtype))
                 out[p.weight] = out[p.weight] + sq if p.weight in out else sq
             if p.bias in names:
                 sq = bias_sq(p.g, dtype)
@@ -117,6 +117,7 @@ class ProjectionRule(LayerRule):
         return {n: self._assemble(module, n, blocks, batched=False) for n, blocks in parts.items()}
 
     def ghost_cost(self, module, capture: Capture) -> float:
+        # whole matrices, as LinearRule.ghost_cost (see privgrad/layers/linear.py)
         grams = {id(x): x.shape[0] * x.shape[1] ** 2 * x.shape[-1]
                  for p in self.projections(module, capture) if p.a is not None for x in (p.a, p.g)}
         return float(sum(grams.values()))
