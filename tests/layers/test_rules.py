@@ -51,6 +51,12 @@ def test_linear_gram_in_halves_in_every_mode(t):
     check_module(nn.Linear(3, 2).double(), (randn(2, t, 3),))
 
 
+def test_convolution_gram_form_in_halves():
+    # L (i + o) <= i o at L = 256 positions (i = 60 x 10, o = 600): the Gram form, in halves
+    torch.manual_seed(5)
+    check_module(nn.Conv1d(60, 600, 10).double(), (randn(2, 60, GRAM_HALVES_MIN + 9),))
+
+
 def test_linear_partly_frozen():
     layer = nn.Linear(4, 3).double()
     layer.weight.requires_grad_(False)
