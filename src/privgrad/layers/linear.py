@@ -43,8 +43,9 @@ def _flat(capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 #: Positions from which the Gram products of a ghost norm are formed in halves. Measured on
-#: 2 CPU cores (float32, both products and the contraction), halves against whole matrices:
-#: 0.62-0.95 of the time at 256-1,024 positions (widths 256-3,072), 0.87-1.02 at 128.
+#: 2 CPU cores (float32, both products and the contraction; benchmarks/ghost_norms.py), halves
+#: against whole matrices: 0.77-0.82 of the time at 256-1,024 positions (widths 256-3,072);
+#: at 128 positions 0.87-1.02, no clear gain, so whole there.
 GRAM_HALVES_MIN = 256
 
 
