@@ -109,15 +109,15 @@ def main() -> None:
         seen.append(dict(self.methods))
 
     batch.BackwardBatch.__init__ = recording
-    methods = {}
-    for kind, threshold in (("whole", sys.maxsize), ("halves", linear.GRAM_HALVES_MIN)):
-        default, linear.GRAM_HALVES_MIN = linear.GRAM_HALVES_MIN, threshold
-        try:
+    methods, default = {}, linear.GRAM_HALVES_MIN
+    try:
+        for kind, threshold in (("whole", sys.maxsize), ("halves", default)):
+            linear.GRAM_HALVES_MIN = threshold
             step()
             methods[kind] = sorted(seen[-1].items())
-        finally:
-            linear.GRAM_HALVES_MIN = default
-    batch.BackwardBatch.__init__ = init
+    finally:
+        linear.GRAM_HALVES_MIN = default
+        batch.BackwardBatch.__init__ = init
     whole, halves = compare(step, args.repeats)
     print(f"\nprivate step, benchmark transformer of width {args.width}, batch {args.batch}, "
           f"sequence {args.step}: whole {whole:.0f} ms, halves {halves:.0f} ms "

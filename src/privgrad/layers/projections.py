@@ -118,9 +118,9 @@ class ProjectionRule(LayerRule):
 
     def ghost_cost(self, module, capture: Capture) -> float:
         # whole matrices, as LinearRule.ghost_cost (see privgrad/layers/linear.py)
-        grams = {id(x): x.shape[0] * x.shape[1] ** 2 * x.shape[-1]
-                 for p in self.projections(module, capture) if p.a is not None for x in (p.a, p.g)}
-        return float(sum(grams.values()))
+        cost = {id(x): x.shape[0] * x.shape[1] ** 2 * x.shape[-1]
+                for p in self.projections(module, capture) if p.a is not None for x in (p.a, p.g)}
+        return float(sum(cost.values()))
 
     def materialize_cost(self, module, capture: Capture) -> float:
         return float(sum(

@@ -1,0 +1,49 @@
+"""The benchmark scripts' own settings and their refusal of bad arguments (the measurements
+themselves are run by hand and committed to docs/performance.md, never asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_gives_every_configuration_the_same_environment_settings():
+    step_time = load("step_time")
+    settings = argparse.Namespace
+    assert step_time.run_env(settings(malloc_tuned=False, omp_spin=None)) == {}
+    assert step_time.run_env(settings(malloc_tuned=False, omp_spin=0)) == {"GOMP_SPINCOUNT": "0"}
+    both = step_time.run_env(settings(malloc_tuned=True, omp_spin=10000))
+    assert both == {**step_time.TUNED_MALLOC, "GOMP_SPINCOUNT": "10000"}
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("step_time", ["--omp-spin", "-1"], "--omp-spin must be a count of 0 or more; got -1"),
+    ("noise_spin", ["--sizes", "1000,x"], "--sizes must be comma-separated whole numbers"),
+    ("noise_spin", ["--sizes", "0"], "--sizes must name at least one draw of 1 or more"),
+    ("noise_spin", ["--spins", "fast"], "--spins takes 'default' or counts of 0 or more; got 'fast'"),
+    ("noise_spin", ["--repeats", "0"], "--repeats must be 1 or more; got 0"),
+    ("ghost_norms", ["--repeats", "0"], "--repeats must be 1 or more; got 0"),
+    ("ghost_norms", ["--step", "1"], "--step must be a sequence length of 2 or more; got 1"),
+    ("ghost_norms", ["--width", "6"], "--width must be a multiple of the 4 heads; got 6"),
+])
+def test_bad_arguments_are_refused_with_the_argument_and_value(script, argv, message, monkeypatch,
+                                                               capsys):
+    module = load(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
