@@ -68,8 +68,15 @@ def test_numpy_source_is_poisson():
 
 @pytest.mark.slow
 def test_secure_source_is_poisson():
-    sampler = PoissonSampler(N, Q, bits=os_bits)
-    evidence = poisson_evidence(inclusion_matrix(sampler, STEPS), Q)
+    """OS randomness cannot be seeded, so a correct sampler fails one of the six statistics at
+    alpha = 1e-3 in about 0.6% of runs. A failure is looked at again on fresh draws: a correct
+    sampler fails both in about 4e-5 of runs, while a broken one (power above 0.99 per run)
+    fails both almost always."""
+    for _ in range(2):
+        sampler = PoissonSampler(N, Q, bits=os_bits)
+        evidence = poisson_evidence(inclusion_matrix(sampler, STEPS), Q)
+        if min(evidence.values()) > ALPHA:
+            return
     assert min(evidence.values()) > ALPHA, evidence
 
 
