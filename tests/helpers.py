@@ -31,3 +31,14 @@ class Indexed(Dataset):
 
     def __getitem__(self, i):
         return torch.tensor(i)
+
+
+def drawn(engine, rows: int) -> None:
+    """Tell ``engine`` that the next backward pass's ``rows`` rows are one batch its Poisson
+    loader drew. For tests that craft their batches instead of iterating the loader that
+    ``make_private`` returned (the engine refuses rows its loader did not draw:
+    :mod:`privgrad.engine.rows`)."""
+    tracker = engine._rows.drawn
+    if tracker is not None:
+        tracker.queue(rows)
+        tracker.deliver()

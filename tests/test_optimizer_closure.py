@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad import PrivacyEngine
+from tests.helpers import drawn
 
 
 def _private(noise_multiplier):
@@ -24,8 +25,9 @@ def _private(noise_multiplier):
 
 @pytest.mark.parametrize("positional", [True, False])
 def test_closure_step_equals_backward_then_step(positional):
-    _, plain, plain_opt, (x, y) = _private(0.0)
+    plain_engine, plain, plain_opt, (x, y) = _private(0.0)
     plain_opt.zero_grad()
+    drawn(plain_engine, len(x))
     F.cross_entropy(plain(x), y).backward()
     plain_opt.step()
 
@@ -39,6 +41,7 @@ def test_closure_step_equals_backward_then_step(positional):
         loss.backward()
         return loss
 
+    drawn(engine, len(x))
     loss = optimizer.step(closure) if positional else optimizer.step(closure=closure)
     assert loss.item() == pytest.approx(start_loss.item())  # the closure ran once, before the update
     assert engine.steps == 1
@@ -58,6 +61,7 @@ def test_closure_step_is_noised():
         loss.backward()
         return loss
 
+    drawn(engine, len(x))
     optimizer.step(closure)
     # noise std per coordinate is 1e4 * 1e-3 / 32 ~ 0.3: far above the clipped signal (<= 1e-3)
     assert (model.weight - start).abs().max() > 0.05

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from privgrad import PrivacyEngine
 from privgrad.errors import ConfigError, ConfigTypeError, ModelValidationError, PrivacyStateError
 from privgrad.privacy_engine import PrivacyWarning
-from tests.helpers import classification_data, loader, mlp
+from tests.helpers import classification_data, drawn, loader, mlp
 from tests.reference import assert_close, func_per_example
 
 
@@ -81,10 +81,12 @@ def test_detach_gives_the_plain_model_back():
 def test_epsilon_is_zero_before_the_first_step_and_grows():
     engine, model, optimizer, (_, _, dl) = private()
     assert engine.get_epsilon(1e-5) == 0.0
-    x, y = next(iter(dl))
+    batches = iter(dl)
+    x, y = next(batches)
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
     e1 = engine.get_epsilon(1e-5)
+    x, y = next(batches)
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
     assert 0 < e1 < engine.get_epsilon(1e-5) and engine.steps == 2
@@ -99,6 +101,7 @@ def test_a_gradient_the_user_keeps_is_never_overwritten_by_a_later_step(set_to_n
     kept, snapshots = [], []
     for _ in range(3):
         optimizer.zero_grad(set_to_none=set_to_none)
+        drawn(engine, len(x))  # the same batch each step: only the noise differs
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
         kept.append(model[0].weight.grad)
@@ -126,6 +129,7 @@ def test_sigma_zero_huge_bound_is_plain_sgd(mode):
                                           grad_sample_mode=mode)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     for x, y in [data[:8], data[8:13]]:
+        drawn(engine, len(x))
         for m, opt in ((model, optimizer), (reference, ref_opt)):
             opt.zero_grad()
             F.cross_entropy(m(x), y, reduction="sum").backward()
@@ -148,6 +152,7 @@ def test_sigma_zero_small_bound_gives_the_clipped_sum(reduction, mode):
     factors = (c / norms).clamp(max=1)
     assert (factors < 1).all()  # the bound binds for every example
     optimizer.zero_grad()
+    drawn(engine, len(x))
     F.cross_entropy(model(x), y, reduction=reduction).backward()
     optimizer.step()
     normaliser = 8.0 if reduction == "mean" else 1.0
@@ -163,6 +168,7 @@ def test_per_layer_bounds_compose_to_c():
                                           clipping="per_layer", loss_reduction="sum")
     x, y = data[:6]
     ref = per_example_grads(model, x, y)
+    drawn(engine, len(x))
     F.cross_entropy(model(x), y, reduction="sum").backward()
     optimizer.step()
     each = 0.1 / math.sqrt(4)
@@ -177,6 +183,7 @@ def test_empty_batch_still_steps_with_noise():
     engine, model, optimizer, _ = private(sample_rate=0.01, expected_batch_size=0.4)
     x, y = torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)
     optimizer.zero_grad()
+    drawn(engine, 0)
     F.cross_entropy(model(x), y).backward()  # NaN loss over nothing; gradients of nothing
     optimizer.step()
     assert all(torch.isfinite(p).all() and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -277,10 +284,13 @@ def test_frozen_batch_norm_switched_to_train_mode_is_caught_at_forward():
     model[1].requires_grad_(False)
     model.eval()
     engine, model, optimizer, (_, _, dl) = private(model)
+    before = model[1].running_mean.clone()
     model.train()
     x, y = next(iter(dl))
-    with pytest.raises(ModelValidationError, match="running statistics would learn"):
+    with pytest.raises(ModelValidationError,
+                       match=r"1 \(BatchNorm1d\) about to normalise with batch statistics"):
         model(x)
+    assert torch.equal(model[1].running_mean, before)  # refused before the forward touched them
 
 
 def test_instance_norm_with_running_stats_switched_to_train_mode_is_caught_at_forward():
@@ -370,6 +380,7 @@ def test_large_delta_warns():
 def test_two_backward_passes_before_a_step_are_refused():
     engine, model, optimizer, _ = private()
     x, y = classification_data()[:8]
+    drawn(engine, len(x))
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(PrivacyStateError, match="one backward pass per optimizer.step"):
         F.cross_entropy(model(x), y).backward()
@@ -378,6 +389,7 @@ def test_two_backward_passes_before_a_step_are_refused():
 def test_backward_twice_on_one_forward_is_refused():
     engine, model, optimizer, _ = private()
     x, y = classification_data()[:8]
+    drawn(engine, len(x))
     loss = F.cross_entropy(model(x), y)
     loss.backward(retain_graph=True)
     with pytest.raises(PrivacyStateError, match="clip them twice"):

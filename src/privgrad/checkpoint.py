@@ -1,18 +1,20 @@
 """Checkpoints of a private training run: save, and resume exactly where it stopped.
 
-A checkpoint holds the model, the optimizer (and LR scheduler, and grad scaler when present),
-the accountant's history, the Poisson sampler's seed and step, the engine's counters, PyTorch's
-random states and the user's ``extra`` data. A resumed run draws the same batches, reports the
-same epsilon and, outside secure mode, draws the same noise: with ``noise_multiplier = 0`` its
-parameters are bit-for-bit those of an uninterrupted run, mid-epoch too.
+A checkpoint holds the model, the optimizer (and LR scheduler), the engine's
+:meth:`~privgrad.PrivacyEngine.state_dict` (settings, accountant, sampler seed and step, noise
+generators, counters, grad scaler), PyTorch's own random states and the user's ``extra`` data. A
+resumed run draws the same batches, reports the same epsilon and, outside secure mode, draws the
+same noise: with ``noise_multiplier = 0`` its parameters are bit-for-bit those of an
+uninterrupted run, mid-epoch too. The sampler and the noise continue from the file always (see
+:mod:`privgrad.run_state`); ``restore_rng`` only decides whether PyTorch's own random streams
+(dropout, augmentation) do too.
 
-Format (version 1): one file written by ``torch.save`` holding plain data and tensors only, so it
+Format (version 2): one file written by ``torch.save`` holding plain data and tensors only, so it
 loads with ``torch.load(weights_only=True)`` (no pickled code)::
 
-    {"privgrad_checkpoint": 1, "privgrad_version": str, "digest": sha256 hex of the payload,
-     "payload": {"module", "optimizer", "scheduler", "grad_scaler": state dicts (or None),
-                 "engine": {steps, dropped_examples, accountant, settings, secure_mode,
-                            dataset_size, parameters, optimizer_type, scheduler_type, sampler},
+    {"privgrad_checkpoint": 2, "privgrad_version": str, "digest": sha256 hex of the payload,
+     "payload": {"module", "optimizer", "scheduler": state dicts (or None),
+                 "engine": engine.state_dict() plus optimizer_type and scheduler_type,
                  "rng": {"cpu": ByteTensor, "cuda": [ByteTensor, ...]}, "extra": ...}}
 
 Writes are atomic: a temporary file in the same directory, flushed to disk, then renamed over
@@ -32,7 +34,6 @@ Privacy:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import tempfile
@@ -41,14 +42,12 @@ import numpy as np
 import torch
 
 import privgrad
-from privgrad import _validate
-from privgrad.accounting import make_accountant
-from privgrad.errors import CheckpointError, ConfigError, PrivacyStateError
-from privgrad.sampling import numpy_bits, os_bits
+from privgrad import _validate, run_state
+from privgrad.errors import CheckpointError, ConfigError
 
 __all__ = ["FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _MARKER = "privgrad_checkpoint"
 
 
@@ -75,7 +74,6 @@ def save_checkpoint(engine, path, *, module, optimizer, scheduler=None, extra=No
         "module": module.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "grad_scaler": (engine._amp.scaler.state_dict() if engine._amp is not None else None),
         "engine": _engine_state(engine, optimizer, scheduler),
         "rng": _rng_state(),
         "extra": extra,
@@ -123,31 +121,8 @@ def _writable(path) -> str:
 
 
 def _engine_state(engine, optimizer, scheduler) -> dict:
-    sampler = engine._sampler
-    settings = {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(engine.settings).items()}
-    return {
-        "steps": engine.steps,
-        "dropped_examples": engine.dropped_examples,
-        "accountant": engine.accountant.state_dict(),
-        "settings": settings,
-        "secure_mode": engine.secure_mode,
-        "dataset_size": engine._dataset_size,
-        "parameters": _parameters(engine._module, optimizer),
-        "optimizer_type": type(optimizer).__name__,
-        "scheduler_type": type(scheduler).__name__ if scheduler is not None else None,
-        "sampler": None if sampler is None else {
-            "seed": engine._sampler_seed, "step": sampler.step,
-            "num_records": sampler.num_records, "sample_rate": sampler.sample_rate,
-            "steps": sampler.steps},
-    }
-
-
-def _parameters(module, optimizer) -> list:
-    """``[name, shape, dtype]`` of every optimizer parameter, in optimizer order."""
-    names = {p: n for n, p in module.named_parameters()}
-    return [[names.get(p, "?"), list(p.shape), str(p.dtype)]
-            for group in optimizer.param_groups for p in group["params"]]
+    return {**engine.state_dict(), "optimizer_type": type(optimizer).__name__,
+            "scheduler_type": type(scheduler).__name__ if scheduler is not None else None}
 
 
 def _rng_state() -> dict:
@@ -195,46 +170,37 @@ def load_checkpoint(engine, path, *, module, optimizer, scheduler=None, restore_
         module: the model passed to ``make_private`` (loaded in place).
         optimizer: the optimizer passed to ``make_private`` (loaded in place).
         scheduler: the LR scheduler, if the saved run had one.
-        restore_rng: also restore PyTorch's random states (noise outside secure mode, dropout).
+        restore_rng: also restore PyTorch's own random states (dropout, augmentation). The
+            sampler and the noise continue from the checkpoint either way: they have their own
+            generators, saved in the engine's state.
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, or belongs to another model,
             optimizer or privacy configuration. Nothing is changed in that case.
+        PrivacyStateError: the engine has released steps already (load right after
+            make_private). Nothing is changed in that case.
     """
     _check_attached(engine, module, optimizer, "load_checkpoint")
     payload = _read(path)
     state = payload["engine"]
-    _check_engine(engine, state, optimizer, scheduler)
+    run_state.check(engine, state)
+    for key, what, live in (("optimizer_type", "optimizer type", type(optimizer).__name__),
+                            ("scheduler_type", "scheduler type",
+                             type(scheduler).__name__ if scheduler is not None else None)):
+        if state.get(key) != live:
+            raise CheckpointError(run_state.mismatch(what, state.get(key), live))
     _check_module(module, payload["module"])
     _check_optimizer(optimizer, payload["optimizer"])
     if (scheduler is None) != (payload["scheduler"] is None):
-        raise CheckpointError(_mismatch("use of an LR scheduler", payload["scheduler"] is not None,
+        raise CheckpointError(run_state.mismatch("use of an LR scheduler", payload["scheduler"] is not None,
                                         scheduler is not None))
-    if (engine._amp is None) != (payload["grad_scaler"] is None):
-        raise CheckpointError(_mismatch("use of a grad_scaler", payload["grad_scaler"] is not None,
-                                        engine._amp is not None))
-    accountant = make_accountant(engine.accountant.name)
-    try:
-        accountant.load_state_dict(state["accountant"])  # validates before the live one changes
-    except CheckpointError as e:
-        raise CheckpointError(f"the checkpoint's accountant state is invalid: {e}") from e
 
     # everything checked: apply
     module.load_state_dict(payload["module"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(payload["scheduler"])
-    if engine._amp is not None:
-        engine._amp.scaler.load_state_dict(payload["grad_scaler"])
-    engine.accountant.load_state_dict(state["accountant"])
-    engine.steps = int(state["steps"])
-    engine.dropped_examples = int(state["dropped_examples"])
-    sampler = state["sampler"]
-    if sampler is not None:
-        seed = sampler["seed"]
-        engine._sampler.bits = os_bits if seed is None else numpy_bits(int(seed))
-        engine._sampler_seed = seed
-        engine._sampler.step = int(sampler["step"])
+    run_state.apply(engine, state)
     if restore_rng:
         torch.set_rng_state(payload["rng"]["cpu"])
         cuda = payload["rng"]["cuda"]
@@ -273,47 +239,18 @@ def _read(path) -> dict:
     return payload
 
 
-def _mismatch(what: str, saved, here) -> str:
-    return (f"the checkpoint must come from a run with the same {what}; got {saved!r} in the "
-            f"checkpoint and {here!r} here. Call make_private with the settings of the run that "
-            f"saved it (or pass the same objects), or start a new run.")
-
-
-def _check_engine(engine, state: dict, optimizer, scheduler) -> None:
-    here = _engine_state(engine, optimizer, scheduler)
-    for key in ("settings", "secure_mode", "dataset_size"):
-        if state.get(key) != here[key]:
-            if key == "settings" and isinstance(state.get(key), dict):
-                for name, value in here[key].items():
-                    if state[key].get(name) != value:
-                        raise CheckpointError(_mismatch(f"privacy setting {name}",
-                                                        state[key].get(name), value))
-            raise CheckpointError(_mismatch(key.replace("_", " "), state.get(key), here[key]))
-    if state["accountant"].get("accountant") != engine.accountant.name:
-        raise CheckpointError(_mismatch("accountant", state["accountant"].get("accountant"),
-                                        engine.accountant.name))
-    for key, what in (("parameters", "model parameters (name, shape, dtype)"),
-                      ("optimizer_type", "optimizer type"), ("scheduler_type", "scheduler type")):
-        if state[key] != here[key]:
-            raise CheckpointError(_mismatch(what, state[key], here[key]))
-    saved, live = state["sampler"], here["sampler"]
-    if (saved is None) != (live is None) or (saved is not None and any(
-            saved[k] != live[k] for k in ("num_records", "sample_rate", "steps"))):
-        raise CheckpointError(_mismatch("Poisson sampler", saved, live))
-
-
 def _check_module(module, saved: dict) -> None:
     live = module.state_dict()
     if set(saved) != set(live):
         missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
-        raise CheckpointError(_mismatch("model (state_dict keys)",
+        raise CheckpointError(run_state.mismatch("model (state_dict keys)",
                                         f"missing {missing[:5]}, unexpected {unexpected[:5]}",
                                         f"{len(live)} keys"))
     for name, value in live.items():
         if isinstance(value, torch.Tensor) and (
                 not isinstance(saved[name], torch.Tensor) or saved[name].shape != value.shape):
             shape = getattr(saved[name], "shape", None)
-            raise CheckpointError(_mismatch(f"model ({name} shape)", shape, value.shape))
+            raise CheckpointError(run_state.mismatch(f"model ({name} shape)", shape, value.shape))
 
 
 def _check_optimizer(optimizer, saved: dict) -> None:
@@ -326,29 +263,21 @@ def _check_optimizer(optimizer, saved: dict) -> None:
         raise CheckpointError(f"the checkpoint's optimizer state must be an optimizer "
                               f"state_dict; got keys {sorted(saved)!r}.") from e
     if saved_sizes != sizes:
-        raise CheckpointError(_mismatch("optimizer parameter groups (sizes)", saved_sizes, sizes))
+        raise CheckpointError(run_state.mismatch("optimizer parameter groups (sizes)", saved_sizes, sizes))
     # (state shapes need no check of their own: the parameters' names, shapes and dtypes in
     # optimizer order were compared already, and some optimizers keep factored states)
     count = sum(sizes)
     for index, values in per_param.items():
         if not isinstance(index, int) or not 0 <= index < count or not isinstance(values, dict):
-            raise CheckpointError(_mismatch("optimizer state (parameter index)", index,
+            raise CheckpointError(run_state.mismatch("optimizer state (parameter index)", index,
                                             f"0..{count - 1}"))
 
 
 def _check_attached(engine, module, optimizer, what: str) -> None:
-    if engine._module is None or engine.settings is None:
-        raise PrivacyStateError(
-            f"{what} needs an engine with a model attached; got an engine before make_private "
-            f"(or after detach). Call engine.make_private(...) first, with the run's settings.")
-    if module is not engine._module or optimizer is not engine._optimizer:
+    if engine._module is not None and (module is not engine._module
+                                       or optimizer is not engine._optimizer):
         which = "module" if module is not engine._module else "optimizer"
         raise ConfigError(
             f"{which} must be the object passed to make_private; got another "
             f"{type(module if which == 'module' else optimizer).__name__}. Pass the {which} this "
             f"engine made private.")
-    if engine._clipped.sums or not engine._release_now:
-        raise PrivacyStateError(
-            f"{what} must run between steps; got clipped gradients waiting for optimizer.step() "
-            f"(a backward pass without its step, or inside a virtual batch). Call it after "
-            f"optimizer.step().")

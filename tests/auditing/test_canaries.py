@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privgrad import PrivacyEngine
 from privgrad.auditing import CanaryBatch, GradientCanaries
 from privgrad.errors import ConfigError, PrivacyStateError
+from tests.helpers import drawn
 
 N, FEATURES, CLASSES = 60, 5, 3
 
@@ -127,6 +128,7 @@ def test_filler_rows_add_nothing_to_the_model():
     data = canaries.dataset(records())
     (x, y), ids = data.collate([data[N], data[N + 1]])
     optimizer.zero_grad()
+    drawn(engine, len(x))
     canaries.loss(F.cross_entropy(module(x), y, reduction="none"), ids).backward()
     optimizer.step()
     assert torch.count_nonzero(model.weight.grad) == 0 and torch.count_nonzero(model.bias.grad) == 0

@@ -98,11 +98,14 @@ def test_each_step_reduces_the_clipped_sums_once_and_broadcasts_the_release(two)
 
 def test_ddp_sends_no_raw_gradient_and_gets_its_all_reduce_back(two):
     local = [two[r]["ddp_traffic"]["local"] for r in range(2)]
+    for r in range(2):
+        traffic = two[r]["ddp_traffic"]
+        assert traffic["attached_calls"] == []  # attached: DDP's all-reduce sends nothing ...
+        assert all(g is None for g in traffic["attached"].values())  # ... nor is a raw one kept
+        assert traffic["detached_calls"]  # detached: its all-reduce again (the spy sees it)
     for name in local[0]:
         assert (local[0][name] - local[1][name]).abs().max() > 1e-3  # the ranks' data differ
         for r in range(2):
-            attached = two[r]["ddp_traffic"]["attached"][name]
-            torch.testing.assert_close(attached, local[r][name], rtol=1e-6, atol=1e-7)
             detached = two[r]["ddp_traffic"]["detached"][name]
             torch.testing.assert_close(detached, (local[0][name] + local[1][name]) / 2,
                                        rtol=1e-6, atol=1e-7)

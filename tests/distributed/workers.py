@@ -31,6 +31,7 @@ from privgrad import PrivacyEngine
 from privgrad.distributed import DataParallel
 from privgrad.errors import PrivgradError
 from privgrad.privatize.secure import lattice_spacing
+from tests.helpers import drawn
 
 N, BATCH, STEPS = 64, 16, 8          # equivalence: q = 1/4, two epochs
 SIGMA, C = 1.3, 0.7                  # noise statistics: as tests/privacy/checks.py
@@ -83,8 +84,10 @@ def train(rank: int, *, distributed, ddp=False, sigma=0.0, seed=0) -> dict:
             "q": engine.settings.sample_rate, "steps": engine.accountant.steps}
 
 
-def count_collectives(rank: int) -> dict:
-    """Which collective calls one training run makes after make_private (Python-level calls)."""
+@contextmanager
+def spied_collectives():
+    """The collective calls made inside the block, as ``(name, numel)`` (Python-level calls,
+    DDP's communication hooks included)."""
     calls = []
     originals = {name: getattr(dist, name) for name in
                  ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_object",
@@ -96,6 +99,17 @@ def count_collectives(rank: int) -> dict:
             return originals[name](tensor, *args, **kwargs)
         return call
 
+    for name in originals:
+        setattr(dist, name, spy(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def count_collectives(rank: int) -> dict:
+    """Which collective calls one training run makes after make_private (Python-level calls)."""
     torch.manual_seed(0)
     net = model()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -103,23 +117,19 @@ def count_collectives(rank: int) -> dict:
     _, _, dl = engine.make_private(module=net, optimizer=optimizer,
                                    data_loader=DataLoader(data(), batch_size=BATCH),
                                    noise_multiplier=1.0, max_grad_norm=1.0)
-    for name in originals:
-        setattr(dist, name, spy(name))
-    try:
+    with spied_collectives() as calls:
         for x, y, _ in dl:
             optimizer.zero_grad()
             F.cross_entropy(net(x), y).backward()
             optimizer.step()
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
     return {"calls": calls, "steps": engine.steps,
             "numel": sum(p.numel() for p in net.parameters())}
 
 
 def ddp_traffic(rank: int) -> dict:
-    """``p.grad`` after backward on a DDP model: the rank's own gradient while privgrad is
-    attached (no raw all-reduce), DDP's average again after ``detach``."""
+    """A backward pass on a DDP model: while privgrad is attached, no collective call (DDP's
+    raw all-reduce is off) and no raw gradient left in ``p.grad``; after ``detach``, DDP's
+    all-reduce and its average in ``p.grad`` again."""
     torch.manual_seed(0)
     net = model()
     ddp = DistributedDataParallel(net)
@@ -137,11 +147,14 @@ def ddp_traffic(rank: int) -> dict:
 
     out = {"local": local_grad()}
     optimizer.zero_grad()
-    F.cross_entropy(ddp(x), y).backward()
-    out["attached"] = {k: p.grad.clone() for k, p in net.named_parameters()}
+    drawn(engine, len(x))
+    with spied_collectives() as out["attached_calls"]:
+        F.cross_entropy(ddp(x), y).backward()
+    out["attached"] = {k: p.grad for k, p in net.named_parameters()}
     engine.detach()
     optimizer.zero_grad()
-    F.cross_entropy(ddp(x), y).backward()
+    with spied_collectives() as out["detached_calls"]:
+        F.cross_entropy(ddp(x), y).backward()
     out["detached"] = {k: p.grad.clone() for k, p in net.named_parameters()}
     return out
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privgrad.engine import PerSampleGradients
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import LayerRule, RuleRegistry
+from tests.helpers import drawn
 from tests.layers.cases import check_module
 from tests.reference import assert_close, func_per_example
 
@@ -245,6 +246,7 @@ def test_a_branch_the_loss_does_not_use_is_freed_after_the_step():
                                   noise_multiplier=1.0, max_grad_norm=1.0)
     for _ in range(3):
         optimizer.zero_grad()
+        drawn(engine, len(x))
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
     gc.collect()
@@ -271,6 +273,7 @@ def test_a_forward_pass_without_backward_is_not_kept_alive():
     assert all(ref() is None for ref in outputs + model.unused)
     before = model.head.weight.detach().clone()
     optimizer.zero_grad()
+    drawn(engine, len(x))
     F.cross_entropy(model(x), y).backward()  # the next step sees only its own forward
     optimizer.step()
     assert engine.last_step_stats.examples == 8 and engine.last_step_stats.backward_passes == 1

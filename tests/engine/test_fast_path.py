@@ -13,6 +13,7 @@ from torch import nn
 
 from privgrad import PrivacyEngine
 from privgrad.engine import PerSampleGradients
+from tests.helpers import drawn
 from tests.layers.cases import check_module
 from tests.reference import assert_close, loop_per_example
 
@@ -220,14 +221,19 @@ def test_private_update_equals_the_reference(name, mode):
     ref = reference_update(model, x, y, c, expected_batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     data = torch.utils.data.TensorDataset(x, y)
-    PrivacyEngine().make_private(
+    engine = PrivacyEngine()
+    engine.make_private(
         module=model, optimizer=optimizer, data_loader=torch.utils.data.DataLoader(data, batch_size=7),
         noise_multiplier=0.0, max_grad_norm=c, grad_sample_mode=mode)
-    optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    for n, p in model.named_parameters():
-        assert_close(p.grad, ref[n], 1e-5, f"{name}/{mode}: {n}")
+    # the first pass is self-checked (autograd's backward); the second takes the fast paths
+    # (lr = 0: the model, and so the reference, stays the same)
+    for step in range(2):
+        optimizer.zero_grad()
+        drawn(engine, len(x))
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        for n, p in model.named_parameters():
+            assert_close(p.grad, ref[n], 1e-5, f"{name}/{mode}/step {step}: {n}")
 
 
 def test_frozen_then_unfrozen_parameter_is_served_by_the_fast_path():
@@ -238,16 +244,29 @@ def test_frozen_then_unfrozen_parameter_is_served_by_the_fast_path():
     model[0].requires_grad_(False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     data = torch.utils.data.TensorDataset(x, y)
-    PrivacyEngine().make_private(
+    engine = PrivacyEngine()
+    engine.make_private(
         module=model, optimizer=optimizer, data_loader=torch.utils.data.DataLoader(data, batch_size=5),
         noise_multiplier=0.0, max_grad_norm=1.0)
     model[0].requires_grad_(True)  # unfrozen after attaching
-    optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    assert all(p.grad is None for p in model.parameters())  # nothing formed by autograd
-    optimizer.step()
-    for n, p in model.named_parameters():
-        assert_close(p.grad, ref[n], 1e-5, n)
+    formed = []  # gradients autograd formed for a parameter (the engine clears p.grad anyway)
+
+    def seen(grad):
+        if grad is not None:  # (the fast path's input-only backward leaves it undefined)
+            formed.append(grad)
+    for p in model.parameters():
+        p.register_hook(seen)
+    # the first pass is self-checked (autograd forms the gradients it compares with); the
+    # second is served by the fast path
+    for expected_formed in (4, 0):
+        formed.clear()
+        optimizer.zero_grad()
+        drawn(engine, len(x))
+        F.cross_entropy(model(x), y).backward()
+        assert len(formed) == expected_formed
+        optimizer.step()
+        for n, p in model.named_parameters():
+            assert_close(p.grad, ref[n], 1e-5, n)
 
 
 # -- embedding sums as rows, added straight into the noise --------------------------------------

@@ -3,8 +3,9 @@
 - :func:`check_per_sample`: the engine's per-sample norms, weighted sums and (materialised)
   gradients, in every engine mode, against one-example references in float64: plain autograd one
   example at a time, and ``torch.func.grad`` where the model allows it (the two must agree);
-- :func:`check_private_step`: one private step with ``sigma = 0`` and a bound that binds for every
-  example writes exactly ``sum_b min(1, C / ||g_b||) g_b`` into ``p.grad``.
+- :func:`check_private_step`: a private step with ``sigma = 0`` and a bound that binds for every
+  example writes exactly ``sum_b min(1, C / ||g_b||) g_b`` into ``p.grad``: the engine's first
+  step (self-checked, on autograd's own backward) and the next one (on the fast paths).
 
 A case is a model, its batched inputs, ``example(i) -> (args, kwargs)`` (example ``i`` alone)
 and ``loss(rows, output) -> scalar`` for the examples ``rows`` (a slice), so that the batch's
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad import PrivacyEngine
 from privgrad.engine import MODES, PerSampleGradients
+from tests.helpers import drawn
 from tests.reference import func_per_example, loop_per_example
 
 
@@ -81,8 +83,10 @@ def check_per_sample(model, args, kwargs, example, loss, batch: int, *, func: bo
 
 def check_private_step(model, args, kwargs, example, loss, batch: int, *, mode: str = "auto",
                        ref: dict[str, torch.Tensor] | None = None, rtol: float = 1e-8) -> None:
-    """One private step (sigma = 0, C = half the smallest per-example norm) equals the reference
-    clipped sum; the model is attached with ``make_private`` and detached afterwards."""
+    """A private step (sigma = 0, C = half the smallest per-example norm) equals the reference
+    clipped sum, twice (lr = 0): the first step is self-checked by the engine (autograd's own
+    backward), the second takes the fast paths. The model is attached with ``make_private`` and
+    detached afterwards."""
     ref = ref if ref is not None else references(model, example, loss, batch, func=False)
     norms, floor = norms_of(ref, batch), floor_of(ref)
     c = 0.5 * float(norms.min())
@@ -96,13 +100,15 @@ def check_private_step(model, args, kwargs, example, loss, batch: int, *, mode: 
                         noise_multiplier=0.0, max_grad_norm=c, loss_reduction="sum",
                         grad_sample_mode=mode)
     try:
-        optimizer.zero_grad()
-        loss(slice(None), model(*args, **kwargs)).backward()
-        optimizer.step()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                expected = torch.einsum("b,b...->...", factors.to(ref[name].dtype), ref[name])
-                close(p.grad, expected, rtol, floor, f"{mode}: clipped sum of {name}")
+        for step in ("first step", "second step"):
+            optimizer.zero_grad()
+            drawn(engine, batch)
+            loss(slice(None), model(*args, **kwargs)).backward()
+            optimizer.step()
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    expected = torch.einsum("b,b...->...", factors.to(ref[name].dtype), ref[name])
+                    close(p.grad, expected, rtol, floor, f"{mode}, {step}: clipped sum of {name}")
     finally:
         engine.detach()
         optimizer.zero_grad()

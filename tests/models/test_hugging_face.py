@@ -23,6 +23,7 @@ from privgrad.layers import GenericRule, RuleRegistry
 from privgrad.layers.registry import BUILTIN_RULES
 from privgrad.validation import validate
 from tests.layers.cases import check_module
+from tests.helpers import drawn
 from tests.models.harness import check_per_sample, check_private_step
 
 D = torch.float64
@@ -116,6 +117,7 @@ def test_gpt2_stays_a_hugging_face_model(tmp_path):
         module=model, optimizer=optimizer, data_loader=torch.utils.data.DataLoader(data, batch_size=2),
         noise_multiplier=1.0, max_grad_norm=1.0)
     _, _, _, _, loss, _ = language_model_case(model, ids, mask)
+    drawn(engine, len(ids))
     loss(slice(None), model(input_ids=ids, attention_mask=mask)).backward()
     optimizer.step()
     assert isinstance(model, transformers.GPT2LMHeadModel) and model.config.n_layer == 2

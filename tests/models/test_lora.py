@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad import PrivacyEngine
 from privgrad.validation import validate
+from tests.helpers import drawn
 from tests.models.harness import check_per_sample, check_private_step
 from tests.models.test_hugging_face import gpt2, language_model_case, llama, logits_case, tokens
 
@@ -64,6 +65,7 @@ def test_training_leaves_the_base_alone_and_merging_is_exact():
     loss = language_model_case(model, ids, mask)[4]
     for step in range(2):
         optimizer.zero_grad()
+        drawn(engine, len(ids))
         loss(slice(None), model(input_ids=ids, attention_mask=mask)).backward()
         optimizer.step()
     engine.detach()

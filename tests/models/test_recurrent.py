@@ -16,6 +16,7 @@ from privgrad.engine import PerSampleGradients
 from privgrad.errors import UnsupportedModuleError
 from privgrad.layers.linear import GRAM_HALVES_MIN
 from tests.layers.cases import check_module
+from tests.helpers import drawn
 from tests.models.harness import check_per_sample, check_private_step, references
 
 D = torch.float64
@@ -365,7 +366,7 @@ def test_private_step_with_the_forward_run_without_a_graph(kind, kwargs, monkeyp
         return (x[i:i + 1],), {}
 
     check_private_step(model, (x,), {}, example, lambda rows, out: (out * r[rows]).sum(), 4)
-    assert calls == [True]
+    assert calls == [False, True]  # the engine's first step is self-checked, on the graph
     assert torch.is_grad_enabled()
 
 
@@ -381,7 +382,7 @@ def test_forward_keeps_its_graph_where_another_hook_could_see_it(monkeypatch):
     seen.clear()
     check_private_step(model, (x,), {}, lambda i: ((x[i:i + 1],), {}),
                        lambda rows, out: (out * r[rows]).sum(), 4)
-    assert calls == [False] and seen and all(seen)  # (the references call it too)
+    assert calls == [False, False] and seen and all(seen)  # (the references call it too)
     handle.remove()
     from privgrad import PrivacyEngine
 
@@ -389,10 +390,20 @@ def test_forward_keeps_its_graph_where_another_hook_could_see_it(monkeypatch):
     engine = PrivacyEngine(accountant="rdp")
     engine.make_private(module=model, optimizer=optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
                         data_loader=torch.utils.data.DataLoader(torch.zeros(16, 5, 3), batch_size=4))
+    _self_checked_step(engine, model, optimizer, x)  # later forwards run without a graph
     with pytest.raises(RuntimeError):
         model.read.rnn(torch.randn(4, 5, 7, dtype=D))  # wrong input width: the layer raises
     assert calls[-1] is True and torch.is_grad_enabled()
     engine.detach()
+
+
+def _self_checked_step(engine, model, optimizer, x):
+    """The engine's first step: self-checked, on autograd's own backward (the forward keeps its
+    graph and the native kernel); the forwards after it take the fast paths."""
+    optimizer.zero_grad()
+    drawn(engine, len(x))
+    model(x).sum().backward()
+    optimizer.step()
 
 
 KEPT = [(k, kw) for k, kw in LAYOUTS if k in (nn.LSTM, nn.GRU) and not kw.get("proj_size")]
@@ -462,6 +473,7 @@ def test_private_steps_use_the_kept_gates_and_leave_no_mode_behind(kind, monkeyp
     engine = PrivacyEngine(accountant="rdp")
     engine.make_private(module=model, optimizer=optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
                         data_loader=torch.utils.data.DataLoader(torch.zeros(16, 5, 3), batch_size=4))
+    _self_checked_step(engine, model, optimizer, x)  # later forwards are kept_forward
     monkeypatch.setattr(rnn_rule, "kept_forward", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         model(x.float().double())
@@ -529,16 +541,20 @@ def test_lstm_work_arrays_are_reused_across_steps_and_never_shared_within_one():
                             max_grad_norm=c, loss_reduction="sum",
                             data_loader=torch.utils.data.DataLoader(torch.zeros(16), batch_size=4))
         seen = []
-        for x, r, ref in steps:
+        # the engine's first step is self-checked, on autograd's backward (no workspace): the
+        # first batch goes twice, and the workspace is watched from the second step on
+        for i, (x, r, ref) in enumerate([steps[0], *steps]):
             norms = norms_of(ref, x.shape[0])
             assert (norms > c).all()
             optimizer.zero_grad()
+            drawn(engine, len(x))
             (model(x) * r).sum().backward()
             optimizer.step()
             for name, p in model.named_parameters():
                 expected = torch.einsum("b,b...->...", c / norms, ref[name])
                 close(p.grad, expected, 1e-8, floor_of(ref), f"clipped sum of {name}")
-            seen.append({k: v.data_ptr() for k, v in workspace.workspace_of(rnn)._free.items()})
+            if i:
+                seen.append({k: v.data_ptr() for k, v in workspace.workspace_of(rnn)._free.items()})
         assert {k[0] for k in seen[0]} == {"0.acts", "0.cells", "0.tanh_c", "0.h_prev", "_l0.d_gi"}
         if isinstance(model, _Below):  # one call a step: the same memory every step
             assert seen[0] == seen[1] == seen[2]

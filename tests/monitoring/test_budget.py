@@ -42,9 +42,9 @@ def test_steps_left_counts_down_and_follows_an_outside_change(tiny_run):
     run = tiny_run(noise_multiplier=1.5)
     budget = BudgetStop(run.engine, max_epsilon=3.0, delta=DELTA)
     first = budget.steps_left
-    batch = next(iter(run.loader))
-    run.step(batch)
-    run.step(batch)
+    batches = iter(run.loader)
+    run.step(next(batches))
+    run.step(next(batches))
     assert budget.steps_left == first - 2
     # steps recorded at other settings (e.g. a resumed checkpoint): the forecast is redone
     run.engine.accountant.step(noise_multiplier=0.8, sample_rate=0.5, num_steps=3)

@@ -58,9 +58,8 @@ def test_writer_gets_scalars_and_epsilon_every(tiny_run):
     run = tiny_run()
     writer = FakeWriter()
     log = PrivacyLogger(run.engine, DELTA, writer=writer, epsilon_every=2)
-    batch = next(iter(run.loader))
     rows = []
-    for _ in range(4):
+    for batch in run.loader:  # four batches an epoch (q = 1/4)
         run.step(batch)
         rows.append(log.log(loss=1.0))
     log.close()

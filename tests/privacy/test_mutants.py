@@ -16,12 +16,13 @@ import pytest
 import torch
 
 import privgrad.privacy_engine as engine_module
+import privgrad.run_state as run_state_module
+import privgrad.settings as settings_module
 from privgrad.engine.batch import BackwardBatch
 from privgrad.privacy_engine import PrivacyEngine
 from privgrad.privatize import clipping, step
 from privgrad.privatize.noise import TorchGaussian
 from privgrad.privatize.step import ClippedSum
-import privgrad.checkpoint as checkpoint_module
 from privgrad.engine.amp import ScalerLink
 from privgrad.privatize import secure
 from privgrad.sampling.poisson import PoissonSampler, numpy_bits
@@ -78,12 +79,12 @@ def shuffled_fixed_size(mp):
 
 
 def rate_from_private_size(mp):
-    original = engine_module._sampling_rate
+    original = settings_module.sampling_rate
 
     def rate(data_loader, n, sample_rate, expected, reduction, poisson):
         q, e = original(data_loader, n, sample_rate, expected, reduction, poisson)
         return (e / n if sample_rate is not None else q), e
-    mp.setattr(engine_module, "_sampling_rate", rate)
+    mp.setattr(settings_module, "sampling_rate", rate)
 
 
 def tied_counted_twice(mp):
@@ -106,7 +107,7 @@ def tied_counted_twice(mp):
 
 
 def noise_skips_a_group(mp):
-    mp.setattr(engine_module, "_privatised",
+    mp.setattr(settings_module, "privatised",
                lambda opt: [p for p in opt.param_groups[0]["params"] if p.requires_grad])
 
 
@@ -120,12 +121,12 @@ def calibration_overshoots(mp):
 
 
 def rate_from_len_data_loader(mp):
-    original = engine_module._sampling_rate
+    original = settings_module.sampling_rate
 
     def rate(data_loader, n, sample_rate, expected, reduction, poisson):
         _, e = original(data_loader, n, sample_rate, expected, reduction, poisson)
         return 1.0 / len(data_loader), e
-    mp.setattr(engine_module, "_sampling_rate", rate)
+    mp.setattr(settings_module, "sampling_rate", rate)
 
 
 def non_finite_kept(mp):
@@ -164,11 +165,15 @@ def skipped_step_kept(mp):
 
 
 def sampler_not_restored(mp):
-    mp.setattr(checkpoint_module, "numpy_bits", lambda seed: numpy_bits(seed + 1))
+    mp.setattr(run_state_module, "numpy_bits", lambda seed: numpy_bits(seed + 1))
 
 
 def rng_not_restored(mp):
     mp.setattr(torch, "set_rng_state", lambda state: None)
+
+
+def noise_not_restored(mp):
+    mp.setattr(TorchGaussian, "load_state_dict", lambda self, state: None)
 
 
 def resume_check(sigma: float):
@@ -202,6 +207,7 @@ MUTANTS = {
     "skipped step's clipped sums kept": (skipped_step_kept, reliability.check_skipped_step_is_discarded),
     "sampler seed not restored": (sampler_not_restored, resume_check(0.0)),
     "RNG state not restored": (rng_not_restored, resume_check(1.0)),
+    "noise generators not restored": (noise_not_restored, resume_check(1.0)),
 }
 
 

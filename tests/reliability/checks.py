@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad import PrivacyEngine
+from tests.helpers import drawn
 
 EPOCHS, BATCH, N = 3, 8, 48  # 6 steps per epoch
 
@@ -103,25 +104,31 @@ def check_resume_is_exact(path, *, sigma: float = 0.0, stop_after: int = 8) -> N
 
 
 def one_step_update(model, engine_kwargs, x, y, *, autocast=None, grad_scaler=None):
-    """The private gradient (``p.grad`` after ``optimizer.step()``) of one batch, sigma = 0."""
+    """The private gradient (``p.grad`` after ``optimizer.step()``) of one batch, sigma = 0.
+
+    The batch is stepped twice (lr = 0: the model does not move): the engine self-checks the
+    first backward pass with autograd's own backward, and the second, whose gradient is
+    returned, takes the fast paths (input-only and joint backward) as every later step does."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     engine = PrivacyEngine(accountant="rdp")
     engine.make_private(module=model, optimizer=optimizer,
                         data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),
                         noise_multiplier=0.0, grad_scaler=grad_scaler, **engine_kwargs)
-    optimizer.zero_grad()
-    if autocast is None:
-        loss = F.cross_entropy(model(x), y, reduction="sum")
-    else:
-        with torch.autocast("cpu", dtype=autocast):
+    for _ in range(2):
+        optimizer.zero_grad()
+        drawn(engine, len(x))
+        if autocast is None:
             loss = F.cross_entropy(model(x), y, reduction="sum")
-    if grad_scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        grad_scaler.scale(loss).backward()
-        grad_scaler.step(optimizer)
-        grad_scaler.update()
+        else:
+            with torch.autocast("cpu", dtype=autocast):
+                loss = F.cross_entropy(model(x), y, reduction="sum")
+        if grad_scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
     engine.detach()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}, engine
 
@@ -170,6 +177,7 @@ def check_skipped_step_is_discarded() -> None:
                         noise_multiplier=0.0, grad_scaler=scaler, **kwargs)
     for part, step in ((slice(0, 4), False), (slice(4, 8), True)):
         optimizer.zero_grad()
+        drawn(engine, len(x[part]))
         scaler.scale(F.cross_entropy(model(x[part]), y[part], reduction="sum")).backward()
         if step:  # the first pass's step is skipped, as GradScaler does on an inf
             scaler.step(optimizer)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privgrad import PrivacyEngine
 from privgrad.engine.amp import float32_captures
 from privgrad.errors import ConfigError, ConfigTypeError, PrivacyStateError
+from tests.helpers import drawn
 from tests.reliability import checks
 
 
@@ -45,6 +46,7 @@ def test_per_sample_work_is_float32():
                         noise_multiplier=0.0, max_grad_norm=1.0)
     original = engine._clipped.add
     engine._clipped.add = lambda batch, params: seen.append(batch) or original(batch, params)
+    drawn(engine, len(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x), y)
     loss.backward()
@@ -78,7 +80,9 @@ def test_without_a_scaler_a_missing_step_is_an_error():
     engine.make_private(module=model, optimizer=optimizer,
                         data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
                         noise_multiplier=0.0, max_grad_norm=1.0)
+    drawn(engine, 4)
     F.cross_entropy(model(x[:4]), y[:4]).backward()
+    drawn(engine, 4)
     with pytest.raises(PrivacyStateError, match="one backward pass per optimizer.step"):
         F.cross_entropy(model(x[4:]), y[4:]).backward()
 
@@ -95,6 +99,7 @@ def test_an_overflowing_example_is_dropped_not_a_skipped_step():
     engine.make_private(module=model, optimizer=optimizer,
                         data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
                         noise_multiplier=1.0, max_grad_norm=1.0, grad_scaler=scaler)
+    drawn(engine, len(x))
     with torch.autocast("cpu", dtype=torch.float16):
         losses = F.cross_entropy(model(x), y, reduction="none")
     weights = torch.ones(8)

@@ -63,10 +63,11 @@ def test_file_is_plain_data_that_loads_with_weights_only(tmp_path):
     path = tmp_path / "run.pt"
     _run_until(path, 3)
     blob = torch.load(path, weights_only=True)
-    assert blob["privgrad_checkpoint"] == 1
+    assert blob["privgrad_checkpoint"] == 2
     engine = blob["payload"]["engine"]
     assert engine["steps"] == 3 and engine["sampler"]["step"] == 3
     assert engine["accountant"]["history"] == [[1.0, 8 / 48, 3]]
+    assert "grad_scaler" not in blob["payload"] and engine["grad_scaler"] is None  # engine's own
     assert not [f for f in os.listdir(tmp_path) if f != "run.pt"]  # no temporary file left
 
 
@@ -115,10 +116,10 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(sigma=1.1), "privacy setting noise_multiplier; got 1.0 in the checkpoint and 1.1"),
-    (dict(max_grad_norm=1.0), "privacy setting max_grad_norm; got 0.5 in the checkpoint and 1.0"),
-    (dict(optimizer="sgd"), "optimizer type; got 'Adam' in the checkpoint and 'SGD'"),
-    (dict(secure=True), "secure mode; got False in the checkpoint and True"),
+    (dict(sigma=1.1), "privacy setting noise_multiplier; got 1.0 saved and 1.1 here"),
+    (dict(max_grad_norm=1.0), "privacy setting max_grad_norm; got 0.5 saved and 1.0 here"),
+    (dict(optimizer="sgd"), "optimizer type; got 'Adam' saved and 'SGD' here"),
+    (dict(secure=True), "secure mode; got False saved and True here"),
     (dict(loss_reduction="sum"), "privacy setting loss_reduction"),
 ])
 def test_another_configuration_is_refused_and_changes_nothing(tmp_path, change, message):
@@ -176,10 +177,10 @@ def test_another_accountant_or_missing_scheduler_is_refused(tmp_path):
     engine.make_private(module=model, optimizer=opt,
                         data_loader=torch.utils.data.DataLoader(checks.data(), batch_size=8),
                         noise_multiplier=1.0, max_grad_norm=0.5)
-    with pytest.raises(CheckpointError, match="same accountant; got 'rdp' in the checkpoint and 'pld'"):
+    with pytest.raises(CheckpointError, match="same accountant; got 'rdp' saved and 'pld' here"):
         engine.load_checkpoint(path, module=model, optimizer=opt)
     live = checks.attach(1, sigma=1.0)
-    with pytest.raises(CheckpointError, match="scheduler type; got 'StepLR' in the checkpoint and None"):
+    with pytest.raises(CheckpointError, match="scheduler type; got 'StepLR' saved and None here"):
         live[3].load_checkpoint(path, module=live[0], optimizer=live[1])
 
 
@@ -248,5 +249,5 @@ def test_grad_scaler_state_travels_with_the_checkpoint(tmp_path):
     _load(live, path)
     assert other.get_scale() == 2.0**9
     plain = checks.attach(2, sigma=1.0)
-    with pytest.raises(CheckpointError, match="same use of a grad_scaler; got True in the checkpoint"):
+    with pytest.raises(CheckpointError, match="same use of a grad_scaler; got True saved and False here"):
         _load(plain, path)

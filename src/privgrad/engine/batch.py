@@ -46,8 +46,8 @@ def materialize_early(capture: Capture, mode: str) -> bool:
     than the input and output gradients they replace: memory never grows at any moment of the
     pass, and at its end (where all three would otherwise coexist) it drops by those tensors."""
     rule = capture.rule
-    if not rule.materializes_early or _use_ghost(capture, mode):
-        return False
+    if not rule.materializes_early or capture.batch_size == 0 or _use_ghost(capture, mode):
+        return False  # (an empty batch has nothing to form: the pass's end gives it zeros)
     tensors = [x for x in tree_leaves((capture.grad_outputs, capture.args, capture.kwargs))
                if isinstance(x, torch.Tensor)]
     if any(x.dtype in _HALF for x in tensors):

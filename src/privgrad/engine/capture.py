@@ -12,9 +12,12 @@ after every backward pass, and removes its hooks through their handles on :meth:
 
 A call that sees one example while the rest of the forward pass sees ``B`` (position embeddings
 built from ``arange(T).unsqueeze(0)``, as in BERT and GPT-2) is *broadcast*: its inputs and
-outputs are expanded to ``B`` identical rows before anything uses them, so the tensor hook
-receives each example's own output gradient instead of their sum, and the rule sees an ordinary
-batch of ``B``.
+outputs are expanded to ``B`` identical rows (none, for an empty batch) before anything uses
+them, so the tensor hook receives each example's own output gradient instead of their sum, and
+the rule sees an ordinary batch of ``B``. Only rules that declare it
+(:attr:`~privgrad.layers.LayerRule.broadcasts_batch_of_one`: embeddings) are broadcast: a
+leading 1 on a linear or recurrent layer is more often a sequence-first tensor of length 1,
+whose expansion would change the forward pass itself; such a call is refused instead.
 
 Privacy:
     Broadcasting is exact when the batch-of-one output meets the batch through broadcasting
@@ -88,7 +91,16 @@ class Recorder:
         early: ``capture -> bool``, asked once a capture's output gradients are all in: if
             true, its per-sample gradients are formed at once (:attr:`Capture.early`) and its
             tensors released (see :func:`privgrad.engine.batch.materialize_early`).
+        tag: ``() -> object``, stamped on every capture as :attr:`Capture.tag` (which drawn
+            batch the call ran on).
+
+    Attributes:
+        checking: while true, every call takes autograd's own backward (no rule's input or
+            joint backward, no graph-free forward), so that the parameters' ordinary gradients
+            are formed for the engine's self-check. Set by the engine.
     """
+
+    privgrad_hooks = True  # its hooks are privgrad's own (see _only_privgrad_hooks)
 
     def __init__(
         self,
@@ -98,8 +110,11 @@ class Recorder:
         *,
         skip_parameter_grads: bool = False,
         early: Callable[[Capture], bool] | None = None,
+        tag: Callable[[], object] | None = None,
     ):
         self.module = module
+        self.tag = tag
+        self.checking = False
         self.early = early
         self.registry = registry
         self.on_backward = on_backward
@@ -144,7 +159,7 @@ class Recorder:
         workspace for its own backward, costs about 1.4x its inference forward). Only where
         nothing else could see the difference: no other hook on the module, no global module
         hook; the forward hook turns grad mode back on and attaches the rule's backward."""
-        if (not self.skip_parameter_grads or self._busy or not torch.is_grad_enabled()
+        if (not self.fast_backward or self._busy or not torch.is_grad_enabled()
                 or _inside_torch_func() or not _only_privgrad_hooks(module)
                 or not trainable(module, self._children.get(module, ()))):
             return None
@@ -161,6 +176,11 @@ class Recorder:
         if kept is not None:
             kept.__enter__()
         return None
+
+    @property
+    def fast_backward(self) -> bool:
+        """Whether rules may replace autograd's backward (see ``skip_parameter_grads``)."""
+        return self.skip_parameter_grads and not self.checking
 
     def detach(self) -> None:
         for h in self._handles:
@@ -210,15 +230,16 @@ class Recorder:
         batch, replaced = rule.batch_size(module, args, kwargs), None
         if self._forward_batch is None:
             self._forward_batch = batch
-        elif batch == 1 < self._forward_batch and rule.batch_dim(module) == 0 and all(
+        elif batch == 1 != self._forward_batch and rule.broadcasts_batch_of_one and all(
                 leaves[i].dim() and leaves[i].shape[0] == 1 for i in index):
+            # (also to an empty batch: expanded to 0 rows, it contributes nothing, as it should)
             batch = self._forward_batch
             args, kwargs = tree_map(partial(_expand_one, batch), (args, kwargs))
             leaves = [_expand_one(batch, x) if i in index else x for i, x in enumerate(leaves)]
             replaced = _unflatten(leaves, spec)
         inputs = _tensor_inputs(args, kwargs)
         backward = None
-        if whole is None and self.skip_parameter_grads and self._only_first_input_needs_grad(
+        if whole is None and self.fast_backward and self._only_first_input_needs_grad(
                 args, inputs):
             if len(index) == 1:
                 backward = rule.input_backward(module, args, kwargs)
@@ -246,6 +267,7 @@ class Recorder:
             params=params,
             outputs=[leaves[i].detach() for i in index] if whole is not None else [],
             scratch=scratch,
+            tag=self.tag() if self.tag is not None else None,
         )
         if whole is not None:  # one backward for all outputs (the capture is its context)
             def backward_all(grads, needs_x, capture=capture, whole=whole):
@@ -341,11 +363,17 @@ class Recorder:
                 f"out-of-place one (e.g. x = x + y instead of x += y).")
 
 
+def _privgrads(hook) -> bool:
+    """Whether a module hook is a method of one of privgrad's own hook owners."""
+    return getattr(getattr(hook, "__self__", None), "privgrad_hooks", False)
+
+
 def _only_privgrad_hooks(module: nn.Module) -> bool:
-    """Whether the module has no forward or backward hooks but the recorder's own (one pre-hook
-    and one forward hook), and no global module hooks are installed."""
+    """Whether the module has no forward or backward hooks but privgrad's own (the recorder's and
+    the state guard's), and no global module hooks are installed."""
     glob = torch.nn.modules.module
-    return (len(module._forward_pre_hooks) == 1 and len(module._forward_hooks) == 1
+    return (all(_privgrads(h) for h in module._forward_pre_hooks.values())
+            and all(_privgrads(h) for h in module._forward_hooks.values())
             and not module._backward_hooks and not module._backward_pre_hooks
             and not (glob._global_forward_pre_hooks or glob._global_forward_hooks
                      or glob._global_backward_hooks or glob._global_backward_pre_hooks))

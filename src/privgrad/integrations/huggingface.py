@@ -14,6 +14,7 @@ stops cleanly before the step that would exceed it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 try:
@@ -29,6 +30,7 @@ from privgrad import _validate
 from privgrad.errors import ConfigError
 from privgrad.monitoring import BudgetStop
 from privgrad.privacy_engine import PrivacyEngine
+from privgrad.sampling import steps_per_epoch
 
 __all__ = ["DPTrainer"]
 
@@ -56,10 +58,13 @@ class DPTrainer(Trainer):
         max_grad_norm: C, the per-example clipping bound (``TrainingArguments.max_grad_norm``
             clips the *batch* gradient and does not matter here).
         noise_multiplier: sigma.
-        target_epsilon: the epsilon to reach at ``target_delta`` after
-            ``TrainingArguments.num_train_epochs`` epochs (or ``epochs``).
+        target_epsilon: the epsilon to reach at ``target_delta`` after the steps the trainer
+            will take: ``TrainingArguments.max_steps`` when set (> 0, as the ``Trainer`` itself
+            reads it), else ``num_train_epochs`` epochs; or after ``steps``/``epochs``.
         target_delta: the delta epsilon is reported and calibrated at.
-        epochs: epochs for calibration, if not ``num_train_epochs``.
+        epochs: epochs for calibration (at most one of ``epochs`` and ``steps``); training may
+            not be planned longer than this.
+        steps: optimizer steps for calibration; training may not be planned longer.
         max_epsilon: stop before the first step that would exceed it.
         accountant: ``"pld"`` (default) or ``"rdp"``.
         **kwargs: the ``Trainer``'s own arguments; ``privacy_kwargs`` (a dict) passes more
@@ -80,7 +85,8 @@ class DPTrainer(Trainer):
 
     def __init__(self, *args, max_grad_norm: float, noise_multiplier: float | None = None,
                  target_epsilon: float | None = None, target_delta: float = 1e-5,
-                 epochs: float | None = None, max_epsilon: float | None = None,
+                 epochs: float | None = None, steps: int | None = None,
+                 max_epsilon: float | None = None,
                  accountant: str = "pld", privacy_kwargs: dict[str, Any] | None = None,
                  **kwargs):
         if (noise_multiplier is None) == (target_epsilon is None):
@@ -88,9 +94,14 @@ class DPTrainer(Trainer):
                 "exactly one of noise_multiplier and target_epsilon must be given",
                 "(noise_multiplier, target_epsilon)", (noise_multiplier, target_epsilon),
                 "Pass noise_multiplier=1.0, or target_epsilon=3.0 to calibrate the noise.")
+        if epochs is not None and steps is not None:
+            raise _validate.fail("at most one of epochs and steps may be given",
+                                 "(epochs, steps)", (epochs, steps),
+                                 "Pass epochs=... or steps=... (or neither, to calibrate for "
+                                 "max_steps / num_train_epochs).")
         super().__init__(*args, **kwargs)
         self.privacy = dict(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
-                            target_epsilon=target_epsilon, epochs=epochs,
+                            target_epsilon=target_epsilon, epochs=epochs, steps=steps,
                             **(privacy_kwargs or {}))
         self.delta = _validate.open_unit("target_delta", target_delta,
                                          "Pass a delta well below 1/N, e.g. 1e-5.")
@@ -146,21 +157,47 @@ class DPTrainer(Trainer):
                             pin_memory=args.dataloader_pin_memory)
         self.create_optimizer()  # the Trainer reuses self.optimizer afterwards
         p = dict(self.privacy)
-        epochs, target = p.pop("epochs"), p.pop("target_epsilon")
+        epochs, steps, target = p.pop("epochs"), p.pop("steps"), p.pop("target_epsilon")
         common = dict(module=self.model, optimizer=self.optimizer, data_loader=loader)
         if target is not None:
             p.pop("noise_multiplier")
-            epochs = epochs if epochs is not None else args.num_train_epochs
-            if epochs != int(epochs) or epochs < 1:
-                raise _validate.fail("calibration needs a whole number of epochs", "epochs", epochs,
-                                     "Pass DPTrainer(epochs=...) or a whole num_train_epochs.")
+            horizon = self._horizon(epochs, steps, loader)
             _, _, self._private_loader = self.engine.make_private_with_epsilon(
-                target_epsilon=target, target_delta=self.delta, epochs=int(epochs), **common, **p)
+                target_epsilon=target, target_delta=self.delta, **horizon, **common, **p)
         else:
             _, _, self._private_loader = self.engine.make_private(**common, **p)
         if self.max_epsilon is not None:
             self.budget = BudgetStop(self.engine, self.max_epsilon, self.delta)
             self.budget.check()  # not even one step fits: say so before training starts
+
+    def _horizon(self, epochs, steps, loader: DataLoader) -> dict:
+        """What the noise is calibrated for, and a check that the trainer's plan fits in it."""
+        args = self.args
+        q = self.privacy.get("sample_rate") or loader.batch_size / len(loader.dataset)
+        per_epoch = steps_per_epoch(q)
+        planned = (args.max_steps if args.max_steps and args.max_steps > 0
+                   else math.ceil(args.num_train_epochs * per_epoch))
+        if steps is None and epochs is None:
+            if args.max_steps and args.max_steps > 0:
+                steps = args.max_steps
+            else:
+                epochs = args.num_train_epochs
+        if steps is None:
+            if epochs != int(epochs) or epochs < 1:
+                raise _validate.fail("calibration needs a whole number of epochs", "epochs", epochs,
+                                     "Pass DPTrainer(epochs=...) or steps=..., or a whole "
+                                     "num_train_epochs, or max_steps.")
+            horizon, budget_steps = {"epochs": int(epochs)}, int(epochs) * per_epoch
+        else:
+            steps = _validate.positive_int("steps", steps, "Pass the number of optimizer steps.")
+            horizon, budget_steps = {"steps": steps}, steps
+        if planned > budget_steps:
+            raise _validate.fail(
+                f"the trainer must not plan more steps than the noise is calibrated for "
+                f"({budget_steps}); it would spend more than target_epsilon", "planned steps",
+                planned, "Calibrate for the run (leave epochs/steps unset to use max_steps or "
+                "num_train_epochs), or lower max_steps/num_train_epochs.")
+        return horizon
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.budget is not None:

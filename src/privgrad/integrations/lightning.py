@@ -8,8 +8,10 @@
 At the start of ``fit`` the callback calls :meth:`PrivacyEngine.make_private` on the
 ``LightningModule``, the optimizer from ``configure_optimizers`` and the training loader, and
 gives the fit loop the returned Poisson loader. Each step logs ``epsilon`` (shown in the progress
-bar) and ``clip_fraction``; the accountant travels in Lightning checkpoints; with ``max_epsilon``
-the run stops cleanly before the step that would exceed it.
+bar) and ``clip_fraction``; the engine's whole state (:meth:`PrivacyEngine.state_dict`: accountant,
+sampler position, noise generators) travels in Lightning checkpoints, so a resumed fit continues
+the batches and the noise instead of replaying them; with ``max_epsilon`` the run stops cleanly
+before the step that would exceed it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from privgrad import _validate
 from privgrad.errors import ConfigError, PrivacyStateError
 from privgrad.monitoring import BudgetStop
 from privgrad.privacy_engine import PrivacyEngine
+from privgrad.sampling import steps_per_epoch
 
 __all__ = ["DPCallback"]
 
@@ -35,15 +38,17 @@ __all__ = ["DPCallback"]
 class DPCallback(pl.Callback):
     """Trains the ``LightningModule`` with DP-SGD (single device, one optimizer).
 
-    Give exactly one of ``noise_multiplier`` or ``target_epsilon`` (then the noise is calibrated
-    for ``epochs``, by default the trainer's ``max_epochs``).
+    Give exactly one of ``noise_multiplier`` or ``target_epsilon``. With ``target_epsilon`` the
+    noise is calibrated for ``steps`` optimizer steps or ``epochs`` epochs when given, else for
+    the steps the trainer will take: ``max_steps`` when set, capped by ``max_epochs``.
 
     Args:
         max_grad_norm: C, the per-example clipping bound.
         noise_multiplier: sigma.
         target_epsilon: the epsilon to reach at ``target_delta`` after ``epochs`` epochs.
         target_delta: the delta epsilon is reported and calibrated at.
-        epochs: epochs for calibration (default: ``trainer.max_epochs``).
+        epochs: epochs for calibration (at most one of ``epochs`` and ``steps``).
+        steps: optimizer steps for calibration.
         max_epsilon: stop training before the first step that would exceed it.
         accountant: ``"pld"`` (default) or ``"rdp"``.
         secure_mode: passed to :class:`~privgrad.PrivacyEngine`.
@@ -65,7 +70,8 @@ class DPCallback(pl.Callback):
 
     def __init__(self, *, max_grad_norm: float, noise_multiplier: float | None = None,
                  target_epsilon: float | None = None, target_delta: float = 1e-5,
-                 epochs: int | None = None, max_epsilon: float | None = None,
+                 epochs: int | None = None, steps: int | None = None,
+                 max_epsilon: float | None = None,
                  accountant: str = "pld", secure_mode: bool = False,
                  log_every_n_steps: int | None = None, **make_private_kwargs: Any):
         if (noise_multiplier is None) == (target_epsilon is None):
@@ -78,13 +84,20 @@ class DPCallback(pl.Callback):
         self.target_epsilon = target_epsilon
         self.delta = _validate.open_unit("target_delta", target_delta,
                                          "Pass a delta well below 1/N, e.g. 1e-5.")
+        if epochs is not None and steps is not None:
+            raise _validate.fail("at most one of epochs and steps may be given",
+                                 "(epochs, steps)", (epochs, steps),
+                                 "Pass epochs=... or steps=... (or neither, to calibrate for "
+                                 "the trainer's max_steps / max_epochs).")
         self.epochs = epochs
+        self.steps = steps
         self.max_epsilon = max_epsilon
         self.log_every_n_steps = log_every_n_steps
         self.make_private_kwargs = make_private_kwargs
         self.engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
         self.budget: BudgetStop | None = None
         self._restored: dict | None = None
+        self._final: dict | None = None
 
     # -- setting up ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -98,25 +111,41 @@ class DPCallback(pl.Callback):
         common = dict(module=pl_module, optimizer=optimizer, data_loader=loader,
                       max_grad_norm=self.max_grad_norm, **self.make_private_kwargs)
         if self.target_epsilon is not None:
-            epochs = self.epochs if self.epochs is not None else trainer.max_epochs
-            if epochs is None or epochs < 1:
-                raise _validate.fail(
-                    "calibrating to target_epsilon needs a number of epochs", "epochs", epochs,
-                    "Pass DPCallback(epochs=...) or Trainer(max_epochs=...).")
             _, _, private_loader = self.engine.make_private_with_epsilon(
-                target_epsilon=self.target_epsilon, target_delta=self.delta, epochs=epochs,
-                **common)
+                target_epsilon=self.target_epsilon, target_delta=self.delta,
+                **self._horizon(trainer, loader), **common)
         else:
             _, _, private_loader = self.engine.make_private(
                 noise_multiplier=self.noise_multiplier, **common)
         # The fit loop asks this source for its loader after on_fit_start.
         trainer.fit_loop._data_source = _DataLoaderSource(private_loader, "train_dataloader")
-        if self._restored is not None:  # resuming: the steps already taken count
-            self.engine.accountant.load_state_dict(self._restored["accountant"])
-            self.engine.steps = self._restored["steps"]
+        if self._restored is not None:  # resuming: continue the accountant, sampler and noise
+            self.engine.load_state_dict(self._restored)
         if self.max_epsilon is not None:
             self.budget = BudgetStop(self.engine, self.max_epsilon, self.delta)
             self._stop_if_spent(trainer)
+
+    def _horizon(self, trainer: pl.Trainer, loader) -> dict:
+        """``{"steps": n}`` or ``{"epochs": n}``: what the noise is calibrated for."""
+        if self.steps is not None:
+            return {"steps": self.steps}
+        if self.epochs is not None:
+            return {"epochs": self.epochs}
+        max_steps = trainer.max_steps if trainer.max_steps is not None else -1
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if max_steps > 0:
+            if max_epochs > 0:  # whichever ends the fit first
+                q = self.make_private_kwargs.get("sample_rate") or (
+                    loader.batch_size / len(loader.dataset))
+                return {"steps": min(max_steps, max_epochs * steps_per_epoch(q))}
+            return {"steps": max_steps}
+        if max_epochs > 0:
+            return {"epochs": max_epochs}
+        raise _validate.fail(
+            "calibrating to target_epsilon needs the length of training", "(max_steps, "
+            "max_epochs)", (max_steps, max_epochs),
+            "Pass DPCallback(steps=...) or (epochs=...), or Trainer(max_steps=...) or "
+            "(max_epochs=...).")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.budget is not None:  # a loop that ignored should_stop: refuse the next step
@@ -146,6 +175,7 @@ class DPCallback(pl.Callback):
         return self.engine.get_epsilon(self.delta) if self.engine.settings is not None else 0.0
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._final = self.engine.state_dict()  # a checkpoint saved after fit still has it
         self.engine.detach()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -153,14 +183,21 @@ class DPCallback(pl.Callback):
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The accountant and step count, saved in Lightning checkpoints."""
-        if self.engine.settings is None:
-            return self._restored or {}
-        return {"accountant": self.engine.accountant.state_dict(), "steps": self.engine.steps}
+        """The engine's :meth:`~privgrad.PrivacyEngine.state_dict`, saved in Lightning
+        checkpoints (accountant, sampler seed and position, noise generators, counters)."""
+        if self.engine.module is None:
+            return self._final or self._restored or {}
+        return self.engine.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the budget spent (applied when ``fit`` starts)."""
+        """Resume the engine's state when ``fit`` starts (after ``make_private``)."""
         if state_dict:
+            if "format" not in state_dict:
+                raise ConfigError(
+                    "a DPCallback checkpoint must hold the engine's whole state (sampler and "
+                    "noise generators, so that a resumed fit does not replay the first run's "
+                    "batches and noise); got an older checkpoint with only the accountant. "
+                    "Resume from a checkpoint written by this privgrad version, or start anew.")
             self._restored = dict(state_dict)
 
 

@@ -65,6 +65,8 @@ class Capture:
         outputs: the values (detached) of the hooked outputs, in ``output_index`` order, kept
             until the step for a rule that has a :meth:`LayerRule.joint_backward` (a recurrent
             rule reads every step's state from them instead of recomputing it); empty otherwise.
+        tag: which drawn batch the call ran on (engine bookkeeping: the number of batches the
+            private loader had yielded when the call was made), or ``None``.
     """
 
     module: nn.Module
@@ -81,6 +83,7 @@ class Capture:
     params: tuple = ()
     outputs: list = field(default_factory=list)
     early: dict | None = None
+    tag: object = None
 
     def release(self) -> None:
         """Let go of every tensor of the call (inputs, output gradients, per-sample gradients,
@@ -124,6 +127,12 @@ class LayerRule:
     #: soon as the call's output gradients are in (plain tensor arithmetic: no autograd, no
     #: module calls). The engine then does so where the result is smaller than the capture.
     materializes_early: ClassVar[bool] = False
+    #: Whether a call with a batch of one, made after the forward pass has seen ``B`` examples,
+    #: is a table shared by the batch (position embeddings of ``arange(T).unsqueeze(0)``) whose
+    #: output the engine expands to ``B`` rows (see :mod:`privgrad.engine.capture`). Only for
+    #: rules whose batch-of-one inputs are such tables: expanding a sequence-first tensor of
+    #: length 1 instead would change the forward pass.
+    broadcasts_batch_of_one: ClassVar[bool] = False
     #: Children whose parameters this rule also serves (as ``"child.name"``), because the module
     #: applies them itself instead of calling the child (``nn.MultiheadAttention.out_proj``).
     serves_children: ClassVar[tuple[str, ...]] = ()
@@ -161,6 +170,7 @@ class LayerRule:
             kwargs=tree_map(zero_rows, capture.kwargs), batch_size=b, names=capture.names,
             output_index=capture.output_index,
             grad_outputs=[zero_rows(g) for g in capture.grad_outputs], rule=capture.rule,
+            tag=capture.tag,
         )
 
     def per_sample_gradients(

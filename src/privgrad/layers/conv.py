@@ -163,6 +163,8 @@ class ConvRule(LayerRule):
 
     def _per_sample_weight(self, module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``(b, *weight.shape)`` per-sample weight gradients, by the faster exact kernel."""
+        if x.shape[0] == 0:  # an empty Poisson batch (the grouped kernel needs a group)
+            return g.new_zeros((0, *module.weight.shape))
         if _grouped_kernel_faster(module, x):
             return grouped_per_sample_weight(module, x, g)
         u, g = self._grouped(module, x, g)

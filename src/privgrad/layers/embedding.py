@@ -36,9 +36,12 @@ def _grouped_norms_sq(
 
 
 class EmbeddingRule(LayerRule):
-    """Rule for ``nn.Embedding`` (any index shape, ``padding_idx``, ``max_norm``)."""
+    """Rule for ``nn.Embedding`` (any index shape, ``padding_idx``). ``max_norm`` is refused by
+    the validator and the engine: its lookup writes the weight in place (see
+    :mod:`privgrad.validation.writers`)."""
 
     has_ghost_norm = True
+    broadcasts_batch_of_one = True  # position embeddings: arange(T).unsqueeze(0)
 
     def check(self, module: nn.Module) -> str | None:
         if module.scale_grad_by_freq:

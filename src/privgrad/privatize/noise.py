@@ -7,11 +7,17 @@ a large CPU tensor as :data:`STREAMS` contiguous pieces, each from its own Merse
 as many cores as PyTorch may use. Each piece is the same ``normal_`` kernel; only the number of
 streams changes, and it is fixed, so the noise does not depend on the number of cores.
 
-Each call gives every stream a fresh full state: 624 words drawn from PyTorch's default
-generator. So the noise follows ``torch.manual_seed``, a checkpoint of PyTorch's random state
-resumes it exactly, and no stream state is ever reused (seeding a Twister with an integer would
-give only 2**32 possible streams, and two steps with the same stream would cancel each other's
-noise).
+Each call gives every stream a fresh full state: 624 words drawn from the source's generator. So
+no stream state is ever reused (seeding a Twister with an integer would give only 2**32 possible
+streams, and two steps with the same stream would cancel each other's noise).
+
+Whose generator: a source made with ``seed=`` owns one generator per device, seeded from that
+seed, and its :meth:`TorchGaussian.state_dict` holds their states. The privacy engine makes its
+source so (the seed drawn at ``make_private``, after ``torch.manual_seed``), so the noise does not
+move with the user's own use of PyTorch's random stream (dropout, augmentation), and a resumed run
+always continues the noise where it stopped: restarting it from the seed would repeat the first
+run's noise, which subtracting two releases cancels. A source made without a seed draws from
+PyTorch's default generators (as a standalone sampler).
 
 Privacy:
     The default source is reproducible and *not* secure: floating-point Gaussian samplers leak
@@ -62,10 +68,44 @@ class TorchGaussian:
     #: this adds the noise to the sum itself (``add_noise``).
     fuses_sums = True
 
-    def __init__(self, parallel_min: int = PARALLEL_MIN):
+    def __init__(self, parallel_min: int = PARALLEL_MIN, *, seed: int | None = None):
         self.parallel_min = parallel_min
+        self.seed = seed
+        # this source's own generators, per device (only with a seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
         # sample_many's last CPU buffer per (dtype, device), reused once nothing else holds it
         self._kept: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """This source's generator for ``device`` (``None``: PyTorch's default one)."""
+        if self.seed is None:
+            return None
+        device = _canonical(device)
+        g = self._generators.get(device)
+        if g is None:  # one independent stream per device, from the seed and the device
+            words = np.random.SeedSequence([self.seed, *_device_key(device)]).generate_state(2)
+            g = torch.Generator(device=device)
+            g.manual_seed(int(words[0]) << 32 | int(words[1]))
+            self._generators[device] = g
+        return g
+
+    def state_dict(self) -> dict:
+        """The seed and every generator's state (what a resumed run needs to continue)."""
+        return {"seed": self.seed,
+                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s output (generators of absent devices are made from
+        the seed when first used, as in the saved run)."""
+        self.seed = None if state["seed"] is None else int(state["seed"])
+        self._generators = {}
+        for name, saved in state["generators"].items():
+            device = _canonical(torch.device(name))
+            if device.type != "cpu" and not _device_available(device):
+                continue  # resumed without that device: its draws start from the seed
+            g = torch.Generator(device=device)
+            g.set_state(saved)
+            self._generators[device] = g
 
     def sample(self, like: torch.Tensor, std: float) -> torch.Tensor:
         """A new tensor shaped like ``like`` (same dtype and device) of ``N(0, std^2)`` draws."""
@@ -76,10 +116,11 @@ class TorchGaussian:
         every draw of this source goes through here."""
         if std <= 0:
             return out.zero_()
+        g = self.generator(out.device)
         if (out.device.type != "cpu" or out.numel() < self.parallel_min
                 or not out.dtype.is_floating_point or not _state_layout_known()):
-            return out.normal_(0.0, std)
-        _draw_in_streams(out.view(-1), std)
+            return out.normal_(0.0, std, generator=g)
+        _draw_in_streams(out.view(-1), std, g)
         return out
 
     def sample_many(self, likes: list[tuple[torch.Size, torch.dtype, torch.device]],
@@ -130,9 +171,11 @@ class TorchGaussian:
         return self.sample(total, std).add_(total)
 
 
-def _draw_in_streams(flat: torch.Tensor, std: float) -> None:
-    """Fill ``flat`` with ``N(0, std^2)``: piece ``k`` from stream ``k``, freshly seeded."""
-    words = torch.randint(0, 2**32, (STREAMS, _N), dtype=torch.int64).numpy()
+def _draw_in_streams(flat: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """Fill ``flat`` with ``N(0, std^2)``: piece ``k`` from stream ``k``, freshly seeded from
+    ``generator`` (PyTorch's default CPU generator if ``None``)."""
+    words = torch.randint(0, 2**32, (STREAMS, _N), dtype=torch.int64,
+                          generator=generator).numpy()
     streams = []
     for k in range(STREAMS):
         g = torch.Generator()
@@ -159,6 +202,30 @@ def _twister_state(words: np.ndarray) -> torch.Tensor:
     raw[_NEXT:_NEXT + 8] = 0
     raw[_WORDS:_WORDS + 8 * _N] = words.astype(np.uint64).view(np.uint8)
     return state
+
+
+def _canonical(device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: one generator per physical device."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "current_device"):
+            return torch.device(device.type, module.current_device())
+    return device
+
+
+def _device_key(device: torch.device) -> tuple[int, int]:
+    kinds = {"cpu": 0, "cuda": 1, "mps": 2, "xpu": 3}
+    return kinds.get(device.type, 4 + sum(map(ord, device.type))), device.index or 0
+
+
+def _device_available(device: torch.device) -> bool:
+    module = getattr(torch, device.type, None)
+    try:
+        return bool(module is not None and module.is_available()
+                    and (device.index or 0) < module.device_count())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @functools.cache

@@ -214,6 +214,13 @@ class SecureGaussian:
     def __init__(self, random: SecureRandom | None = None):
         self.random = random if random is not None else SecureRandom()
 
+    def state_dict(self) -> dict:
+        """Nothing to resume: every draw comes fresh from the operating system."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run draws fresh noise (nothing to restore)."""
+
     def add_noise(self, total: torch.Tensor, std: float) -> torch.Tensor:
         """``L * round((total + N(0, std^2)) / L)`` as a new float64 tensor on ``total``'s device.
 

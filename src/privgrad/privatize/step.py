@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from privgrad.engine.batch import BackwardBatch
+from privgrad.errors import PrivacyStateError
 from privgrad.privatize.clipping import flat_clip, per_layer_bounds, per_layer_clip
 
 
@@ -63,9 +64,13 @@ class ClippedSum:
         if self.clipping == "flat":
             result = flat_clip(norms_sq, float(self.max_grad_norm), batch.batch_size, device)
         else:
-            missing = [p for p in norms_sq if p not in self.bounds]
-            if missing:
-                self.bounds.update(per_layer_bounds(missing, self.max_grad_norm))
+            missing = [tuple(p.shape) for p in norms_sq if p not in self.bounds]
+            if missing:  # the engine refuses first, naming them; never invent a bound here
+                raise PrivacyStateError(
+                    f"per-layer clipping has one bound per parameter, fixed when the guarantee "
+                    f"was set; got {len(missing)} parameter(s) without one (shapes "
+                    f"{missing[:5]}). Use clipping='flat', or make them trainable before "
+                    f"make_private.")
             result = per_layer_clip(norms_sq, self.bounds, batch.batch_size, device)
         keep = None if result.dropped == 0 else result.keep
         sums = batch.weighted_sums(result.weights, keep, sparse=self.sparse_sums)

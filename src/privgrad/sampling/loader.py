@@ -4,10 +4,15 @@ The returned loader keeps the user's data set, ``collate_fn``, workers and pinni
 batch sampler changes. An empty sample still yields a batch, of size 0 and of the same structure
 as a real one (tensors with a leading dimension of 0, empty lists), so the training loop runs an
 ordinary step on it and the step still adds the full noise.
+
+The loader also tells the engine what it handed to the training loop (:class:`DrawnBatches`):
+how many batches so far and how many examples each held, so that the engine can refuse a backward
+pass whose per-example rows are not the examples the sampler drew.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -26,14 +31,58 @@ from privgrad.errors import ConfigError
 from privgrad.sampling.poisson import PoissonSampler
 
 
+class DrawnBatches:
+    """The batches the Poisson loader handed to the training loop, as ``(number, size)``.
+
+    The batch sampler queues each sample's size when the loader asks for its indices (perhaps
+    ahead of time, for prefetching workers); the loader delivers them, in order, as it yields
+    each batch. :attr:`delivered` counts the batches yielded so far (the number of the latest);
+    :attr:`pending` lists those yielded since the last :meth:`released` one.
+
+    Not private: the sizes depend on the sample and are kept for the engine's checks only.
+    """
+
+    KEEP = 64  #: batches remembered at most (a loop that never steps must not grow memory)
+
+    def __init__(self):
+        self.delivered = 0
+        self._queued: deque[int] = deque()
+        self._pending: deque[tuple[int, int]] = deque(maxlen=self.KEEP)
+
+    def queue(self, size: int) -> None:
+        self._queued.append(size)
+
+    def restart(self) -> None:
+        """A new pass over the loader: sizes queued for the last one will not be delivered."""
+        self._queued.clear()
+
+    def deliver(self) -> None:
+        self.delivered += 1
+        self._pending.append((self.delivered, self._queued.popleft()))
+
+    @property
+    def pending(self):
+        """``(number, size)`` of the batches yielded and not yet released, oldest first."""
+        return self._pending
+
+    def released(self, number: int) -> None:
+        """The batch ``number`` was released: it and the batches yielded before it are done
+        (one the loop skipped, or prefetched by a consumer that reads ahead)."""
+        while self._pending and self._pending[0][0] <= number:
+            self._pending.popleft()
+
+
 class PoissonBatchSampler(Sampler[list[int]]):
     """A torch batch sampler over a :class:`PoissonSampler` (lists of indices, maybe empty)."""
 
-    def __init__(self, sampler: PoissonSampler):
+    def __init__(self, sampler: PoissonSampler, drawn: DrawnBatches | None = None):
         self.sampler = sampler
+        self.drawn = drawn
 
     def __iter__(self) -> Iterator[list[int]]:
         for indices in self.sampler:
+            if self.drawn is not None:
+                self.drawn.queue(len(indices))
             yield indices.tolist()
 
     def __len__(self) -> int:
@@ -119,8 +168,26 @@ def check_loader(data_loader: DataLoader, poisson_sampling: bool) -> None:
             "then not match your sampling).")
 
 
-def poisson_loader(data_loader: DataLoader, sampler: PoissonSampler) -> DataLoader:
-    """A DataLoader over ``data_loader.dataset`` whose batches are Poisson samples."""
+class PoissonLoader(DataLoader):
+    """The loader ``make_private`` returns: a plain ``DataLoader`` over the user's data set with
+    a :class:`PoissonBatchSampler`, which reports each batch it yields to :class:`DrawnBatches`
+    (batches come out in sampling order: ``in_order`` is always true)."""
+
+    def __iter__(self):
+        drawn = getattr(self.batch_sampler, "drawn", None)
+        if drawn is None:
+            yield from super().__iter__()
+            return
+        drawn.restart()
+        for batch in super().__iter__():
+            drawn.deliver()
+            yield batch
+
+
+def poisson_loader(data_loader: DataLoader, sampler: PoissonSampler,
+                   drawn: DrawnBatches | None = None) -> DataLoader:
+    """A DataLoader over ``data_loader.dataset`` whose batches are Poisson samples (reported to
+    ``drawn`` as they are yielded, when given)."""
     dl = data_loader
     collate = dl.collate_fn if dl.collate_fn is not None else default_collate
     kwargs = dict(
@@ -141,5 +208,5 @@ def poisson_loader(data_loader: DataLoader, sampler: PoissonSampler) -> DataLoad
     if dl.num_workers > 0:
         kwargs["prefetch_factor"] = dl.prefetch_factor
     if hasattr(dl, "in_order"):
-        kwargs["in_order"] = dl.in_order
-    return DataLoader(dl.dataset, batch_sampler=PoissonBatchSampler(sampler), **kwargs)
+        kwargs["in_order"] = True  # DrawnBatches pairs sizes with batches in sampling order
+    return PoissonLoader(dl.dataset, batch_sampler=PoissonBatchSampler(sampler, drawn), **kwargs)

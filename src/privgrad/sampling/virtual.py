@@ -4,7 +4,9 @@ Privacy:
     Splitting changes nothing in the mechanism: every example of the logical batch is clipped
     once (in its chunk), the clipped sums of the chunks are added, and the noise is drawn once
     per logical batch, when the last chunk's ``optimizer.step()`` runs. The steps of the other
-    chunks make no update.
+    chunks make no update. A loop that leaves in the middle of a logical batch (``break``, an
+    exception) ends it: its clipped sums are discarded, so the next release carries no other
+    sample's sums, and nothing of it is released or spent.
 """
 
 from __future__ import annotations
@@ -56,13 +58,16 @@ class VirtualBatches:
         max_physical_batch_size: largest chunk.
         set_last: called with ``True`` before yielding the last chunk of a logical batch and
             ``False`` before the others (the engine defers the release until the last one).
+        on_exit: called when the iteration ends, completed or abandoned (the engine discards a
+            logical batch left unfinished).
     """
 
     def __init__(self, data_loader: Iterable, max_physical_batch_size: int,
-                 set_last: Callable[[bool], None]):
+                 set_last: Callable[[bool], None], on_exit: Callable[[], None]):
         self.data_loader = data_loader
         self.max_physical_batch_size = max_physical_batch_size
         self.set_last = set_last
+        self.on_exit = on_exit
 
     def __iter__(self) -> Iterator:
         try:
@@ -72,4 +77,4 @@ class VirtualBatches:
                     self.set_last(k == len(chunks) - 1)
                     yield chunk
         finally:
-            self.set_last(True)
+            self.on_exit()

@@ -88,6 +88,17 @@ def check_instance_norm_stats(path: str, module: nn.Module, registry) -> Finding
     return None
 
 
+def check_embedding_max_norm(path: str, module: nn.Module, registry) -> Finding | None:
+    if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.max_norm is None:
+        return None
+    return Finding(
+        path, type(module).__name__, f"max_norm={module.max_norm} (frozen or trainable)",
+        "every lookup renormalises, in place and without noise, exactly the rows of the tokens "
+        "in the private batch, so the saved weight shows which tokens were seen",
+        "set max_norm=None; to keep rows bounded, project the weight after each "
+        "optimizer.step() (post-processing of the released weight, e.g. with torch.renorm)")
+
+
 def check_recurrent_dropout(path: str, module: nn.Module, registry) -> Finding | None:
     if not (isinstance(module, nn.RNNBase) and recurrent_dropout_active(module)):
         return None
@@ -182,6 +193,7 @@ def check_rule(path: str, module: nn.Module, registry: RuleRegistry) -> Finding 
 CHECKS = (
     check_batch_norm,
     check_instance_norm_stats,
+    check_embedding_max_norm,
     check_recurrent_dropout,
     check_attention_dropout,
     check_sequence_first,

@@ -1,0 +1,103 @@
+"""The rows the engine clips must be the examples the sampler drew.
+
+Per-sample clipping bounds one *row* of a backward pass. The guarantee needs one row to be one
+example of one Poisson batch, and nothing in a tensor says so: a sequence-first model hands its
+layers ``(T, B, ...)`` tensors (each position becomes an "example", and one sequence contributes
+up to ``T`` times ``C``), two batches summed into one backward pass pair row ``i`` of one with row
+``i`` of the other, a loop that trains on the original loader never saw a Poisson sample at all.
+
+:class:`DrawnRows` holds the engine to the loader's own record (:class:`~privgrad.sampling.
+loader.DrawnBatches`): every module call is tagged with the number of batches the loader had
+yielded when it ran (:attr:`~privgrad.layers.Capture.tag`); a logical step's calls must share one
+tag, and its rows (over the physical batches of virtual batches) must number the examples of a
+batch the loader yielded and no step has released yet. A loop that reads one batch ahead (a
+prefetching trainer) is fine; rows that match no drawn batch are refused before anything is
+released.
+"""
+
+from __future__ import annotations
+
+from privgrad.errors import PrivacyStateError
+
+__all__ = ["DrawnRows"]
+
+_CAUSES = (
+    "Usual causes: sequence-first tensors (a (T, B, ...) input makes each position an example: "
+    "give the model batch-first tensors and batch_first=True); a loss on part of the batch (keep "
+    "every row and mask the loss instead); several rows per example (augmented copies: average "
+    "them inside one example's computation instead). Nothing was released.")
+
+
+class DrawnRows:
+    """Checks each logical step's rows against the batches the private loader yielded.
+
+    Args:
+        drawn: the loader's :class:`~privgrad.sampling.loader.DrawnBatches`, or ``None`` (no
+            Poisson loader: nothing to check against).
+    """
+
+    def __init__(self, drawn):
+        self.drawn = drawn
+        self.step_tag: int | None = None  # the tag of this logical step's calls
+        self.rows = 0  # rows of this logical step so far
+
+    def tag(self) -> int | None:
+        """The tag of a module call made now."""
+        return None if self.drawn is None else self.drawn.delivered
+
+    def add(self, tags: set, rows: int) -> None:
+        """One backward pass over calls tagged ``tags`` with ``rows`` rows; raises if they cannot
+        belong to the logical step so far."""
+        if self.drawn is None:
+            return
+        if len(tags) > 1:
+            raise PrivacyStateError(
+                f"one backward pass must go through forward passes on one drawn batch; got "
+                f"forward passes made after {len(tags)} different batches of the private loader "
+                f"(numbers {sorted(tags)}). Summing two batches' losses puts two samples under one "
+                f"noise draw and lets an example in both contribute twice. Run one batch, one "
+                f"backward, one optimizer.step(). Nothing was released.")
+        tag = next(iter(tags))
+        if self.step_tag is not None and tag != self.step_tag:
+            raise PrivacyStateError(
+                f"the physical batches of one step must come from one drawn batch; got a backward "
+                f"pass on the loader's batch {tag} while clipped sums of batch {self.step_tag} "
+                f"wait for their optimizer.step(). Step each batch (or abandon it by leaving "
+                f"engine.virtual_batches). Nothing was released.")
+        candidates = self._candidates(tag)
+        if not candidates:  # (every later failure too is refused before anything is released)
+            raise PrivacyStateError(
+                f"the rows of a backward pass must be examples that the private loader drew; got "
+                f"a backward pass of {rows} rows with no batch from it since the last step. "
+                f"Iterate the data_loader that make_private returned (not the original one), one "
+                f"batch per optimizer.step(). Nothing was released.")
+        if self.rows + rows > max(size for _, size in candidates):
+            raise PrivacyStateError(self._mismatch(self.rows + rows, candidates))
+        self.step_tag = tag
+        self.rows += rows
+
+    def release(self) -> None:
+        """The step is about to release: its rows must be exactly one drawn batch."""
+        if self.drawn is None:
+            return
+        candidates = self._candidates(self.step_tag)
+        match = next((number for number, size in candidates if size == self.rows), None)
+        if match is None:
+            raise PrivacyStateError(self._mismatch(self.rows, candidates))
+        self.drawn.released(match)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget this logical step (released, or its clipped sums discarded)."""
+        self.step_tag, self.rows = None, 0
+
+    def _candidates(self, tag) -> list[tuple[int, int]]:
+        if tag is None:
+            return []
+        return [(n, size) for n, size in self.drawn.pending if n <= tag]
+
+    @staticmethod
+    def _mismatch(rows: int, candidates) -> str:
+        sizes = " or ".join(str(size) for _, size in candidates[-3:])
+        return (f"the rows clipped in one step must be the examples of the Poisson batch the "
+                f"loader drew; got {rows} rows where the batch held {sizes} examples. {_CAUSES}")

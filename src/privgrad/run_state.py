@@ -1,0 +1,148 @@
+"""What of a private training run must survive a restart, in one description.
+
+:func:`state_dict` is the engine's side of every resume path (privgrad's own checkpoints, the
+Lightning callback, the Hugging Face trainer): the privacy settings, the accountant's history, the
+Poisson sampler's seed and position, the noise generators' states, the step counters and the
+GradScaler's state. Plain data and tensors only, so it loads with ``torch.load(weights_only=True)``.
+
+:func:`load_state_dict` checks everything before it changes anything, and refuses an engine that
+has released steps already (they would vanish from the accountant). A resumed run continues the
+sampler and the noise exactly where they stopped, whatever PyTorch's own random state is: a run
+restarted from its seed would draw the first run's batches and noise again, and subtracting two
+such releases cancels the noise.
+
+Privacy:
+    The state is as sensitive as the training data: the sampler's seed reveals every batch's
+    membership and the generators' states the noise. Keep it where the data is kept. In secure
+    mode neither exists (sampling and noise come from the operating system).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from privgrad.accounting import make_accountant
+from privgrad.errors import CheckpointError, PrivacyStateError
+from privgrad.sampling import numpy_bits, os_bits
+
+__all__ = ["FORMAT", "load_state_dict", "state_dict"]
+
+FORMAT = 1  #: version of the state's layout
+
+
+def state_dict(engine) -> dict:
+    """The engine's state (see the module docstring)."""
+    _check_between_steps(engine, "state_dict")
+    engine._guard.check_clean()
+    sampler = engine._sampler
+    return {
+        "format": FORMAT,
+        "settings": _settings(engine),
+        "secure_mode": engine.secure_mode,
+        "dataset_size": engine._dataset_size,
+        "parameters": parameters(engine._module, engine._optimizer),
+        "accountant": engine.accountant.state_dict(),
+        "steps": engine.steps,
+        "dropped_examples": engine.dropped_examples,
+        "sampler": None if sampler is None else {
+            "seed": engine._sampler_seed, "step": sampler.step,
+            "num_records": sampler.num_records, "sample_rate": sampler.sample_rate,
+            "steps": sampler.steps},
+        "noise": engine.noise.state_dict(),
+        "grad_scaler": engine._amp.scaler.state_dict() if engine._amp is not None else None,
+    }
+
+
+def load_state_dict(engine, state: dict) -> None:
+    """Check ``state`` against this engine, then continue from it (see the module docstring)."""
+    check(engine, state)
+    apply(engine, state)
+
+
+def check(engine, state: dict) -> None:
+    """Raise if ``state`` cannot continue in this engine; change nothing."""
+    _check_between_steps(engine, "load_state_dict")
+    if engine.steps or engine.accountant.history:
+        raise PrivacyStateError(
+            f"a saved run must be loaded before the first step; got an engine that has released "
+            f"{engine.steps} step(s) already, which the loaded accountant would drop. Load the "
+            f"state right after make_private, in a fresh PrivacyEngine.")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"the engine state must be a dict of format {FORMAT} (from engine.state_dict()); got "
+            f"format={got!r}. Pass what state_dict() returned, unchanged.")
+    here = state_dict(engine)
+    for key in ("settings", "secure_mode", "dataset_size", "parameters"):
+        if state.get(key) != here[key]:
+            if key == "settings" and isinstance(state.get(key), dict):
+                for name, value in here[key].items():
+                    if state[key].get(name) != value:
+                        raise CheckpointError(mismatch(f"privacy setting {name}",
+                                                       state[key].get(name), value))
+            what = "model parameters (name, shape, dtype)" if key == "parameters" else \
+                key.replace("_", " ")
+            raise CheckpointError(mismatch(what, state.get(key), here[key]))
+    name = (state.get("accountant") or {}).get("accountant")
+    if name != engine.accountant.name:
+        raise CheckpointError(mismatch("accountant", name, engine.accountant.name))
+    try:
+        make_accountant(engine.accountant.name).load_state_dict(state["accountant"])
+    except CheckpointError as e:
+        raise CheckpointError(f"the saved accountant state is invalid: {e}") from e
+    saved, live = state.get("sampler"), here["sampler"]
+    if (saved is None) != (live is None) or (saved is not None and any(
+            saved.get(k) != live[k] for k in ("num_records", "sample_rate", "steps"))):
+        raise CheckpointError(mismatch("Poisson sampler", saved, live))
+    if (state.get("grad_scaler") is None) != (engine._amp is None):
+        raise CheckpointError(mismatch("use of a grad_scaler", state.get("grad_scaler") is not None,
+                                       engine._amp is not None))
+    noise = state.get("noise")
+    if not isinstance(noise, dict) or (not engine.secure_mode and "generators" not in noise):
+        raise CheckpointError(mismatch("noise source state", noise, here["noise"]))
+
+
+def apply(engine, state: dict) -> None:
+    """Continue from ``state`` (already :func:`check`-ed)."""
+    engine.accountant.load_state_dict(state["accountant"])
+    engine.steps = int(state["steps"])
+    engine.dropped_examples = int(state["dropped_examples"])
+    sampler = state["sampler"]
+    if sampler is not None:
+        seed = sampler["seed"]
+        engine._sampler.bits = os_bits if seed is None else numpy_bits(int(seed))
+        engine._sampler_seed = seed
+        engine._sampler.step = int(sampler["step"])
+    engine.noise.load_state_dict(state["noise"])
+    if engine._amp is not None:
+        engine._amp.scaler.load_state_dict(state["grad_scaler"])
+
+
+def parameters(module, optimizer) -> list:
+    """``[name, shape, dtype]`` of every optimizer parameter, in optimizer order."""
+    names = {p: n for n, p in module.named_parameters()}
+    return [[names.get(p, "?"), list(p.shape), str(p.dtype)]
+            for group in optimizer.param_groups for p in group["params"]]
+
+
+def mismatch(what: str, saved, here) -> str:
+    return (f"the saved state must come from a run with the same {what}; got {saved!r} saved and "
+            f"{here!r} here. Call make_private with the settings of the run that saved it (or "
+            f"pass the same objects), or start a new run.")
+
+
+def _settings(engine) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(engine.settings).items()}
+
+
+def _check_between_steps(engine, what: str) -> None:
+    if engine._module is None or engine.settings is None:
+        raise PrivacyStateError(
+            f"{what} needs an engine with a model attached; got an engine before make_private "
+            f"(or after detach). Call engine.make_private(...) first, with the run's settings.")
+    if engine._clipped.stats.backward_passes or not engine._release_now:
+        raise PrivacyStateError(
+            f"{what} must run between steps; got clipped gradients waiting for optimizer.step() "
+            f"(a backward pass without its step, or inside a virtual batch). Call it after "
+            f"optimizer.step().")
