@@ -81,7 +81,7 @@ def main() -> None:
     if args.step is None:
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from step_time import Transformer  # noqa: E402 - the benchmark's own model
+    from step_time import Transformer, drawn_batch  # noqa: E402 - the benchmark's own model
 
     from privgrad import PrivacyEngine
 
@@ -91,12 +91,14 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
                                          batch_size=args.batch)
-    PrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                 noise_multiplier=1.0, max_grad_norm=1.0)
+    engine = PrivacyEngine()
+    engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                        noise_multiplier=1.0, max_grad_norm=1.0)
     criterion = nn.CrossEntropyLoss()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
+        drawn_batch(engine, args.batch)
         criterion(model(x), y).backward()
         optimizer.step()
 
