@@ -1,5 +1,8 @@
 """Row 5 of PRIVACY_TESTS.md: every built-in rule's per-sample gradients, norms and weighted
-sums equal the one-example references, in every engine mode, for batch sizes 0, 1 and more."""
+sums equal the one-example references, in every engine mode, for batch sizes 0, 1 and more.
+
+The harness is the published one, :func:`privgrad.testing.check_rule` (``check_module`` is it on
+exactly the batch given: hypothesis draws the batch sizes there)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from privgrad.layers.linear import GRAM_HALVES_MIN, gram_inner, grams, linear_ghost_norm_sq
+from privgrad.testing import check_rule
 from tests.layers.cases import check_module
 
 D = torch.float64
@@ -60,7 +64,7 @@ def test_convolution_gram_form_in_halves():
 def test_linear_partly_frozen():
     layer = nn.Linear(4, 3).double()
     layer.weight.requires_grad_(False)
-    ref = check_module(layer, (randn(5, 4),))
+    ref = check_rule(layer, (randn(5, 4),))
     assert set(ref) == {"bias"}
 
 
@@ -85,7 +89,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("kind,kwargs,shape", CONV_CASES,
                          ids=[f"{k.__name__}-{i}" for i, (k, _, _) in enumerate(CONV_CASES)])
 def test_convolutions(kind, kwargs, shape):
-    check_module(kind(**kwargs).double(), (randn(*shape),))
+    check_rule(kind(**kwargs).double(), (randn(*shape),))
 
 
 # Channel counts where the CPU per-sample kernel is the grouped weight-gradient convolution
@@ -108,8 +112,8 @@ def test_convolutions_grouped_kernel(kind, kwargs, shape):
 
     layer = kind(**kwargs).double()
     assert _grouped_kernel_faster(layer, randn(*shape))  # the case tests the path it names
-    check_module(layer, (randn(*shape),))
-    check_module(layer, (randn(*shape),), engine_dtype=torch.float32)
+    check_rule(layer, (randn(*shape),))
+    check_rule(layer, (randn(*shape),), engine_dtype=torch.float32)
 
 
 # Per-sample gradients larger than the call's input and output gradient, where the Gram form
@@ -168,7 +172,7 @@ def test_embedding_bag_2d(mode, padding):
     layer = nn.EmbeddingBag(6, 3, mode=mode, padding_idx=padding).double()
     idx = torch.randint(0, 6, (4, 5))
     idx[0] = 1  # a bag made only of padding (when padding_idx=1)
-    check_module(layer, (idx,))
+    check_rule(layer, (idx,))
 
 
 def bag_example(idx, offsets, weights=None):

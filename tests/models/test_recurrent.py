@@ -414,7 +414,8 @@ KEPT = [(k, kw) for k, kw in LAYOUTS if k in (nn.LSTM, nn.GRU) and not kw.get("p
 def test_forward_that_keeps_its_gates(kind, kwargs, batch_first):
     # kept_forward returns what the native kernel returns (output contiguous in the module's
     # layout), and its traces give the projections of the step-by-step recomputation
-    from privgrad.layers.rnn_bptt import Recompute, kept_forward
+    from privgrad.layers.rnn_bptt import Recompute
+    from privgrad.layers.rnn_forward import kept_forward
 
     torch.manual_seed(0)
     rnn = kind(3, 4, batch_first=batch_first, **kwargs).double()

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from privgrad._precision import accumulation_dtype
 from privgrad.errors import PrivacyStateError
-from privgrad.layers import Capture
+from privgrad.layers import Capture, speed_hooks
 
 MODES = ("auto", "ghost", "materialize")
 
@@ -45,8 +46,8 @@ def materialize_early(capture: Capture, mode: str) -> bool:
     converts and unscales at the end of the pass), and the per-sample gradients are no larger
     than the input and output gradients they replace: memory never grows at any moment of the
     pass, and at its end (where all three would otherwise coexist) it drops by those tensors."""
-    rule = capture.rule
-    if not rule.materializes_early or capture.batch_size == 0 or _use_ghost(capture, mode):
+    if (not speed_hooks(capture.rule).materializes_early or capture.batch_size == 0
+            or _use_ghost(capture, mode)):
         return False  # (an empty batch has nothing to form: the pass's end gives it zeros)
     tensors = [x for x in tree_leaves((capture.grad_outputs, capture.args, capture.kwargs))
                if isinstance(x, torch.Tensor)]
@@ -63,7 +64,9 @@ def _use_ghost(capture: Capture, mode: str) -> bool:
         return False
     if mode == "ghost":
         return True
-    return rule.ghost_cost(capture.module, capture) < rule.materialize_cost(capture.module, capture)
+    speed = speed_hooks(rule)  # (a rule without a cost model materialises)
+    module = capture.module
+    return speed.ghost_cost(module, capture) < speed.materialize_cost(module, capture)
 
 
 def _params_of(capture: Capture) -> dict[str, nn.Parameter]:
@@ -150,8 +153,8 @@ class BackwardBatch:
                     self._grads[p] = self._grads[p] + g if p in self._grads else g
         for p, g in self._grads.items():  # the scale enters the norms and the weights, not g
             flat = g.reshape(g.shape[0], math.prod(g.shape[1:]))
-            if flat.dtype not in (torch.float32, torch.float64):
-                flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            if flat.dtype != accumulation_dtype(flat.dtype):
+                flat = flat.to(accumulation_dtype(flat.dtype))
             sq = torch.linalg.vector_norm(flat, dim=1).square() if flat.shape[1] else \
                 flat.new_zeros(flat.shape[0])
             self.norms_sq[p] = sq * self.scale**2 if self.scale != 1.0 else sq

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from privgrad.engine.outputs import input_only, joint, unviewed
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
-from privgrad.layers import Capture, LayerRule, RuleRegistry, workspace
+from privgrad.layers import Capture, LayerRule, RuleRegistry, speed_hooks, workspace
 
 
 def _inside_torch_func() -> bool:
@@ -84,9 +84,9 @@ class Recorder:
         on_backward: called once at the end of every backward pass that reached a recorded
             output, with the list of completed captures.
         skip_parameter_grads: performance only: where the rule gives the input gradient alone
-            (:meth:`~privgrad.layers.LayerRule.input_backward`), autograd forms no gradient for
-            the module's parameters (their ``.grad`` stays untouched by backward). For private
-            training, which overwrites those gradients anyway; see
+            (:meth:`~privgrad.layers.speed.SpeedHooks.input_backward`), autograd forms no gradient
+            for the module's parameters (their ``.grad`` stays untouched by backward). For
+            private training, which overwrites those gradients anyway; see
             :mod:`privgrad.engine.outputs`.
         early: ``capture -> bool``, asked once a capture's output gradients are all in: if
             true, its per-sample gradients are formed at once (:attr:`Capture.early`) and its
@@ -138,7 +138,7 @@ class Recorder:
         """Hook every module that owns parameters (trainable now or possibly later)."""
         for m in {m for m in self.paths if any(True for _ in m.parameters(recurse=False))}:
             rule = self.registry.dedicated(m)
-            graphless = rule is not None and rule.forward_without_graph(m)
+            graphless = rule is not None and speed_hooks(rule).forward_without_graph(m)
             if graphless:
                 self._handles.append(m.register_forward_pre_hook(self._graphless_starts,
                                                                  with_kwargs=True))
@@ -154,9 +154,9 @@ class Recorder:
 
     def _graphless_starts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Run the module's forward without an autograd graph where its rule's
-        :meth:`~privgrad.layers.LayerRule.joint_backward` will replace the whole backward of the
-        call (a recurrent layer: the native kernel's training forward, which also stores a
-        workspace for its own backward, costs about 1.4x its inference forward). Only where
+        :meth:`~privgrad.layers.speed.SpeedHooks.joint_backward` will replace the whole backward
+        of the call (a recurrent layer: the native kernel's training forward, which also stores
+        a workspace for its own backward, costs about 1.4x its inference forward). Only where
         nothing else could see the difference: no other hook on the module, no global module
         hook; the forward hook turns grad mode back on and attaches the rule's backward."""
         if (not self.fast_backward or self._busy or not torch.is_grad_enabled()
@@ -165,12 +165,12 @@ class Recorder:
             return None
         if not self._only_first_input_needs_grad(args, _tensor_inputs(args, kwargs)):
             return None
-        rule = self.rule_for(module)
-        whole = rule.joint_backward(module, args, kwargs)
+        speed = speed_hooks(self.rule_for(module))
+        whole = speed.joint_backward(module, args, kwargs)
         if whole is None:
             return None
         scratch: dict = {}
-        kept = rule.graphless_forward(module, args, kwargs, scratch)
+        kept = speed.graphless_forward(module, args, kwargs, scratch)
         self._graphless[module] = (whole, kept, scratch)
         torch._C._set_grad_enabled(False)
         if kept is not None:
@@ -242,9 +242,9 @@ class Recorder:
         if whole is None and self.fast_backward and self._only_first_input_needs_grad(
                 args, inputs):
             if len(index) == 1:
-                backward = rule.input_backward(module, args, kwargs)
+                backward = speed_hooks(rule).input_backward(module, args, kwargs)
             if backward is None:
-                whole = rule.joint_backward(module, args, kwargs)
+                whole = speed_hooks(rule).joint_backward(module, args, kwargs)
         if backward is not None:
             i = index[0]
             leaves[i] = input_only(leaves[i], args[0], params[0], backward)

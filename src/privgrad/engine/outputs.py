@@ -9,8 +9,8 @@ still fire), but with a ``grad_fn`` of privgrad's:
   its autograd history, and a tensor hook registered on the view before would never fire, so
   the layer's output gradient would be lost. The replacement is not a view, so its hook fires.
 - :func:`input_only`: backward computes only the gradient of the module's first input, with the
-  rule's formula (:meth:`~privgrad.layers.LayerRule.input_backward`); :func:`joint` does the
-  same for a module with several outputs (:meth:`~privgrad.layers.LayerRule.joint_backward`).
+  rule's formula (:meth:`~privgrad.layers.SpeedHooks.input_backward`); :func:`joint` does the
+  same for a module with several outputs (:meth:`~privgrad.layers.SpeedHooks.joint_backward`).
   Private training overwrites ``p.grad`` of every privatised parameter with the noisy clipped sum, so the
   parameter gradients autograd would form (for a Linear or Conv layer as much work as the
   forward pass) are never used; with this backward they are never computed, and ``p.grad`` of

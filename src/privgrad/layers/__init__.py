@@ -1,7 +1,12 @@
-"""Per-sample gradient rules, one layer family a file, and the registry that maps types to rules."""
+"""Per-sample gradient rules, one layer family a file, and the registry that maps types to rules.
 
-from privgrad.layers.base import Capture, LayerRule
+A rule is the privacy contract (:class:`LayerRule`) plus, where it makes a step cheaper, the
+opt-in speed hooks (:class:`SpeedHooks`)."""
+
+from privgrad.layers.base import Capture, LayerFinding, LayerRule
 from privgrad.layers.generic import GenericRule
 from privgrad.layers.registry import BUILTIN_RULES, RuleRegistry
+from privgrad.layers.speed import SpeedHooks, speed_hooks
 
-__all__ = ["BUILTIN_RULES", "Capture", "GenericRule", "LayerRule", "RuleRegistry"]
+__all__ = ["BUILTIN_RULES", "Capture", "GenericRule", "LayerFinding", "LayerRule", "RuleRegistry",
+           "SpeedHooks", "speed_hooks"]

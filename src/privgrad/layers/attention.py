@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privgrad.errors import UnsupportedModuleError
-from privgrad.layers.base import Capture
+from privgrad.layers.base import Capture, LayerFinding
 from privgrad.layers.projections import Projection, ProjectionRule
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -47,6 +47,28 @@ _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 def attention_dropout_active(module: nn.MultiheadAttention) -> bool:
     """True if the module drops attention weights at random in this mode."""
     return module.training and module.dropout > 0
+
+
+def check_attention_dropout(module: nn.Module) -> LayerFinding | None:
+    """The validator's finding for attention dropout in training mode, or ``None``."""
+    if not (isinstance(module, nn.MultiheadAttention) and attention_dropout_active(module)):
+        return None
+    return LayerFinding(
+        f"attention dropout={module.dropout} in training mode",
+        "the mask is drawn inside the attention, so the per-sample gradients cannot be "
+        "recomputed exactly and training would stop with an error at the first step",
+        "set the attention's dropout to 0 (privgrad.fix(model) does this; dropout around the "
+        "attention, as in nn.TransformerEncoderLayer, is unaffected and fine)",
+        fixable=True)
+
+
+def fix_attention_dropout(module: nn.Module):
+    """``(the module with dropout=0, what it is now, why)``, or ``None``."""
+    if not (isinstance(module, nn.MultiheadAttention) and attention_dropout_active(module)):
+        return None
+    module.dropout = 0.0
+    return module, "MultiheadAttention(dropout=0.0)", \
+        "dropout inside the attention cannot be reproduced for per-sample gradients"
 
 
 class MultiheadAttentionRule(ProjectionRule):

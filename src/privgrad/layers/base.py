@@ -5,6 +5,9 @@ output) into per-sample gradients of that module's own parameters, or, where che
 per-sample gradient norms plus the weighted sum of per-sample gradients computed straight from the
 stored inputs and output gradients (book-keeping, Bu et al. 2023). The engine never needs anything
 else from a layer, so a custom layer is supported by one small subclass of :class:`LayerRule`.
+That class is the privacy contract: everything here decides which numbers the private step
+uses. What only makes a rule faster (its own backward, a graph-free forward, early
+materialisation, the cost model) is the opt-in mixin :class:`~privgrad.layers.speed.SpeedHooks`.
 
 Conventions: ``b`` indexes the examples of the batch. Every tensor a rule returns is per parameter
 name (the name under which the module itself registered it, e.g. ``"weight"``, or
@@ -20,7 +23,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-__all__ = ["Capture", "LayerRule", "batched_size"]
+from privgrad._precision import accumulation_dtype
+
+__all__ = ["Capture", "LayerFinding", "LayerRule", "batched_size"]
 
 
 def batched_size(module: nn.Module, x: torch.Tensor, min_dim: int) -> int:
@@ -63,8 +68,9 @@ class Capture:
             pass (:func:`privgrad.engine.batch.materialize_early`); then everything else is
             released (:meth:`release`). ``None`` otherwise.
         outputs: the values (detached) of the hooked outputs, in ``output_index`` order, kept
-            until the step for a rule that has a :meth:`LayerRule.joint_backward` (a recurrent
-            rule reads every step's state from them instead of recomputing it); empty otherwise.
+            until the step for a call that a rule's
+            :meth:`~privgrad.layers.speed.SpeedHooks.joint_backward` serves (a recurrent rule
+            reads every step's state from them instead of recomputing it); empty otherwise.
         tag: which drawn batch the call ran on (engine bookkeeping: the number of batches the
             private loader had yielded when the call was made), or ``None``.
     """
@@ -107,26 +113,36 @@ class Capture:
         return self.grad_outputs[0]
 
 
+@dataclass(frozen=True)
+class LayerFinding:
+    """What a layer family finds wrong with one module's configuration: the ``problem``, ``why``
+    it matters for privacy, the ``fix``, and whether ``privgrad.fix(model)`` applies it
+    (``fixable``). ``privgrad.validate`` reports it as a ``privgrad.validation.Finding`` with the
+    module's path and type."""
+
+    problem: str
+    why: str
+    fix: str
+    fixable: bool = False
+
+
 class LayerRule:
     """Per-sample gradients, and optionally cheap per-sample norms, for one layer family.
 
     Subclasses implement :meth:`per_sample_gradients`. A rule that can get per-sample norms
     without materialising per-sample gradients (a *ghost* norm) sets ``has_ghost_norm = True``
-    and implements :meth:`ghost_norms_sq`, :meth:`weighted_sum` and the two cost estimates that
-    let the engine pick the cheaper exact method per call.
+    and implements :meth:`ghost_norms_sq` and :meth:`weighted_sum`; the cost estimates that let
+    the engine pick the cheaper exact method per call are speed hooks
+    (:class:`~privgrad.layers.speed.SpeedHooks`: without them ``"auto"`` materialises).
 
     Privacy:
         A rule must be *exact*: the i-th row it returns is the gradient of example i's own loss,
         and depends on no other example. The test suite checks every built-in rule against
-        ``torch.func`` and a one-example-at-a-time loop; a custom rule should be checked the
-        same way (see ``tests/layers/test_rules.py``).
+        ``torch.func`` and a one-example-at-a-time loop; check a custom rule the same way with
+        :func:`privgrad.testing.check_rule`.
     """
 
     has_ghost_norm: ClassVar[bool] = False
-    #: Whether :meth:`per_sample_gradients` may run during the backward pass, from a hook, as
-    #: soon as the call's output gradients are in (plain tensor arithmetic: no autograd, no
-    #: module calls). The engine then does so where the result is smaller than the capture.
-    materializes_early: ClassVar[bool] = False
     #: Whether a call with a batch of one, made after the forward pass has seen ``B`` examples,
     #: is a table shared by the batch (position embeddings of ``arange(T).unsqueeze(0)``) whose
     #: output the engine expands to ``B`` rows (see :mod:`privgrad.engine.capture`). Only for
@@ -140,6 +156,16 @@ class LayerRule:
     def check(self, module: nn.Module) -> str | None:
         """Return why this module's configuration is unsupported, or ``None`` if it is fine."""
         return None
+
+    def finding(self, module: nn.Module) -> LayerFinding | None:
+        """What the validator reports about this module, or ``None``: by default, the reason
+        :meth:`check` gives, with the generic why and fix. Override it to say more."""
+        reason = self.check(module)
+        if reason is None:
+            return None
+        return LayerFinding(
+            reason, "its per-sample gradients cannot be computed exactly as configured",
+            "change the configuration as described, or freeze the module")
 
     def batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> int:
         """Number of examples in a call (default: size of the first input's first dimension)."""
@@ -179,44 +205,6 @@ class LayerRule:
         """Per-sample gradients ``{name: tensor of shape (batch, *param.shape)}``."""
         raise NotImplementedError
 
-    def input_backward(self, module: nn.Module, args: tuple, kwargs: dict):
-        """The gradient of the first input alone, for private training (optional).
-
-        Returns a function ``grad_output -> gradient of args[0]`` that forms no parameter
-        gradient, or ``None`` (the default) to keep autograd's own backward for this call. The
-        engine uses it to skip the parameter gradients that private training discards (see
-        :mod:`privgrad.engine.outputs`); it is only asked when ``args[0]`` is the only tensor
-        input that requires grad.
-        """
-        return None
-
-    def joint_backward(self, module: nn.Module, args: tuple, kwargs: dict):
-        """One backward for the whole call, for private training (optional; any number of
-        outputs).
-
-        Returns a function ``(capture, needs_input_grad) -> gradient of args[0]`` (``None``
-        when not needed), called during backward once ``capture.grad_outputs`` holds the call's
-        output gradients; it may leave in ``capture.scratch`` what the rule's own methods would
-        compute from them again.
-        Or ``None`` (the default) to keep autograd's backward. Asked under the same conditions
-        as :meth:`input_backward`, which a single-output rule should prefer.
-        """
-        return None
-
-    def forward_without_graph(self, module: nn.Module) -> bool:
-        """Whether the module's forward may run without an autograd graph when
-        :meth:`joint_backward` serves the call (it then needs nothing autograd would save, and
-        the forward calls no other module). Default ``False``."""
-        return False
-
-    def graphless_forward(self, module: nn.Module, args: tuple, kwargs: dict, scratch: dict):
-        """A context manager to run the module's graph-free forward under (see
-        :meth:`forward_without_graph`), or ``None`` (the default: the module's forward as it
-        is). Under it the rule may compute the forward itself, as long as it returns exactly
-        what the module's own forward returns, and keep in ``scratch`` (which becomes the
-        call's :attr:`Capture.scratch`) what its joint backward would otherwise recompute."""
-        return None
-
     # -- ghost norms (optional) ------------------------------------------------------------
     def ghost_norms_sq(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...]
@@ -243,19 +231,9 @@ class LayerRule:
         calls :meth:`weighted_sum`). The private step adds such sums straight into the noise."""
         return None
 
-    def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
-        """Approximate multiply-adds of the ghost norm for this call."""
-        return float("inf")
-
-    def materialize_cost(self, module: nn.Module, capture: Capture) -> float:
-        """Approximate multiply-adds of materialising per-sample gradients for this call."""
-        return 0.0
-
     # helpers ------------------------------------------------------------------------------
     @staticmethod
     def norm_dtype(t: torch.Tensor) -> torch.dtype:
         """Dtype for norm arithmetic: at least float32 (bf16/fp16 inputs are upcast)."""
-        if t.dtype in (torch.float32, torch.float64):
-            return t.dtype
-        return torch.promote_types(t.dtype, torch.float32)
+        return accumulation_dtype(t.dtype)
 

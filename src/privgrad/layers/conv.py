@@ -43,6 +43,7 @@ from torch import nn
 
 from privgrad.layers.base import Capture, LayerRule, batched_size
 from privgrad.layers.linear import linear_ghost_norm_sq
+from privgrad.layers.speed import SpeedHooks
 
 
 def unfold(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,7 @@ def _grouped_kernel_faster(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> 
     return c_in >= 8 and c_in * math.prod(module.kernel_size) * c_out <= 20_000
 
 
-class ConvRule(LayerRule):
+class ConvRule(SpeedHooks, LayerRule):
     """Rule for ``nn.Conv1d/2d/3d`` (not transposed convolutions)."""
 
     materializes_early = True

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from privgrad.layers.base import Capture, LayerRule
+from privgrad.layers.speed import SpeedHooks
 
 
 def _grouped_norms_sq(
@@ -35,7 +36,7 @@ def _grouped_norms_sq(
     return out.index_add_(0, keys // vocab, summed.square().sum(1))
 
 
-class EmbeddingRule(LayerRule):
+class EmbeddingRule(SpeedHooks, LayerRule):
     """Rule for ``nn.Embedding`` (any index shape, ``padding_idx``). ``max_norm`` is refused by
     the validator and the engine: its lookup writes the weight in place (see
     :mod:`privgrad.validation.writers`)."""
@@ -100,7 +101,7 @@ class EmbeddingRule(LayerRule):
         return float(capture.batch_size * module.weight.numel())
 
 
-class EmbeddingBagRule(LayerRule):
+class EmbeddingBagRule(SpeedHooks, LayerRule):
     """Rule for ``nn.EmbeddingBag`` with ``mode="sum"`` (optionally ``per_sample_weights``) or
     ``mode="mean"``; one bag is one example.
 

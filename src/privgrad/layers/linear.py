@@ -31,6 +31,7 @@ from torch import nn
 
 from privgrad.layers.base import Capture, LayerRule, batched_size
 from privgrad.layers.kernels import linear, sum_of_outer
+from privgrad.layers.speed import SpeedHooks
 
 
 def positions(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-class LinearRule(LayerRule):
+class LinearRule(SpeedHooks, LayerRule):
     """Rule for ``nn.Linear``: ``y = x W^T + b`` over the last dimension of ``x``."""
 
     materializes_early = True

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from privgrad.layers.base import Capture, LayerRule
+from privgrad.layers.speed import SpeedHooks
 
 
-class _AffineNormRule(LayerRule):
+class _AffineNormRule(SpeedHooks, LayerRule):
     """Shared shape logic: the parameter spans ``param_dims`` of the activation."""
 
     materializes_early = True

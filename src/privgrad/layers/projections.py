@@ -24,6 +24,7 @@ import torch
 from privgrad.layers.base import Capture, LayerRule
 from privgrad.layers.kernels import sum_of_outer
 from privgrad.layers.linear import gram_inner, grams, linear_ghost_norm_sq
+from privgrad.layers.speed import SpeedHooks
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Projection:
     bias: str | None = None
 
 
-class ProjectionRule(LayerRule):
+class ProjectionRule(SpeedHooks, LayerRule):
     """A rule served by a list of :class:`Projection` (subclasses implement :meth:`compute`)."""
 
     has_ghost_norm = True

@@ -7,6 +7,9 @@ so it does not inherit the rule); then the generic ``torch.func`` rule, if allow
 Types of optional libraries (Hugging Face ``transformers``) are keyed by their qualified class
 name, ``"module.QualName"``, and matched by name: privgrad never imports those libraries.
 
+Beside the rules, :data:`FAMILY_CHECKS` lists the checks and fixes that layer families keep
+next to their rules, which ``privgrad.validate`` and ``privgrad.fix`` run.
+
 >>> registry = RuleRegistry.default().with_rule(MyLayer, MyLayerRule())   # doctest: +SKIP
 >>> engine.make_private(..., rules=registry)                               # doctest: +SKIP
 """
@@ -17,14 +20,24 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from privgrad.layers.attention import MultiheadAttentionRule
+from privgrad.layers.attention import (
+    MultiheadAttentionRule,
+    check_attention_dropout,
+    fix_attention_dropout,
+)
 from privgrad.layers.base import LayerRule
 from privgrad.layers.conv import ConvRule
 from privgrad.layers.embedding import EmbeddingBagRule, EmbeddingRule
 from privgrad.layers.generic import GenericRule
 from privgrad.layers.linear import LinearRule
 from privgrad.layers.norm import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
-from privgrad.layers.rnn import RecurrentCellRule, RecurrentRule
+from privgrad.layers.rnn import (
+    RecurrentCellRule,
+    RecurrentRule,
+    check_recurrent_dropout,
+    fix_recurrent_dropout,
+)
+from privgrad.layers.sequence_first import check_sequence_first, fix_sequence_first
 from privgrad.layers.transformers import NeutralWeightNormRule, TransposedLinearRule
 
 _conv, _instance = ConvRule(), InstanceNormRule()
@@ -62,6 +75,17 @@ BUILTIN_RULES: Mapping[type[nn.Module] | str, LayerRule] = {
 }
 
 GENERIC_RULE = GenericRule()
+
+#: What layer families check and fix beside their rules, as ``(check, fix)`` pairs in the order
+#: ``privgrad.validate`` reports and ``privgrad.fix`` applies them (after the cross-cutting
+#: checks of ``privgrad.validation``): ``check(module) -> LayerFinding | None`` and
+#: ``fix(module) -> (new module, what it is now, why) | None``. They look at a module's type and
+#: configuration whichever rule serves it, or none (a transformer's layout).
+FAMILY_CHECKS = (
+    (check_recurrent_dropout, fix_recurrent_dropout),
+    (check_attention_dropout, fix_attention_dropout),
+    (check_sequence_first, fix_sequence_first),
+)
 
 
 class RuleRegistry:

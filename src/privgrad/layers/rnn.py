@@ -14,8 +14,8 @@ per-sample gradient, ghost norm and weighted sum are those of a linear layer ove
 captured output gradients (of the output sequence, ``h_n`` and ``c_n``) back through the layer
 itself, with the gates' own derivatives (``rnn_bptt.py``), and that pass gives the input's
 gradient too, in place of the native backward. The gates come from privgrad's own forward of
-an ``nn.LSTM`` or ``nn.GRU`` on a CPU, which keeps them, or else from recomputing the layer
-from the captured input and initial state. A cell's single step is recomputed with autograd.
+an ``nn.LSTM`` or ``nn.GRU`` on a CPU, which keeps them (``rnn_forward.py``), or else from
+recomputing the layer from the captured input and initial state. A cell's single step is recomputed with autograd.
 
 Padded steps of a ``PackedSequence`` keep the state unchanged and output zero, exactly as the
 packed kernel skips them, so they contribute nothing.
@@ -39,15 +39,39 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.overrides import TorchFunctionMode
 
 from privgrad.errors import UnsupportedModuleError
-from privgrad.layers.base import Capture
+from privgrad.layers.base import Capture, LayerFinding
 from privgrad.layers.projections import Projection, ProjectionRule
-from privgrad.layers.rnn_bptt import Recompute, kept_forward
+from privgrad.layers.rnn_bptt import Recompute
+from privgrad.layers.rnn_forward import kept_forward
 from privgrad.layers.workspace import workspace_of
 
 
 def recurrent_dropout_active(module: nn.RNNBase) -> bool:
     """True if the layer draws a dropout mask between its stacked layers in this mode."""
     return module.training and module.dropout > 0 and module.num_layers > 1
+
+
+def check_recurrent_dropout(module: nn.Module) -> LayerFinding | None:
+    """The validator's finding for a recurrent layer with dropout between its stacked layers in
+    training mode (whichever rule serves it, trainable or not), or ``None``."""
+    if not (isinstance(module, nn.RNNBase) and recurrent_dropout_active(module)):
+        return None
+    return LayerFinding(
+        f"dropout={module.dropout} between its {module.num_layers} stacked layers in training mode",
+        "the dropout mask is drawn inside the native kernel, so the per-sample gradients cannot "
+        "be recomputed exactly and training would stop with an error at the first step",
+        "set dropout=0 (privgrad.fix(model) does this; apply nn.Dropout to the output instead), "
+        "or stack single-layer modules with nn.Dropout between them",
+        fixable=True)
+
+
+def fix_recurrent_dropout(module: nn.Module):
+    """``(the module with dropout=0, what it is now, why)``, or ``None``."""
+    if not (isinstance(module, nn.RNNBase) and recurrent_dropout_active(module)):
+        return None
+    module.dropout = 0.0
+    return module, f"{type(module).__name__}(dropout=0.0)", \
+        "dropout inside the recurrent kernel cannot be reproduced for per-sample gradients"
 
 
 class RecurrentRule(ProjectionRule):

@@ -3,12 +3,13 @@
 The recurrent rule (``rnn.py``) needs, for every step ``t``, the gradient of the loss with respect
 to the two linear maps of that step, ``gi_t = W_ih x_t + b_ih`` and ``gh_t = W_hh h_{t-1} + b_hh``
 (and the LSTM projection ``h_t = W_hr m_t``). The native kernels compute those inside their
-backward pass and discard them. On a CPU an LSTM's or GRU's forward is :func:`kept_forward`, which keeps
-every gate as it computes it; otherwise :class:`Recompute` runs the layer again from the captured
-input (the top layer from its own output sequence). Then the backward pass goes step by step
-with the gates' closed-form derivatives, from the captured output gradients. Written out it
-costs about what the native forward and backward cost; through autograd it cost twice as much
-again (a graph of small operations per step).
+backward pass and discard them. :class:`Recompute` takes the gates of every step from
+:func:`~privgrad.layers.rnn_forward.kept_forward` (an LSTM's or GRU's forward on a CPU, which
+keeps them), or else runs the layer again from the captured input (the top layer from its own
+output sequence). Then the backward pass goes step by step with the gates' closed-form
+derivatives, from the captured output gradients. Written out it costs about what the native
+forward and backward cost; through autograd it cost twice as much again (a graph of small
+operations per step).
 
 Gate layouts are PyTorch's: LSTM ``(i, f, g, o)``, GRU ``(r, z, n)``. Index letters in the
 shapes: ``b`` example, ``t`` step, ``g`` gate feature (``G`` = ``H``, ``4H`` or ``3H``),
@@ -21,186 +22,18 @@ gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from privgrad.layers.kernels import linear
 from privgrad.layers.projections import Projection
+from privgrad.layers.rnn_forward import Trace, WorkArrays, before_each_step, fast_tanh
 from privgrad.layers.workspace import Lease
 
+__all__ = ["Recompute"]
 
 _SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.grad_input
 _TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input
-
-
-def _tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``tanh(x)`` as ``2 sigmoid(2x) - 1`` (into ``out``, or in place): on a CPU ``torch.tanh``
-    is about 7x slower than ``torch.sigmoid`` (1.9 against 0.27 ms for 2^20 floats), and the
-    four passes together cost a third of it. Absolute error within 2e-7 in float32 (3 units
-    in the last place of 1; ``torch.tanh``: 3e-8), which is the rounding of any product with
-    a value of order one, so exactness to 1e-5 of the gradients is not touched; the relative
-    error grows only for ``|x|`` far below one, where the value itself is that small."""
-    out = torch.mul(x, 2, out=x if out is None else out)
-    return out.sigmoid_().mul_(2).sub_(1)
-
-
-@dataclass
-class _Trace:
-    """What one direction of one layer's forward pass keeps for its backward pass."""
-
-    suffix: str
-    x: torch.Tensor  # (b, t, i) the layer's input
-    h_prev: torch.Tensor  # (b, t, h_out) the state before each step
-    acts: torch.Tensor  # (b, t, g) activated gates (RNN: the new state)
-    out: torch.Tensor  # (b, t, h_out) the outputs (0 at padded steps)
-    extra: dict = field(default_factory=dict)  # LSTM: c, c_prev, m; GRU: gh_n
-
-
-def kept_forward(module: nn.LSTM | nn.GRU, x: torch.Tensor, state, *, batch_first: bool,
-                 lease: Lease | None = None):
-    """An ``nn.LSTM`` (no ``proj_size``) or ``nn.GRU`` forward pass on a tensor input that keeps
-    what its backward pass needs: ``(output, h_n, c_n or None, traces)``, the first three as the
-    native kernel returns them (``output`` contiguous in the module's layout), ``traces`` for
-    :class:`Recompute`.
-
-    The native kernels discard their gates, so a rule that needs them would run the layer's
-    products a second time (about a third of a private LSTM step on a CPU); computed here
-    they are kept as they are made. The input's contribution to every gate is one product over
-    the whole sequence; each step adds the state's product and applies the gates in place.
-
-    Args:
-        x: ``(b, t, i)`` batch first or ``(t, b, i)``, as the module takes it.
-        state: ``(h0, c0)``, each ``(layers * directions, b, hidden)`` (``c0`` ``None`` for a
-            GRU).
-        lease: where the work arrays come from (reused from the module's last call), or
-            ``None`` (fresh ones).
-    """
-    d, hidden = (2 if module.bidirectional else 1), module.hidden_size
-    direction_pass = _lstm_direction if module.mode == "LSTM" else _gru_direction
-    h0, c0 = state
-    layer_in = x if batch_first else x.transpose(0, 1)  # (b, t, i), a view
-    b, t = layer_in.shape[:2]
-    traces, h_n, c_n = [], [], []
-    with torch.no_grad():
-        for layer in range(module.num_layers):
-            out = x.new_empty((b, t, d * hidden) if batch_first else (t, b, d * hidden))
-            out_bf = out if batch_first else out.transpose(0, 1)
-            row = []
-            for k in range(d):
-                j = layer * d + k
-                tr, h, c = direction_pass(module, f"_l{layer}" + ("_reverse" if k else ""),
-                                          layer_in, h0[j], None if c0 is None else c0[j],
-                                          out_bf[..., k * hidden:(k + 1) * hidden], bool(k),
-                                          _Arrays(lease, f"{j}."))
-                row.append(tr)
-                h_n.append(h)
-                c_n.append(c)
-            traces.append(row)
-            layer_in = out_bf
-    return out, torch.stack(h_n), None if c0 is None else torch.stack(c_n), traces
-
-
-def _input_part(module, suffix: str, x, scale, arrays: _Arrays, gates: int) -> torch.Tensor:
-    """``(b, t, gates * hidden)``: ``x W_ih^T + b_ih`` (LSTM: ``+ b_hh``), rows times
-    ``scale``, as one product into the reused array."""
-    w_ih = getattr(module, "weight_ih" + suffix)
-    bias = None
-    if module.bias:
-        bias = getattr(module, "bias_ih" + suffix)
-        if module.mode == "LSTM":  # gi and gh enter the gates only as their sum
-            bias = bias + getattr(module, "bias_hh" + suffix)
-        bias = bias if scale is None else bias * scale
-    w_t = (w_ih if scale is None else w_ih * scale.unsqueeze(1)).t()
-    b, t = x.shape[:2]
-    acts = arrays.empty("acts", (b, t, gates * module.hidden_size), x)
-    x_rows, act_rows = x.reshape(b * t, -1), acts.view(b * t, -1)
-    if bias is None:
-        torch.mm(x_rows, w_t, out=act_rows)
-    else:
-        torch.addmm(bias, x_rows, w_t, out=act_rows)
-    return acts
-
-
-def _before_each_step(initial: torch.Tensor, seq: torch.Tensor, reverse: bool,
-                      into: torch.Tensor) -> torch.Tensor:
-    """``into`` (``(b, t, f)``) filled with the value before each step of ``seq``: ``initial``
-    at the first step (the last one when ``reverse``), then ``seq`` shifted by one step."""
-    t = seq.shape[1]
-    if reverse:
-        into[:, t - 1], into[:, :t - 1] = initial, seq[:, 1:]
-    else:
-        into[:, 0], into[:, 1:] = initial, seq[:, :t - 1]
-    return into
-
-
-class _Arrays:
-    """Work arrays from a :class:`~privgrad.layers.workspace.Lease` (names prefixed, one set
-    per layer and direction), or fresh ones without."""
-
-    def __init__(self, lease: Lease | None, prefix: str):
-        self.lease, self.prefix = lease, prefix
-
-    def empty(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        if self.lease is None:
-            return like.new_empty(shape)
-        return self.lease.empty(self.prefix + name, shape, like)
-
-
-def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, arrays: _Arrays):
-    """One direction of one LSTM layer of :func:`kept_forward`, writing its outputs into ``out``
-    (``(b, t, hidden)``, a view): ``(trace, h_last, c_last)``. Rows of the cell gate ``g`` are
-    scaled by 2 in the weights (exact in floating point), so one ``sigmoid`` over all four gates
-    gives ``g = 2 sigmoid(2a) - 1 = tanh(a)``."""
-    hidden = module.hidden_size
-    w_hh = getattr(module, "weight_hh" + suffix)
-    scale = torch.ones(4 * hidden, dtype=w_hh.dtype, device=w_hh.device)
-    scale[2 * hidden:3 * hidden] = 2
-    acts = _input_part(module, suffix, x, scale, arrays, 4)  # (b, t, 4h)
-    w_hh = w_hh * scale.unsqueeze(1)
-    b, t = x.shape[:2]
-    # c_{t-1} and c_t as two views of one buffer: the initial cell in the extra slot
-    cells = arrays.empty("cells", (b, t + 1, hidden), x)
-    first, c_prev, c_all = (t, cells[:, 1:], cells[:, :t]) if reverse else (
-        0, cells[:, :t], cells[:, 1:])
-    cells[:, first] = c
-    tanh_c = arrays.empty("tanh_c", (b, t, hidden), x)
-    rows, cs, tcs, outs = acts.unbind(1), c_all.unbind(1), tanh_c.unbind(1), out.unbind(1)
-    h0 = h
-    for s in (range(t - 1, -1, -1) if reverse else range(t)):
-        a = rows[s].add_(linear(h, w_hh)).sigmoid_()  # oneDNN's product: up to 2x MKL's addmm_ here
-        i, f, g, o = a.chunk(4, 1)
-        g.mul_(2).sub_(1)
-        c = torch.mul(i, g, out=cs[s]).addcmul_(f, c)
-        h = torch.mul(o, _tanh(c, out=tcs[s]), out=outs[s])
-    h_prev = _before_each_step(h0, out, reverse, arrays.empty("h_prev", out.shape, x))
-    extra = {"c": c_all, "c_prev": c_prev, "tanh_c": tanh_c}
-    return _Trace(suffix, x, h_prev, acts, out, extra), h, c
-
-
-def _gru_direction(module: nn.GRU, suffix: str, x, h, c, out, reverse: bool, arrays: _Arrays):
-    """One direction of one GRU layer of :func:`kept_forward` (``c`` unused):
-    ``(trace, h_last, None)``. Per step: ``gh = W_hh h + b_hh``; ``r, z`` the sigmoid of the
-    sums; ``n = tanh(gi_n + r gh_n)``; ``h' = n + z (h - n)``."""
-    hidden = module.hidden_size
-    w_hh = getattr(module, "weight_hh" + suffix)
-    b_hh = getattr(module, "bias_hh" + suffix) if module.bias else None
-    acts = _input_part(module, suffix, x, None, arrays, 3)  # (b, t, 3h): gi, then (r, z, n)
-    b, t = x.shape[:2]
-    gh_n = arrays.empty("gh_n", (b, t, hidden), x)
-    rows, ghs, outs = acts.unbind(1), gh_n.unbind(1), out.unbind(1)
-    h0 = h
-    for s in (range(t - 1, -1, -1) if reverse else range(t)):
-        gh = linear(h, w_hh, b_hh)  # (b, 3h)
-        a = rows[s]
-        a[:, :2 * hidden].add_(gh[:, :2 * hidden]).sigmoid_()
-        r, z, n = a.chunk(3, 1)
-        ghs[s].copy_(gh[:, 2 * hidden:])
-        _tanh(n.addcmul_(r, ghs[s]))
-        h = torch.sub(h, n, out=outs[s]).mul_(z).add_(n)
-    h_prev = _before_each_step(h0, out, reverse, arrays.empty("h_prev", out.shape, x))
-    return _Trace(suffix, x, h_prev, acts, out, {"gh_n": gh_n}), h, None
 
 
 class Recompute:
@@ -220,7 +53,7 @@ class Recompute:
     """
 
     def __init__(self, module: nn.RNNBase, x: torch.Tensor, lengths, state, output=None,
-                 traces: list[list[_Trace]] | None = None, lease: Lease | None = None):
+                 traces: list[list[Trace]] | None = None, lease: Lease | None = None):
         self.module, self.x, self.state, self.traces, self.lease = module, x, state, traces, lease
         self.directions = 2 if module.bidirectional else 1
         self.mask = None if lengths is None else (
@@ -267,7 +100,7 @@ class Recompute:
         return {n: (p.detach() if (p := getattr(self.module, n + suffix, None)) is not None else None)
                 for n in names}
 
-    def _forward(self, x, layer: int, direction: int, h, c) -> _Trace:
+    def _forward(self, x, layer: int, direction: int, h, c) -> Trace:
         m, mode = self.module, self.module.mode
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         w = self._weights(suffix)
@@ -320,9 +153,9 @@ class Recompute:
                 h = torch.where(keep, h_new, h)
                 c = None if c is None else torch.where(keep, c_new, c)
                 out[:, s] = torch.where(keep, h_new, out[:, s])
-        return _Trace(suffix, x, h_prev, acts, out, extra)
+        return Trace(suffix, x, h_prev, acts, out, extra)
 
-    def _forward_from_states(self, x, layer: int, direction: int, h, c, out) -> _Trace:
+    def _forward_from_states(self, x, layer: int, direction: int, h, c, out) -> Trace:
         """:meth:`_forward` given the outputs ``out`` (``(b, t, h_out)``) the layer's own
         forward pass computed: the state before each step is the output of the step before, so
         both projections are products over the whole sequence and the gates elementwise
@@ -333,7 +166,7 @@ class Recompute:
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         w = self._weights(suffix)
         t = x.shape[1]
-        h_prev = _before_each_step(h, out, bool(direction), torch.empty_like(out))
+        h_prev = before_each_step(h, out, bool(direction), torch.empty_like(out))
         extra = {}
         if mode == "LSTM":
             # gi + gh as one product over [x_t, h_{t-1}] (faster than two and an addition)
@@ -341,7 +174,7 @@ class Recompute:
             acts = linear(torch.cat([x, h_prev], -1),
                           torch.cat([w["weight_ih"], w["weight_hh"]], 1), bias)  # (b, t, g)
             torch.sigmoid(acts[..., :2 * hidden], out=acts[..., :2 * hidden])
-            _tanh(acts[..., 2 * hidden:3 * hidden])
+            fast_tanh(acts[..., 2 * hidden:3 * hidden])
             torch.sigmoid(acts[..., 3 * hidden:], out=acts[..., 3 * hidden:])
             i, f, g, o = acts.chunk(4, -1)
             cell = i * g  # (b, t, h): each step then adds f_t c_{t-1}
@@ -350,7 +183,7 @@ class Recompute:
             for s in steps:
                 cell[:, s].addcmul_(f[:, s], before)
                 before = cell[:, s]
-            c_prev = _before_each_step(c, cell, bool(direction), torch.empty_like(cell))
+            c_prev = before_each_step(c, cell, bool(direction), torch.empty_like(cell))
             extra = {"c": cell, "c_prev": c_prev}
             if w["weight_hr"] is not None:
                 extra["m"] = torch.tanh(cell).mul_(o)
@@ -363,9 +196,9 @@ class Recompute:
             extra = {"gh_n": gh_n.contiguous()}
         else:
             acts = out  # the new state is the activated gate: no product needed
-        return _Trace(suffix, x, h_prev, acts, out, extra)
+        return Trace(suffix, x, h_prev, acts, out, extra)
 
-    def _local_derivatives(self, tr: _Trace, out: torch.Tensor,
+    def _local_derivatives(self, tr: Trace, out: torch.Tensor,
                            out_h: torch.Tensor | None = None) -> torch.Tensor | None:
         """Write every step's gate derivatives into ``out`` (``(b, t, g)``); for an LSTM also
         return ``o (1 - tanh(c)^2)`` (``(b, t, h)``), the output gradient's path into the cell.
@@ -402,18 +235,18 @@ class Recompute:
         _SIGMOID_BACKWARD(tr.extra["c_prev"], f, grad_input=d_f)
         _TANH_BACKWARD(i, g, grad_input=d_g)
         tc = tr.extra.pop("tanh_c", None)  # kept by kept_forward; overwritten below
-        tc = _tanh(tr.extra["c"], out=torch.empty_like(tr.extra["c"])) if tc is None else tc
+        tc = fast_tanh(tr.extra["c"], out=torch.empty_like(tr.extra["c"])) if tc is None else tc
         _SIGMOID_BACKWARD(tc, o, grad_input=d_o)
         return _TANH_BACKWARD(o, tc, grad_input=tc)
 
-    def _backward(self, tr: _Trace, d_out, d_h, d_c, *, need_input: bool):
+    def _backward(self, tr: Trace, d_out, d_h, d_c, *, need_input: bool):
         """The maps of one direction and, if ``need_input``, the gradient of its input."""
         mode, hidden = self.module.mode, self.module.hidden_size
         w = self._weights(tr.suffix)
         t = d_out.shape[1]
         # Every step writes its row below. For RNN and LSTM the two maps of a step share one
         # gate gradient (gi and gh enter the gates only as their sum): one buffer serves both.
-        arrays = _Arrays(self.lease, tr.suffix + ".")
+        arrays = WorkArrays(self.lease, tr.suffix + ".")
         d_gi = arrays.empty("d_gi", tr.acts.shape, tr.acts)
         d_gh = arrays.empty("d_gh", tr.acts.shape, tr.acts) if mode == "GRU" else d_gi
         d_hr = torch.empty_like(tr.out) if "m" in tr.extra else None

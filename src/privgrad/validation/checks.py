@@ -1,8 +1,12 @@
 """The checks: each looks at one module and may return a :class:`Finding`.
 
 The list of checks is the literal ``CHECKS`` at the bottom; each is a function
-``(path, module, registry) -> Finding | None``. A finding on a module covers the modules inside
-it for the same check (a sequence-first ``nn.TransformerEncoder`` is one finding, not one per
+``(path, module, registry) -> Finding | None``. The cross-cutting checks are here (BatchNorm,
+InstanceNorm statistics, Embedding ``max_norm``, randomness under the generic rule, parameters
+no call uses); a layer family's own checks live beside its rule and come from the literal
+``privgrad.layers.registry.FAMILY_CHECKS``, and a rule's refusal from
+:meth:`~privgrad.layers.LayerRule.finding`. A finding on a module covers the modules inside it
+for the same check (a sequence-first ``nn.TransformerEncoder`` is one finding, not one per
 layer).
 """
 
@@ -12,11 +16,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from privgrad.layers import RuleRegistry
-from privgrad.layers.attention import attention_dropout_active
+from privgrad.layers import LayerFinding, RuleRegistry
 from privgrad.layers.generic import GenericRule
-from privgrad.layers.rnn import recurrent_dropout_active
-from privgrad.validation.replacements import SEQUENCE_FIRST, sequence_first
+from privgrad.layers.registry import FAMILY_CHECKS
 
 
 @dataclass(frozen=True)
@@ -99,46 +101,6 @@ def check_embedding_max_norm(path: str, module: nn.Module, registry) -> Finding 
         "optimizer.step() (post-processing of the released weight, e.g. with torch.renorm)")
 
 
-def check_recurrent_dropout(path: str, module: nn.Module, registry) -> Finding | None:
-    if not (isinstance(module, nn.RNNBase) and recurrent_dropout_active(module)):
-        return None
-    return Finding(
-        path, type(module).__name__,
-        f"dropout={module.dropout} between its {module.num_layers} stacked layers in training mode",
-        "the dropout mask is drawn inside the native kernel, so the per-sample gradients cannot "
-        "be recomputed exactly and training would stop with an error at the first step",
-        "set dropout=0 (privgrad.fix(model) does this; apply nn.Dropout to the output instead), "
-        "or stack single-layer modules with nn.Dropout between them",
-        fixable=True)
-
-
-def check_attention_dropout(path: str, module: nn.Module, registry) -> Finding | None:
-    if not (isinstance(module, nn.MultiheadAttention) and attention_dropout_active(module)):
-        return None
-    return Finding(
-        path, type(module).__name__, f"attention dropout={module.dropout} in training mode",
-        "the mask is drawn inside the attention, so the per-sample gradients cannot be "
-        "recomputed exactly and training would stop with an error at the first step",
-        "set the attention's dropout to 0 (privgrad.fix(model) does this; dropout around the "
-        "attention, as in nn.TransformerEncoderLayer, is unaffected and fine)",
-        fixable=True)
-
-
-def check_sequence_first(path: str, module: nn.Module, registry) -> Finding | None:
-    if not sequence_first(module):
-        return None
-    fixable = type(module) in SEQUENCE_FIRST
-    return Finding(
-        path, type(module).__name__, "sequence-first layout (batch_first=False)",
-        "its Linear and LayerNorm submodules receive (sequence, batch, feature) tensors, so their "
-        "rules would take positions for examples: wrong per-sample gradients when the sequence "
-        "length equals the batch size, an error otherwise",
-        ("privgrad.fix(model) swaps in a subclass that takes the same sequence-first inputs and "
-         "runs batch first inside (same outputs and state_dict keys)" if fixable else
-         "construct it with batch_first=True and transpose your inputs"),
-        fixable=fixable)
-
-
 def check_generic_randomness(path: str, module: nn.Module,
                              registry: RuleRegistry) -> Finding | None:
     if not _trainable(module) or not isinstance(registry.lookup(module), GenericRule):
@@ -181,22 +143,30 @@ def check_rule(path: str, module: nn.Module, registry: RuleRegistry) -> Finding 
             "gradients cannot be clipped or privatised",
             "write a rule (docs/custom_layers.md), freeze the module (requires_grad_(False)), "
             "or allow the generic torch.func rule (RuleRegistry.default())")
-    reason = rule.check(module)
-    if reason is not None:
-        return Finding(
-            path, type(module).__name__, reason,
-            "its per-sample gradients cannot be computed exactly as configured",
-            "change the configuration as described, or freeze the module")
-    return None
+    return _reported(path, module, rule.finding(module))
+
+
+def _reported(path: str, module: nn.Module, found: LayerFinding | None) -> Finding | None:
+    """A layer's finding, placed at the module's path."""
+    if found is None:
+        return None
+    return Finding(path, type(module).__name__, found.problem, found.why, found.fix,
+                   fixable=found.fixable)
+
+
+def _family_check(check):
+    """A layer family's ``module -> LayerFinding | None`` as a check of ``CHECKS``."""
+    def family_check(path: str, module: nn.Module, registry) -> Finding | None:
+        return _reported(path, module, check(module))
+    family_check.__name__ = check.__name__
+    return family_check
 
 
 CHECKS = (
     check_batch_norm,
     check_instance_norm_stats,
     check_embedding_max_norm,
-    check_recurrent_dropout,
-    check_attention_dropout,
-    check_sequence_first,
+    *(_family_check(check) for check, _ in FAMILY_CHECKS),
     check_generic_randomness,
     check_uncalled_parameters,
     check_rule,

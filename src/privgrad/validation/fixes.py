@@ -2,8 +2,10 @@
 role, and ``fix`` applies them to a deep copy of the model.
 
 The list of fixers is the literal ``FIXERS`` at the bottom: ``module -> (new module, what it
-is now, why) | None``. Fixers that only change a setting (a dropout inside a layer, the layout
-of a transformer) change the copy's module in place and return it.
+is now, why) | None``: the cross-cutting ones here, then each layer family's own, which live
+beside its rule (``privgrad.layers.registry.FAMILY_CHECKS``). Fixers that only change a setting
+(a dropout inside a layer, the layout of a transformer) change the copy's module in place and
+return it.
 """
 
 from __future__ import annotations
@@ -13,14 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from privgrad.layers.attention import attention_dropout_active
-from privgrad.layers.rnn import recurrent_dropout_active
-from privgrad.validation.replacements import (
-    SEQUENCE_FIRST,
-    FrozenBatchNorm,
-    make_batch_first_inside,
-    sequence_first,
-)
+from privgrad.layers.registry import FAMILY_CHECKS
+from privgrad.validation.replacements import FrozenBatchNorm
 
 
 @dataclass(frozen=True)
@@ -72,37 +68,10 @@ def fix_instance_norm_stats(module: nn.Module):
         "running statistics would learn from private data"
 
 
-def fix_recurrent_dropout(module: nn.Module):
-    if not (isinstance(module, nn.RNNBase) and recurrent_dropout_active(module)):
-        return None
-    module.dropout = 0.0
-    return module, f"{type(module).__name__}(dropout=0.0)", \
-        "dropout inside the recurrent kernel cannot be reproduced for per-sample gradients"
-
-
-def fix_attention_dropout(module: nn.Module):
-    if not (isinstance(module, nn.MultiheadAttention) and attention_dropout_active(module)):
-        return None
-    module.dropout = 0.0
-    return module, "MultiheadAttention(dropout=0.0)", \
-        "dropout inside the attention cannot be reproduced for per-sample gradients"
-
-
-def fix_sequence_first(module: nn.Module):
-    if not (sequence_first(module) and type(module) in SEQUENCE_FIRST):
-        return None
-    name = SEQUENCE_FIRST[type(module)].__name__
-    description = f"{name} (sequence-first outside, batch first inside)"
-    return make_batch_first_inside(module), description, \
-        "per-sample rules need the batch in dimension 0 of every submodule's tensors"
-
-
 FIXERS = (
     fix_batch_norm,
     fix_instance_norm_stats,
-    fix_recurrent_dropout,
-    fix_attention_dropout,
-    fix_sequence_first,
+    *(fix for _, fix in FAMILY_CHECKS),
 )
 
 
