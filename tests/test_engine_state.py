@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from privgrad import PrivacyEngine
+from privgrad import PrivacyEngine, run_state
 from privgrad.errors import CheckpointError, PrivacyStateError
 from tests.helpers import Indexed
 
@@ -43,10 +43,10 @@ def test_every_attribute_of_the_engine_is_saved_or_said_not_to_be():
     model, opt, engine, dl = _run()
     _steps(model, opt, dl, 2)
     attributes = set(vars(engine))
-    unclassified = attributes - set(PrivacyEngine.SAVED) - set(PrivacyEngine.NOT_SAVED)
-    assert not unclassified, f"classify these in PrivacyEngine.SAVED or NOT_SAVED: {unclassified}"
-    assert not set(PrivacyEngine.SAVED) & set(PrivacyEngine.NOT_SAVED)
-    assert set(PrivacyEngine.SAVED.values()) <= set(engine.state_dict())
+    unclassified = attributes - set(run_state.SAVED) - set(run_state.NOT_SAVED)
+    assert not unclassified, f"classify these in run_state.SAVED or NOT_SAVED: {unclassified}"
+    assert not set(run_state.SAVED) & set(run_state.NOT_SAVED)
+    assert set(run_state.SAVED.values()) <= set(engine.state_dict())
 
 
 def test_state_round_trip_continues_exactly_where_the_run_stopped():

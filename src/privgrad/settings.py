@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from privgrad import _validate
 from privgrad.errors import ConfigError
+from privgrad.privatize.clipping import per_layer_bounds
+
 
 class PrivacyWarning(UserWarning):
     """A setting is allowed but weakens or misdescribes the privacy guarantee."""
@@ -51,6 +52,31 @@ class PrivacySettings:
     def normaliser(self) -> float:
         return self.expected_batch_size if self.loss_reduction == "mean" else 1.0
 
+    def bounds(self, params: list[nn.Parameter]) -> float | dict[nn.Parameter, float]:
+        """The clipping bounds, computed once when the guarantee is set: ``C`` (flat), or one
+        bound per parameter of ``params`` (per-layer; their root-sum-of-squares is ``C``).
+
+        Privacy:
+            Per-layer bounds exist for these parameters only: a parameter trainable later has
+            none and is refused (a fresh bound would raise the sensitivity above ``C``).
+        """
+        if self.clipping == "flat":
+            return float(self.max_grad_norm)
+        return per_layer_bounds(params, self.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """``make_private``'s arguments, checked (see :func:`check_arguments`)."""
+
+    noise_multiplier: float
+    max_grad_norm: float | tuple
+    clipping: str
+    loss_reduction: str
+    grad_sample_mode: str
+    check: str
+    params: list
+
 
 @dataclass(frozen=True)
 class PerformanceSettings:
@@ -62,6 +88,45 @@ class PerformanceSettings:
 
 
 # -- argument checks (pure functions of the arguments) ----------------------------------------
+#: Opacus's grad_sample_mode names, accepted so that switching is a change of import.
+MODE_ALIASES = {"hooks": "materialize", "functorch": "materialize", "ew": "materialize",
+                "ghost": "auto"}
+CHECKS = ("first_step", "every_step")
+
+
+def check_arguments(*, module, optimizer, noise_multiplier, max_grad_norm, clipping="flat",
+                    loss_reduction="mean", grad_sample_mode="auto",
+                    check="first_step") -> Arguments:
+    """Every privacy and performance argument of ``make_private``, validated once, in the one
+    error format; the optimizer's trainable parameters with them."""
+    from privgrad.engine.batch import MODES
+    from privgrad.privatize import CLIPPING
+
+    sigma = _validate.finite_nonnegative(
+        "noise_multiplier", noise_multiplier,
+        "Pass the noise std relative to max_grad_norm, e.g. 1.0, or use "
+        "make_private_with_epsilon.")
+    clipping = _validate.choice("clipping", clipping, CLIPPING)
+    loss_reduction = _validate.choice("loss_reduction", loss_reduction, ("mean", "sum"))
+    mode = MODE_ALIASES.get(grad_sample_mode, grad_sample_mode)
+    _validate.choice("grad_sample_mode", mode, MODES)
+    check = _validate.choice("check", check, CHECKS)
+    if not isinstance(module, nn.Module):
+        raise _validate.fail("module must be a torch.nn.Module", "module",
+                             type(module).__name__, "Pass your model.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise _validate.fail("optimizer must be a torch.optim.Optimizer", "optimizer",
+                             type(optimizer).__name__, "Pass your optimizer.")
+    params = privatised(optimizer)
+    if not params:
+        raise ConfigError(
+            "private training needs at least one trainable parameter in the optimizer; got "
+            "none that requires grad. Unfreeze what you want to train (requires_grad_(True)) "
+            "and build the optimizer over it.")
+    bound = check_bound(max_grad_norm, clipping, len(params))
+    return Arguments(sigma, bound, clipping, loss_reduction, mode, check, params)
+
+
 def privatised(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     """The optimizer's parameters that require grad, in order, without repeats."""
     seen, out = set(), []
@@ -89,55 +154,6 @@ def check_bound(max_grad_norm, clipping: str, num_params: int):
     return _validate.positive("max_grad_norm", max_grad_norm, fix)
 
 
-def dataset_size(data_loader: DataLoader, poisson_sampling: bool, sample_rate,
-                  expected_batch_size) -> int | None:
-    """``len(data_loader.dataset)``; ``None`` for a data set without a length when nothing
-    needs the size (Poisson sampling off, and ``sample_rate`` and ``expected_batch_size``
-    given)."""
-    try:
-        n = len(data_loader.dataset)
-    except TypeError as e:
-        if not poisson_sampling and None not in (sample_rate, expected_batch_size):
-            return None
-        raise ConfigError(
-            f"the data set must have a length; got data_loader.dataset="
-            f"{type(data_loader.dataset).__name__} without __len__. Use a map-style Dataset, "
-            f"or pass poisson_sampling=False with sample_rate= and expected_batch_size= (the "
-            f"accounting then assumes Poisson sampling at that rate).") from e
-    if n == 0:
-        raise _validate.fail("the data set must not be empty", "len(data_loader.dataset)", n,
-                             "Check the data loading code.")
-    return n
-
-
-def sampling_rate(data_loader, n: int, sample_rate, expected_batch_size, loss_reduction: str,
-                   poisson: bool) -> tuple[float, float]:
-    """``(q, expected batch size)``, from the loader (size public) or given (size private)."""
-    if sample_rate is not None or expected_batch_size is not None:
-        if sample_rate is None or (expected_batch_size is None and loss_reduction == "mean"):
-            raise _validate.fail(
-                "sample_rate and expected_batch_size go together (they declare the data set's "
-                "size private)", "sample_rate, expected_batch_size",
-                (sample_rate, expected_batch_size), "Pass both, or neither.")
-        q = _validate.unit_interval_right_closed("sample_rate", sample_rate,
-                                                 "Pass the per-step inclusion probability.")
-        expected = (_validate.positive("expected_batch_size", expected_batch_size,
-                                       "Pass the batch size you expect on average.")
-                    if expected_batch_size is not None else q * n)
-        return q, expected
-    batch_size = data_loader.batch_size
-    if batch_size is None:
-        raise _validate.fail(
-            "the data loader must have a batch_size", "data_loader.batch_size", None,
-            "Build it with DataLoader(dataset, batch_size=...), or pass sample_rate and "
-            "expected_batch_size.")
-    if batch_size > n:
-        raise _validate.fail(
-            f"batch_size must be at most the data set's size ({n})", "batch_size", batch_size,
-            f"Use a batch size <= {n}.")
-    return batch_size / n, float(batch_size)
-
-
 def check_ownership(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Optimizer parameters must belong to the module, and trainable module parameters must be
     in the optimizer (their autograd gradients would otherwise sit unprivatised in ``.grad``)."""
@@ -157,9 +173,34 @@ def check_ownership(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
             f"(requires_grad_(False)).")
 
 
-def warn_large_delta(delta: float, n: int, name: str) -> None:
+def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accountant) -> float:
+    """The smallest noise multiplier that keeps epsilon at or below ``target_epsilon`` after
+    ``epochs`` epochs or ``steps`` steps (exactly one) of ``sampling``
+    (:class:`~privgrad.sampling.plan.SamplingPlan`), per ``accountant``."""
+    from privgrad.accounting import get_noise_multiplier
+
+    eps = _validate.positive("target_epsilon", target_epsilon, "Pass the privacy budget, e.g. 3.0.")
+    delta = _validate.open_unit("target_delta", target_delta,
+                                "Pass a delta well below 1/N, e.g. 1e-5.")
+    if (epochs is None) == (steps is None):
+        raise _validate.fail(
+            "exactly one of epochs and steps must be given", "(epochs, steps)",
+            (epochs, steps), "Pass epochs=<training epochs> or steps=<optimizer steps>.")
+    if sampling.dataset_size is not None:
+        warn_large_delta(delta, sampling.dataset_size, "target_delta", stacklevel=4)
+    if steps is None:
+        epochs = _validate.positive_int("epochs", epochs, "Pass the number of training epochs.")
+        steps = epochs * sampling.steps_per_epoch
+    steps = _validate.positive_int("steps", steps, "Pass the number of optimizer steps.")
+    return get_noise_multiplier(target_epsilon=eps, target_delta=delta,
+                                sample_rate=sampling.sample_rate, steps=steps,
+                                accountant=accountant)
+
+
+def warn_large_delta(delta: float, n: int, name: str, stacklevel: int = 3) -> None:
+    """Warn when ``delta`` is at least ``1 / n`` (``stacklevel``: the user's call)."""
     if delta >= 1.0 / n:
         warnings.warn(
             f"{name}={delta:g} is at least 1/N = {1.0 / n:g}: a mechanism that publishes one "
             f"random example outright meets such a delta. Use delta well below 1/N, e.g. "
-            f"{10 ** math.floor(math.log10(0.1 / n)):g}.", PrivacyWarning, stacklevel=3)
+            f"{10 ** math.floor(math.log10(0.1 / n)):g}.", PrivacyWarning, stacklevel=stacklevel)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from privgrad import PrivacyEngine
 from privgrad.auditing import BuiltinAudit, run_builtin_black_box_audit
 from tests.auditing.mutants import MUTANTS
 
@@ -25,7 +26,7 @@ def correct():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_builtin_black_box_audit(CONFIG)
+        return run_builtin_black_box_audit(PrivacyEngine(), CONFIG)
     finally:
         torch.set_num_threads(threads)
 
@@ -41,5 +42,5 @@ def test_black_box_bound_is_valid(correct):
 @pytest.mark.slow
 def test_clipping_off_raises_the_black_box_bound(monkeypatch, correct):
     MUTANTS["clipping_off"](monkeypatch)
-    broken = run_builtin_black_box_audit(CONFIG)
+    broken = run_builtin_black_box_audit(PrivacyEngine(), CONFIG)
     assert broken.lower_bound > correct.lower_bound, (broken.text(), correct.text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from privgrad import PrivacyEngine
 from privgrad.auditing import BuiltinAudit, run_builtin_audit
 from tests.auditing.mutants import MUTANTS
 
@@ -19,7 +20,7 @@ SEED = 0
 @pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [2.0, 4.0, 8.0])
 def test_correct_implementation_is_consistent(epsilon):
-    report = run_builtin_audit(BuiltinAudit(epsilon=epsilon, seed=SEED))
+    report = run_builtin_audit(PrivacyEngine(), BuiltinAudit(epsilon=epsilon, seed=SEED))
     assert report.accountant_epsilon <= epsilon * (1 + 1e-9)
     assert report.lower_bound <= report.accountant_epsilon, report.text()
     assert report.band.contains(report.lower_bound), report.text()
@@ -34,6 +35,6 @@ def test_correct_implementation_is_consistent(epsilon):
 ])
 def test_mutants_are_violations(monkeypatch, mutant, epsilon, evidence):
     MUTANTS[mutant](monkeypatch)
-    report = run_builtin_audit(BuiltinAudit(epsilon=epsilon, seed=SEED))
+    report = run_builtin_audit(PrivacyEngine(), BuiltinAudit(epsilon=epsilon, seed=SEED))
     assert report.verdict == "violation", report.text()
     assert any(e.startswith(evidence) for e in report.evidence), report.evidence

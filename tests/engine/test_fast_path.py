@@ -291,11 +291,11 @@ def _bag_batches(mode_per_pass, vocab=100):
     (("ghost", "ghost"), 20, False),  # a pass with as many tokens as rows is dense at once
 ])
 def test_clipped_sums_mix_sparse_and_dense_passes(modes, vocab, stays_sparse):
-    from privgrad.privatize import ClippedSum
+    from privgrad.engine import ClippedSum
 
     model, batches = _bag_batches(modes, vocab)
     params = list(model.parameters())
-    sparse, dense = ClippedSum(params, 0.7, "flat", sparse_sums=True), ClippedSum(params, 0.7, "flat")
+    sparse, dense = ClippedSum(0.7, sparse_sums=True), ClippedSum(0.7)
     for b in batches:
         sparse.add(b, set(params))
     assert sparse.sums[params[0]].is_sparse == stays_sparse
@@ -315,6 +315,7 @@ class PlainSource:
     """A noise source that is not TorchGaussian: it adds the noise itself (as secure mode)."""
 
     secure = False
+    fuses_sums = False
 
     def add_noise(self, total, std):
         assert not total.is_sparse

@@ -91,14 +91,38 @@ def test_refuses_accumulation_and_bad_arguments(tmp_path):
 
 
 @pytest.mark.parametrize("resume", [True, "checkpoint-3"])
-def test_resume_from_a_trainer_checkpoint_is_refused(tmp_path, resume):
-    """A Trainer checkpoint has no accountant: resuming would restart epsilon at 0."""
+def test_resume_from_a_checkpoint_without_the_engine_state_is_refused(tmp_path, resume):
+    """A plain Trainer checkpoint has no accountant or sampler: resuming would restart epsilon
+    at 0 and replay the first run's batches and noise."""
+    (tmp_path / "checkpoint-3").mkdir()
     model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = DPTrainer(model=model, args=arguments(tmp_path), train_dataset=Examples(),
                         noise_multiplier=1.0, max_grad_norm=1.0)
-    with pytest.raises(ConfigError, match="cannot resume from a Trainer checkpoint; got "
-                                          "resume_from_checkpoint=.*engine.save_checkpoint"):
-        trainer.train(resume_from_checkpoint=resume)
+    folder = str(tmp_path / "checkpoint-3") if resume != True else True  # noqa: E712
+    with pytest.raises(ConfigError, match="must hold privgrad's engine state.*got "
+                                          "resume_from_checkpoint="):
+        trainer.train(resume_from_checkpoint=folder)
     assert trainer.engine.settings is None  # nothing attached, nothing trained
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_exactly_where_the_checkpoint_stopped(tmp_path):
+    """Resumed from step 2 in a process seeded like the first: the same final model as an
+    uninterrupted run (the same batches and noise at steps 3 and 4), which a replay of steps 1
+    and 2 would not give."""
+    def run(folder, resume=None):
+        torch.manual_seed(0)
+        trainer = DPTrainer(model=tiny_bert(), args=arguments(folder, max_steps=4, save_steps=2,
+                                                              save_strategy="steps"),
+                            train_dataset=Examples(), noise_multiplier=1.0, max_grad_norm=1.0)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed.engine.steps == whole.engine.steps == 4
+    assert resumed.engine.get_epsilon(1e-5) == pytest.approx(whole.engine.get_epsilon(1e-5))
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,5 +1,5 @@
 """Row 13 of PRIVACY_TESTS.md (secure mode) as checks that raise AssertionError when the property
-fails; ``test_row13_secure.py`` runs them on the library and ``test_mutants.py`` on broken
+fails; ``test_secure_noise.py`` runs them on the library and ``test_mutants.py`` on broken
 variants.
 
 Secure mode cannot be seeded, so these checks are not deterministic; their false-alarm rate is

@@ -19,35 +19,35 @@ CASES = {c.name: c for c in checks.CASES}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_row1_noise_distribution(reduction):
+def test_noise_is_gaussian_with_std_sigma_c(reduction):
     checks.check_noise_distribution(reduction)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_row2_noise_on_every_parameter(mode):
+def test_noise_lands_on_every_parameter_once(mode):
     checks.check_noise_on_every_parameter(mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_row3_clipping_bound(case, mode):
+def test_one_records_contribution_is_at_most_c(case, mode):
     checks.check_clipping_bound(CASES[case], mode)
 
 
 @pytest.mark.parametrize("case", ["mlp", "conv", "tied"])
-def test_row3_per_layer_bounds(case):
+def test_per_layer_bounds_hold_layer_by_layer(case):
     checks.check_clipping_bound(CASES[case], "auto", clipping="per_layer")
 
 
 @pytest.mark.parametrize("mode", ["auto", "materialize"])
 @pytest.mark.parametrize("case", ["mlp", "bag", "tied"])
-def test_row4_add_one_sensitivity(case, mode):
+def test_adding_one_record_moves_the_update_by_at_most_c(case, mode):
     checks.check_add_one_sensitivity(CASES[case], mode)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_row6_no_cross_example_interaction(case):
+def test_other_records_do_not_change_a_records_gradient(case):
     c = CASES[case]
     model = c.model().double()
     g = torch.Generator().manual_seed(0)
@@ -66,7 +66,7 @@ def test_row6_no_cross_example_interaction(case):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_row6_batch_norm_refused_even_when_frozen(frozen):
+def test_batch_norm_is_refused_even_when_frozen(frozen):
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     if frozen:
         model[1].requires_grad_(False)
@@ -78,16 +78,16 @@ def test_row6_batch_norm_refused_even_when_frozen(frozen):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_row7_non_finite_records(case, mode):
+def test_a_non_finite_record_never_makes_the_update_non_finite(case, mode):
     checks.check_non_finite_record(CASES[case], mode)
 
 
-def test_row7_non_finite_per_layer():
+def test_a_non_finite_record_under_per_layer_clipping():
     checks.check_non_finite_record(CASES["mlp"], "auto", clipping="per_layer")
 
 
 @pytest.mark.slow
-def test_row8_engine_loader_is_poisson():
+def test_the_engines_loader_is_poisson():
     checks.check_engine_loader_is_poisson()
 
 
@@ -96,15 +96,15 @@ def test_calibrated_noise_meets_the_target():
 
 
 @pytest.mark.slow
-def test_row9_empty_batches():
+def test_empty_batches_are_noised_and_counted():
     checks.check_empty_batches_are_noised_and_counted()
 
 
-def test_row10_size_declared_private():
+def test_a_declared_private_size_changes_nothing_public():
     checks.check_size_independent()
 
 
-def test_row10_default_treats_the_size_as_public():
+def test_by_default_the_size_is_public_and_sets_q():
     qs = []
     for n in (200, 201):
         model = nn.Linear(3, 2)
@@ -118,5 +118,5 @@ def test_row10_default_treats_the_size_as_public():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["auto", "materialize"])
-def test_row11_virtual_batches(mode):
+def test_virtual_batches_equal_one_big_batch(mode):
     checks.check_virtual_batches(mode)

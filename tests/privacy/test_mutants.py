@@ -15,14 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-import privgrad.privacy_engine as engine_module
+import privgrad.accounting as accounting
+import privgrad.training_hooks as hooks_module
 import privgrad.run_state as run_state_module
+import privgrad.sampling.plan as plan_module
 import privgrad.settings as settings_module
 from privgrad.engine.batch import BackwardBatch
 from privgrad.privacy_engine import PrivacyEngine
-from privgrad.privatize import clipping, step
+from privgrad.privatize import clipping
 from privgrad.privatize.noise import TorchGaussian
-from privgrad.privatize.step import ClippedSum
+from privgrad.engine.clipped_sum import ClippedSum, StepStats
 from privgrad.engine.amp import ScalerLink
 from privgrad.privatize import secure
 from privgrad.sampling.poisson import PoissonSampler, numpy_bits
@@ -47,7 +49,7 @@ def noise_on_the_mean(mp):
             s = sums.get(p, torch.zeros_like(p))
             out[p] = (s / normaliser + noise.sample(s, noise_std)).to(p.dtype)
         return out
-    mp.setattr(engine_module, "noisy_gradients", noisy)
+    mp.setattr(hooks_module, "noisy_gradients", noisy)
 
 
 def realised_batch_size(mp):
@@ -79,12 +81,12 @@ def shuffled_fixed_size(mp):
 
 
 def rate_from_private_size(mp):
-    original = settings_module.sampling_rate
+    original = plan_module.sampling_rate
 
     def rate(data_loader, n, sample_rate, expected, reduction, poisson):
         q, e = original(data_loader, n, sample_rate, expected, reduction, poisson)
         return (e / n if sample_rate is not None else q), e
-    mp.setattr(settings_module, "sampling_rate", rate)
+    mp.setattr(plan_module, "sampling_rate", rate)
 
 
 def tied_counted_twice(mp):
@@ -112,21 +114,21 @@ def noise_skips_a_group(mp):
 
 
 def zero_grad_forgotten(mp):
-    mp.setattr(ClippedSum, "reset", lambda self: setattr(self, "stats", step.StepStats()))
+    mp.setattr(ClippedSum, "reset", lambda self: setattr(self, "stats", StepStats()))
 
 
 def calibration_overshoots(mp):
-    original = engine_module.get_noise_multiplier
-    mp.setattr(engine_module, "get_noise_multiplier", lambda **kw: 0.9 * original(**kw))
+    original = accounting.get_noise_multiplier
+    mp.setattr(accounting, "get_noise_multiplier", lambda **kw: 0.9 * original(**kw))
 
 
 def rate_from_len_data_loader(mp):
-    original = settings_module.sampling_rate
+    original = plan_module.sampling_rate
 
     def rate(data_loader, n, sample_rate, expected, reduction, poisson):
         _, e = original(data_loader, n, sample_rate, expected, reduction, poisson)
         return 1.0 / len(data_loader), e
-    mp.setattr(settings_module, "sampling_rate", rate)
+    mp.setattr(plan_module, "sampling_rate", rate)
 
 
 def non_finite_kept(mp):
@@ -152,7 +154,7 @@ def secure_generator_seeded(mp):
 
 
 def secure_sampling_seeded(mp):
-    mp.setattr(engine_module, "os_bits", numpy_bits(0))
+    mp.setattr(plan_module, "os_bits", numpy_bits(0))
 
 
 # -- mixed precision and checkpoints (tests/reliability) -------------------------------------------

@@ -8,9 +8,9 @@ from tests.privacy import secure_checks
 
 
 @pytest.mark.slow
-def test_row13_secure_noise_distribution():
+def test_secure_noise_is_gaussian_with_std_sigma_c():
     secure_checks.check_secure_noise_distribution()
 
 
-def test_row13_two_secure_runs_differ():
+def test_two_secure_runs_never_repeat():
     secure_checks.check_secure_runs_differ()

@@ -11,7 +11,8 @@ from torch import nn
 
 from privgrad.engine import PerSampleGradients
 from privgrad.errors import ConfigError
-from privgrad.privatize import flat_clip, per_layer_clip, private_step
+from privgrad.engine import private_step
+from privgrad.privatize import flat_clip, per_layer_clip
 from privgrad.privatize.clipping import per_layer_bounds
 from tests.reference import assert_close
 

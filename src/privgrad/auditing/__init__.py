@@ -10,8 +10,9 @@ audit behind ``privgrad audit``. See docs/auditing.md.
 Names are imported lazily, so ``import privgrad.auditing.statistics`` (or ``simulation``,
 ``report``) never imports torch.
 
+>>> from privgrad import PrivacyEngine
 >>> from privgrad.auditing import run_builtin_audit, BuiltinAudit
->>> print(run_builtin_audit(BuiltinAudit(epsilon=4.0)).text())   # doctest: +SKIP
+>>> print(run_builtin_audit(PrivacyEngine(), BuiltinAudit(epsilon=4.0)).text())  # doctest: +SKIP
 """
 
 from __future__ import annotations

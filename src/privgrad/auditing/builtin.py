@@ -86,11 +86,13 @@ def load_dataset(name: str) -> TensorDataset:
     return TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(data.target))
 
 
-def run_builtin_audit(config: BuiltinAudit | None = None, *, guesses=None,
+def run_builtin_audit(engine, config: BuiltinAudit | None = None, *, guesses=None,
                       on_step: Callable[[int], None] | None = None) -> AuditReport:
     """Train logistic regression privately with canaries and audit it.
 
     Args:
+        engine: a fresh :class:`~privgrad.PrivacyEngine` (its accountant calibrates the noise;
+            secure mode is audited as it runs); ``make_private`` is called on it here.
         config: the run's settings (default :class:`BuiltinAudit()`).
         guesses: passed to :func:`privgrad.auditing.evaluate` (``None``: fixed by simulation).
         on_step: called with the step count after every step (for progress bars).
@@ -103,7 +105,6 @@ def run_builtin_audit(config: BuiltinAudit | None = None, *, guesses=None,
         gradient engine, flat clipping, the noise and the accountant. Anything patched in them
         shows up in the report.
     """
-    from privgrad import PrivacyEngine
     from privgrad.accounting import get_noise_multiplier
 
     cfg = config if config is not None else BuiltinAudit()
@@ -121,8 +122,8 @@ def run_builtin_audit(config: BuiltinAudit | None = None, *, guesses=None,
     loader = DataLoader(data, batch_size=max(1, round(cfg.sample_rate * len(data))),
                         collate_fn=data.collate)
     sigma = get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta,
-                                 sample_rate=cfg.sample_rate, steps=cfg.steps)
-    engine = PrivacyEngine()
+                                 sample_rate=cfg.sample_rate, steps=cfg.steps,
+                                 accountant=engine.accountant.name)
     module, optimizer, loader = engine.make_private(
         module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
         max_grad_norm=cfg.max_grad_norm, sample_rate=cfg.sample_rate,
@@ -146,7 +147,7 @@ def run_builtin_audit(config: BuiltinAudit | None = None, *, guesses=None,
                            simulations=cfg.simulations, seed=sim_seed)
 
 
-def run_builtin_black_box_audit(config: BuiltinAudit | None = None, *, guesses=None,
+def run_builtin_black_box_audit(engine, config: BuiltinAudit | None = None, *, guesses=None,
                                 on_step: Callable[[int], None] | None = None) -> AuditReport:
     """Train the built-in logistic regression with black-box input canaries and audit it.
 
@@ -156,6 +157,7 @@ def run_builtin_black_box_audit(config: BuiltinAudit | None = None, *, guesses=N
     scored by its loss decrease from the initial model. ``config.simulations`` is unused.
 
     Args:
+        engine: a fresh :class:`~privgrad.PrivacyEngine`; ``make_private`` is called on it here.
         config: the run's settings (default :class:`BuiltinAudit()`); ``num_canaries`` must be
             below the data set's size (1,797 digits, 569 breast_cancer records).
         guesses: passed to :func:`privgrad.auditing.evaluate_scores` (``None``: the best of
@@ -171,7 +173,6 @@ def run_builtin_black_box_audit(config: BuiltinAudit | None = None, *, guesses=N
         bound is far below the white-box one at the same settings: logistic regression cannot
         memorise one mislabeled record nearly as much as DP-SGD would allow.
     """
-    from privgrad import PrivacyEngine
     from privgrad.accounting import get_noise_multiplier
 
     cfg = config if config is not None else BuiltinAudit()
@@ -187,8 +188,8 @@ def run_builtin_black_box_audit(config: BuiltinAudit | None = None, *, guesses=N
     expected_size = len(train_set) + cfg.num_canaries / 2
     loader = DataLoader(data, batch_size=max(1, round(cfg.sample_rate * len(data))))
     sigma = get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta,
-                                 sample_rate=cfg.sample_rate, steps=cfg.steps)
-    engine = PrivacyEngine()
+                                 sample_rate=cfg.sample_rate, steps=cfg.steps,
+                                 accountant=engine.accountant.name)
     module, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
         max_grad_norm=cfg.max_grad_norm, sample_rate=cfg.sample_rate,

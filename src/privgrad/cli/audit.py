@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from privgrad import PrivacyEngine
     from privgrad.auditing.builtin import run_builtin_audit, run_builtin_black_box_audit
 
     torch.set_num_threads(1)  # a logistic regression: threads only add contention
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=config.steps, disable=args.no_progress or args.json, unit="step",
                desc=f"private training with {kind} canaries", file=sys.stderr)
     try:
-        report = audit(config, on_step=lambda step: bar.update(step - bar.n))
+        report = audit(PrivacyEngine(), config, on_step=lambda step: bar.update(step - bar.n))
     finally:
         bar.close()
     print(report.to_json(sort_keys=True) if args.json else report.text())

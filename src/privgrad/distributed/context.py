@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from privgrad import _validate
+from privgrad._precision import accumulation_dtype
 from privgrad.distributed.ddp import DistributedDataParallel, PrivateCommHook, prepare_ddp
 from privgrad.distributed.sharding import ShardedSampler
 from privgrad.errors import ConfigError, ConfigTypeError
@@ -196,7 +197,7 @@ class DataParallel:
             of other ranks' clipped sums (inside the reduction), never raw gradients.
         """
         full = {p: sums[p] if p in sums else
-                torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
                 for p in params}
         if self.world_size == 1:
             return full

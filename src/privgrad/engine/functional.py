@@ -6,10 +6,10 @@ their own loop (research code, custom mechanisms).
 >>> psg.gradients["fc.weight"].shape      # (batch, *fc.weight.shape)  # doctest: +SKIP
 >>> psg.norms                             # (batch,) over all parameters # doctest: +SKIP
 
-Then :func:`privgrad.privatize.private_step` clips, sums, adds noise and writes ``p.grad``:
+Then :func:`private_step` clips, sums, adds noise and writes ``p.grad``:
 
->>> privatize.private_step(psg.batch, list(model.parameters()), noise_multiplier=1.0,
-...                        max_grad_norm=1.0)                            # doctest: +SKIP
+>>> private_step(psg.batch, list(model.parameters()), noise_multiplier=1.0,
+...              max_grad_norm=1.0)                                      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from torch import nn
 from privgrad import _validate
 from privgrad.engine.batch import MODES, BackwardBatch, materialize_early
 from privgrad.engine.capture import Recorder
+from privgrad.engine.clipped_sum import ClippedSum, StepStats
 from privgrad.layers import RuleRegistry
+from privgrad.privatize import CLIPPING, TorchGaussian, check_source, noisy_gradients
+from privgrad.privatize.clipping import per_layer_bounds
 
 
 class PerSampleGradients:
@@ -97,3 +100,33 @@ def per_sample_gradients(module: nn.Module, loss_fn, *, loss_reduction: str = "s
     with PerSampleGradients(module, loss_reduction=loss_reduction, rules=rules) as psg:
         loss_fn().backward()
     return psg.gradients
+
+
+def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Parameter], *,
+                 noise_multiplier: float, max_grad_norm: float, clipping: str = "flat",
+                 normaliser: float = 1.0, noise=None) -> StepStats:
+    """Clip the recorded examples, add them up, add ``N(0, (sigma C)^2)`` once, divide by
+    ``normaliser`` and write the result to ``p.grad`` for every parameter in ``params``.
+
+    Privacy:
+        One call is one release of the subsampled Gaussian mechanism with the given
+        ``noise_multiplier``; the caller must account for it (e.g. ``RDPAccountant.step``) and
+        must pass a ``normaliser`` that does not depend on the private data (the expected batch
+        size, not the realised one).
+    """
+    sigma = _validate.finite_nonnegative(
+        "noise_multiplier", noise_multiplier, "Pass the noise standard deviation relative to "
+        "max_grad_norm, e.g. 1.0.")
+    c = _validate.positive("max_grad_norm", max_grad_norm, "Pass the per-sample L2 clipping "
+                           "bound, e.g. 1.0.")
+    _validate.choice("clipping", clipping, CLIPPING)
+    noise = check_source(noise) if noise is not None else TorchGaussian()
+    bounds = c if clipping == "flat" else per_layer_bounds(params, c)
+    clipped = ClippedSum(bounds, sparse_sums=noise.fuses_sums)
+    for b in batch if isinstance(batch, list) else [batch]:
+        clipped.add(b, set(params))
+    grads = noisy_gradients(params, clipped.sums, noise_std=sigma * c, normaliser=normaliser,
+                            noise=noise)
+    for p in params:
+        p.grad = grads[p]
+    return clipped.stats

@@ -9,16 +9,20 @@ When training starts, ``DPTrainer`` builds the optimizer (``Trainer.create_optim
 one passed in ``optimizers``), calls :meth:`PrivacyEngine.make_private` on the model, that
 optimizer and a loader over ``train_dataset`` with ``per_device_train_batch_size``, and trains on
 the returned Poisson loader. Every log line carries ``epsilon``; with ``max_epsilon`` training
-stops cleanly before the step that would exceed it.
+stops cleanly before the step that would exceed it. Checkpoints carry the engine's state, and
+``train(resume_from_checkpoint=...)`` continues it (never a replay of the first run).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 try:
+    import torch
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "privgrad.integrations.huggingface needs transformers; got no module "
@@ -32,7 +36,10 @@ from privgrad.monitoring import BudgetStop
 from privgrad.privacy_engine import PrivacyEngine
 from privgrad.sampling import steps_per_epoch
 
-__all__ = ["DPTrainer"]
+__all__ = ["DPTrainer", "ENGINE_STATE"]
+
+#: The engine's state in a checkpoint folder (``engine.state_dict()``, ``torch.save``d).
+ENGINE_STATE = "privgrad_engine.pt"
 
 
 class _BudgetCallback(TrainerCallback):
@@ -80,7 +87,8 @@ class DPTrainer(Trainer):
         token-level loss averaged over all tokens of the batch makes each example's gradient
         depend on the others' lengths, which the guarantee does not cover. Gradient accumulation
         (``gradient_accumulation_steps > 1``) and multi-process training are refused. The logged
-        loss is not a private release.
+        loss is not a private release. A resumed run continues the sampler and the noise from
+        the checkpoint's engine state; a checkpoint without one is refused.
     """
 
     def __init__(self, *args, max_grad_norm: float, noise_multiplier: float | None = None,
@@ -109,19 +117,49 @@ class DPTrainer(Trainer):
         self.engine = PrivacyEngine(accountant=accountant)
         self.budget: BudgetStop | None = None
         self._private_loader: DataLoader | None = None
+        self._resume_state: str | None = None
         self.add_callback(_BudgetCallback(self))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """``Trainer.train``; resuming from a ``Trainer`` checkpoint is refused (see below)."""
-        if resume_from_checkpoint not in (None, False):
-            raise _validate.fail(
-                "DPTrainer cannot resume from a Trainer checkpoint", "resume_from_checkpoint",
-                resume_from_checkpoint,
-                "The checkpoint does not hold the privacy accountant, so epsilon would restart "
-                "at 0 and max_epsilon would allow a second budget. Start a new run with the "
-                "budget that is left, or train with a plain loop and "
-                "engine.save_checkpoint/load_checkpoint, which resume exactly.")
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        """``Trainer.train``. Resuming (``resume_from_checkpoint``: a checkpoint folder, or
+        ``True`` for the last one in ``output_dir``) continues the engine's state saved with the
+        checkpoint (:data:`ENGINE_STATE`: accountant, sampler position, noise generators), so
+        no batch and no noise of the first run repeats; a checkpoint without it is refused."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        if folder not in (None, False):
+            state = os.path.join(folder, ENGINE_STATE)
+            if not os.path.isfile(state):
+                raise _validate.fail(
+                    f"a checkpoint to resume from must hold privgrad's engine state "
+                    f"({ENGINE_STATE}: the accountant, the sampler's position and the noise "
+                    f"generators; without it epsilon would restart at 0 and the first run's "
+                    f"batches and noise would repeat)", "resume_from_checkpoint",
+                    resume_from_checkpoint,
+                    "Resume from a checkpoint a DPTrainer saved, or start a new run with the "
+                    "budget that is left.")
+            self._resume_state = state
+        return super().train(folder, *args, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        """(Called by ``Trainer`` when it resumes, after the private loader exists.)"""
+        super()._load_callback_state()
+        if self._resume_state is not None:
+            self.engine.load_state_dict(torch.load(self._resume_state, weights_only=True))
+
+    def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
+        """The private loader as it is: its sampler continues from the saved position, so
+        skipping batches would skip Poisson samples (the ``Trainer``'s default re-wraps it)."""
+        return dataloader
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer``'s checkpoint, plus the engine's state beside it (:data:`ENGINE_STATE`)."""
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial),
+                              f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            torch.save(self.engine.state_dict(), os.path.join(folder, ENGINE_STATE))
 
     def get_train_dataloader(self) -> DataLoader:
         """The Poisson loader of the private run (made, with the optimizer, on first call)."""

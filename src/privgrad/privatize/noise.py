@@ -76,6 +76,10 @@ class TorchGaussian:
         # sample_many's last CPU buffer per (dtype, device), reused once nothing else holds it
         self._kept: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
+    def seeded(self, seed: int) -> TorchGaussian:
+        """This source for one run: its own generators, seeded from ``seed``."""
+        return TorchGaussian(self.parallel_min, seed=seed)
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """This source's generator for ``device`` (``None``: PyTorch's default one)."""
         if self.seed is None:

@@ -214,6 +214,14 @@ class SecureGaussian:
     def __init__(self, random: SecureRandom | None = None):
         self.random = random if random is not None else SecureRandom()
 
+    def seeded(self, seed: int) -> SecureGaussian:
+        """Itself: secure noise takes no seed (every draw comes from the operating system)."""
+        return self
+
+    def sample_many(self, likes: list, std: float) -> list[torch.Tensor]:
+        """Not used (this source does not fuse sums: ``fuses_sums`` is false)."""
+        raise NotImplementedError("SecureGaussian adds the noise to each sum (add_noise)")
+
     def state_dict(self) -> dict:
         """Nothing to resume: every draw comes fresh from the operating system."""
         return {}

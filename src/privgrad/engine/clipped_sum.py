@@ -1,0 +1,95 @@
+"""The clipped sum of one logical step, formed by the engine: clip factors from the per-sample
+norms (:mod:`privgrad.privatize.clipping`), then the weighted sums of per-sample gradients
+(:meth:`~privgrad.engine.batch.BackwardBatch.weighted_sums`), added up over the backward passes
+of one logical step (virtual batches). The result is handed to the release
+(:func:`privgrad.privatize.noisy_gradients`) as plain tensors.
+
+Privacy:
+    Each example is clipped once, in the backward pass that saw it; the bounds are fixed when
+    the guarantee is set and never invented for a parameter that has none (refused instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from privgrad._precision import accumulation_dtype
+from privgrad.engine.batch import BackwardBatch
+from privgrad.errors import PrivacyStateError
+from privgrad.privatize.clipping import flat_clip, per_layer_clip
+
+__all__ = ["ClippedSum", "StepStats"]
+
+
+@dataclass
+class StepStats:
+    """Counts over the physical batches of one logical step (not private: for monitoring only,
+    they depend on the sampled batch)."""
+
+    examples: int = 0
+    clipped: int = 0
+    dropped: int = 0
+    backward_passes: int = 0
+
+
+class ClippedSum:
+    """Accumulates ``sum_b clip(g_b)`` per parameter over the backward passes of one step.
+
+    Args:
+        bounds: ``C`` (flat clipping), or ``{parameter: C_k}`` (per-layer clipping), as
+            :meth:`privgrad.settings.PrivacySettings.bounds` fixed them.
+        sparse_sums: keep embeddings' sums as sparse rows where that is smaller, for a release
+            whose noise source ``fuses_sums`` (it adds them into the noise buffer); every other
+            consumer needs dense sums.
+    """
+
+    def __init__(self, bounds: float | dict[nn.Parameter, float], *, sparse_sums: bool = False):
+        self.sparse_sums = sparse_sums
+        self.bounds = bounds
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+        self.stats = StepStats()
+
+    def add(self, batch: BackwardBatch, params: set) -> None:
+        """Clip one backward pass's examples and add their sum. ``params``: those privatised."""
+        norms_sq = {p: sq for p, sq in batch.norms_sq.items() if p in params}
+        device = next(iter(norms_sq.values())).device if norms_sq else None
+        if not isinstance(self.bounds, dict):
+            result = flat_clip(norms_sq, self.bounds, batch.batch_size, device)
+        else:
+            missing = [tuple(p.shape) for p in norms_sq if p not in self.bounds]
+            if missing:  # the engine refuses first, naming them; never invent a bound here
+                raise PrivacyStateError(
+                    f"per-layer clipping has one bound per parameter, fixed when the guarantee "
+                    f"was set; got {len(missing)} parameter(s) without one (shapes "
+                    f"{missing[:5]}). Use clipping='flat', or make them trainable before "
+                    f"make_private.")
+            result = per_layer_clip(norms_sq, self.bounds, batch.batch_size, device)
+        keep = None if result.dropped == 0 else result.keep
+        sums = batch.weighted_sums(result.weights, keep, sparse=self.sparse_sums)
+        for p, s in sums.items():
+            if p not in params:
+                continue
+            acc = accumulation_dtype(p.dtype)
+            if s.dtype != acc:
+                s = s.to(acc)
+            prev = self.sums.get(p)
+            if prev is None:
+                self.sums[p] = s
+            elif prev.is_sparse:  # sparse + sparse stays sparse while smaller than dense
+                if s.is_sparse and prev._nnz() + s._nnz() < prev.shape[0]:
+                    self.sums[p] = prev + s
+                else:
+                    self.sums[p] = (s if not s.is_sparse else s.to_dense()).add_(prev)
+            else:
+                self.sums[p] = prev.add_(s)
+        self.stats.examples += batch.batch_size
+        self.stats.clipped += result.clipped
+        self.stats.dropped += result.dropped
+        self.stats.backward_passes += 1
+
+    def reset(self) -> None:
+        self.sums = {}
+        self.stats = StepStats()

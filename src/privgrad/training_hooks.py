@@ -1,0 +1,222 @@
+"""What a private run does while it trains: the part of :class:`~privgrad.PrivacyEngine` that
+runs at each forward pass, at the end of each backward pass and at each optimizer step.
+
+- **Forward start** (the outermost module call, from the state guard): the self-check is
+  switched on for parameters it has not covered; per-layer clipping refuses a parameter that has
+  no bound.
+- **Backward end** (from the recorder): the guards run (state, rows against the drawn batch, the
+  self-check on checked passes), then the clip factors and the clipped sums are formed, and the
+  raw gradients are taken out of ``p.grad``.
+- **Optimizer step** (a step pre-hook): the release: the clipped sums (added across processes in
+  data-parallel training), the noise once, the normaliser, written to ``p.grad``; the accountant
+  records the sampling's event. Inside a virtual batch, every chunk but the last releases
+  nothing.
+
+Privacy:
+    Every refusal happens before the noisy gradient is written or the accountant records
+    anything: a refused step releases nothing and spends nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from privgrad import settings as _settings
+from privgrad.engine.amp import float32_captures
+from privgrad.engine.batch import BackwardBatch, materialize_early
+from privgrad.engine.selfcheck import check_sums
+from privgrad.errors import PrivacyStateError
+from privgrad.privatize import noisy_gradients
+
+__all__ = ["TrainingHooks"]
+
+
+class TrainingHooks:
+    """The hooks of a private run (a base of :class:`~privgrad.PrivacyEngine`, whose state they
+    use; see the module docstring)."""
+
+    def _set_release(self, last_chunk: bool) -> None:
+        self._release_now = last_chunk
+
+    def _abandon(self) -> None:
+        """The virtual batches ended: a logical batch left unfinished releases nothing."""
+        self._release_now = True
+        if self._clipped is not None and self._clipped.stats.backward_passes:
+            self._clipped.reset()
+            self._rows.reset()
+
+    def _forward_starts(self) -> None:
+        """The outermost module call of a forward pass starts (the root or any submodule)."""
+        if _in_backward():  # a recomputation (non-reentrant activation checkpointing)
+            return
+        checked = self._checked
+        if self.check == "every_step" or any(  # parameters the self-check has not covered
+                p.requires_grad and p not in checked
+                for group in self._optimizer.param_groups for p in group["params"]):
+            params = _settings.privatised(self._optimizer)
+            self._refuse_unbounded([p for p in params if p not in checked])
+            self._checking = True
+        self._guard.watch_values = self._checking  # native writes the version misses
+        if self._checking:
+            self._autocast = _autocast_on()
+            if self._clipped.stats.backward_passes == 0:
+                for p in _settings.privatised(self._optimizer):  # for the self-check: autograd's
+                    p.grad = None                               # gradient of this pass alone
+        self._recorder.checking = self._checking
+
+    def _refuse_unbounded(self, params) -> None:
+        if not self._bounded:
+            return
+        names = None
+        late = [p for p in params if p not in self._bounded]
+        if late:
+            names = self._names()
+            listed = ", ".join(names.get(p, str(tuple(p.shape))) for p in late[:5])
+            raise PrivacyStateError(
+                f"per-layer clipping fixes one bound per parameter when the guarantee is set; got "
+                f"{listed} trainable after make_private (requires_grad_(True) or "
+                f"optimizer.add_param_group). A fresh bound would raise the sensitivity above the "
+                f"C the noise is calibrated to. Use clipping='flat' (its one bound covers any set "
+                f"of parameters), or make them trainable before make_private. Nothing was "
+                f"released.")
+
+    def _materialize_early(self, capture) -> bool:
+        # not under a GradScaler: its captured gradients are unscaled at the end of the pass
+        return self._amp is None and materialize_early(capture, self.performance.grad_sample_mode)
+
+    def _on_backward(self, captures) -> None:
+        self._guard.after_backward()
+        if self._amp is not None and self._backward_since_step:
+            self._amp.discard(self._clipped)  # GradScaler skipped the step: nothing released
+            self._rows.reset()
+            self._backward_since_step = False
+        if self._backward_since_step:
+            raise PrivacyStateError(
+                "one backward pass per optimizer.step() is allowed; got a second backward pass "
+                "before the step. A second pass on the same examples would clip them twice, and "
+                "one on another batch would put two samples under one noise draw; either "
+                "breaks the guarantee. Combine the losses into one before backward(), or split "
+                "a large batch with engine.virtual_batches(...), which steps per chunk.")
+        params = _settings.privatised(self._optimizer)
+        try:
+            self._add_backward(captures, params)
+            self._backward_since_step = True
+        finally:
+            for c in captures:  # the clipped sums are formed: a kept `loss` must not hold these
+                c.release()
+            # No raw gradient stays in p.grad: another optimizer stepped now would apply it.
+            # Queued behind every callback of this backward pass: DDP's reducer copies its
+            # buckets (the local gradient) back into p.grad in a callback of its own.
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self._hide_raw_gradients(params))
+
+    def _hide_raw_gradients(self, params) -> None:
+        if self._amp is not None:
+            self._amp.hide_raw_gradients(params)
+        else:
+            for p in params:
+                p.grad = None
+
+    def _add_backward(self, captures, params) -> None:
+        """Check one backward pass and add its clipped sums; on a refusal nothing is added."""
+        self._refuse_unbounded(params)
+        loss_scale = self._amp.loss_scale() if self._amp is not None else 1.0
+        batch = BackwardBatch(float32_captures(captures, loss_scale),  # AMP: float32, unscaled
+                              mode=self.performance.grad_sample_mode,
+                              scale_by_batch=self.settings.loss_reduction == "mean",
+                              paths=self._recorder.paths)
+        self._rows.add({c.tag for c in captures}, batch.batch_size)
+        if self._checking and self._recorder.checking:
+            if check_sums(batch, params, self._names(), loss_scale=loss_scale,
+                          loose=self._autocast):
+                self._checked = self._checked | frozenset(params)
+                self._checking = self.check == "every_step"
+                self._recorder.checking = self._checking
+        self._clipped.add(batch, set(params))
+
+    def _before_step(self, optimizer, args, kwargs):
+        replaced = None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: optimizer
+        if closure is not None:
+            # optimizer.step(closure) (LBFGS, Lightning): step pre-hooks run before the optimizer
+            # calls the closure, whose backward would then leave the raw gradient in p.grad.
+            # Run it here, privatise its gradients, and give the optimizer a closure that only
+            # returns the same loss.
+            with torch.enable_grad():
+                loss = closure()
+            replaced = (args if "closure" in kwargs else args[:1] + args[2:],
+                        {**kwargs, "closure": lambda: loss})
+        self._guard.check_clean()
+        params = _settings.privatised(optimizer)
+        self._backward_since_step = False
+        if not self._release_now:  # an earlier chunk of a virtual batch: no update yet
+            for p in params:
+                p.grad = None
+            return replaced
+        if self._clipped.stats.backward_passes == 0:
+            raise PrivacyStateError(
+                "optimizer.step() must follow a backward pass through the model; got a step with "
+                "no backward pass since the last one. It would release pure noise and spend "
+                "budget for nothing. Call loss.backward() first (an empty Poisson batch too: "
+                "run the model on it). Nothing was released.")
+        _settings.check_ownership(self._module, optimizer)
+        try:
+            self._rows.release()
+        except PrivacyStateError:
+            self._clipped.reset()  # refused: nothing released, nothing kept for the next step
+            self._rows.reset()
+            raise
+        s = self.settings
+        # Data-parallel: reduce_sums adds the ranks' clipped sums up on rank 0, which alone draws
+        # the noise, on that total, as one process would; every rank then gets rank 0's release.
+        sums = self.reduce_sums(self._clipped.sums)
+        noise_std = (s.noise_std if self._distributed is None
+                     else self._distributed.noise_share(s.noise_std))
+        grads = noisy_gradients(params, sums, noise_std=noise_std,
+                                normaliser=self.normaliser(), noise=self.noise)
+        if self._distributed is not None:
+            grads = self._distributed.broadcast_release(grads)
+        for p in params:
+            p.grad = grads[p]
+        self.accountant.compose(self._sampling.event(s.noise_multiplier))
+        self.steps += 1
+        self.last_step_stats = self._clipped.stats
+        self.dropped_examples += self.last_step_stats.dropped
+        self._clipped.reset()
+        return replaced
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._guard.after_step()  # the optimizer's writes are the private step's own
+
+    def _names(self) -> dict:
+        return {p: name for name, p in self._module.named_parameters()}
+
+    def normaliser(self) -> float:
+        """What the noisy sum is divided by: the *expected* batch size for a mean-reduced loss
+        (never the realised one, which depends on the sample), 1 for a summed loss."""
+        return self.settings.normaliser
+
+    def reduce_sums(self, sums: dict) -> dict:
+        """The cross-process sum of clipped sums (identity in a single process). In
+        data-parallel training the total lands on rank 0 and the other ranks get an empty dict:
+        they receive rank 0's release instead (see :mod:`privgrad.distributed`)."""
+        if self._distributed is None:
+            return sums
+        return self._distributed.reduce_sums(sums, _settings.privatised(self._optimizer))
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass in this thread now."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _autocast_on() -> bool:
+    """Whether a forward pass starting now runs under autocast (on any device type)."""
+    for device in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return True
+        except TypeError:  # torch < 2.4: no device argument
+            return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return False
