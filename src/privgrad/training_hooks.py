@@ -65,10 +65,7 @@ class TrainingHooks:
         self._recorder.checking = self._checking
 
     def _refuse_unbounded(self, params) -> None:
-        if not self._bounded:
-            return
-        names = None
-        late = [p for p in params if p not in self._bounded]
+        late = [p for p in params if p not in self._bounded] if self._bounded else []
         if late:
             names = self._names()
             listed = ", ".join(names.get(p, str(tuple(p.shape))) for p in late[:5])
