@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "PrivacyEngine": "privgrad.privacy_engine",
+    "detach": "privgrad.attachment",
     "PerSampleGradients": "privgrad.engine",
     "per_sample_gradients": "privgrad.engine",
     "LayerRule": "privgrad.layers",

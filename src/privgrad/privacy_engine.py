@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from privgrad import _validate, run_state
+from privgrad import _validate, attachment, run_state
 from privgrad import checkpoint as _checkpoint
 from privgrad import settings as _settings
 from privgrad.accounting import make_accountant
@@ -48,8 +47,10 @@ __all__ = ["PrivacyEngine", "PrivacySettings", "PerformanceSettings", "PrivacyWa
 
 _log = logging.getLogger("privgrad")
 
-# Modules and optimizers under a privacy engine (weak: a dropped model leaves no trace).
-_ATTACHED: weakref.WeakSet = weakref.WeakSet()
+
+_MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate",
+                 "expected_batch_size", "grad_sample_mode", "rules", "distributed", "grad_scaler",
+                 "check")
 
 
 class PrivacyEngine(TrainingHooks):
@@ -78,8 +79,8 @@ class PrivacyEngine(TrainingHooks):
 
     def __init__(self, accountant: str = "pld", secure_mode: bool = False,
                  noise: NoiseSource | None = None):
-        self.accountant = make_accountant(accountant)
-        self.secure_mode = bool(secure_mode)
+        self.accountant = make_accountant(_settings.check_accountant(accountant))
+        self.secure_mode = _settings.check_flag("secure_mode", secure_mode)
         self.noise = noise_source(noise, self.secure_mode)
         self.settings: PrivacySettings | None = None
         self.performance: PerformanceSettings | None = None
@@ -98,6 +99,7 @@ class PrivacyEngine(TrainingHooks):
         self._handles: list = []
         self._release_now = True  # False while a virtual batch's earlier chunks run
         self._backward_since_step = False  # at most one backward pass per optimizer step
+        self._undrawn = 0  # rows of backward passes on undrawn data since the last step
         self._distributed: DataParallel | None = None  # data-parallel training only
         self._amp: ScalerLink | None = None  # a GradScaler's loss scale (mixed precision)
         self._sampler: PoissonSampler | None = None  # the loader's sampler (for checkpoints)
@@ -126,6 +128,7 @@ class PrivacyEngine(TrainingHooks):
         distributed: bool | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         check: str = "first_step",
+        **unknown,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
 
@@ -176,6 +179,7 @@ class PrivacyEngine(TrainingHooks):
             (:mod:`privgrad.engine.rows`), a step without a backward pass, and, under per-layer
             clipping, a parameter trainable after this call (its bound is fixed now).
         """
+        _settings.refuse_unknown(unknown, "make_private")
         return self._attach(
             module, optimizer, data_loader, None, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
@@ -203,12 +207,7 @@ class PrivacyEngine(TrainingHooks):
                                      expected_batch_size=expected_batch_size,
                                      loss_reduction=args.loss_reduction)
         _settings.check_ownership(module, optimizer)
-        for obj, name in ((module, "module"), (optimizer, "optimizer")):
-            if obj in _ATTACHED:
-                raise PrivacyStateError(
-                    f"make_private was already called on this {name}; got the same "
-                    f"{type(obj).__name__} object again. Call engine.detach() on the first "
-                    f"engine before attaching a new one.")
+        attachment.refuse_attached(module, optimizer)
         findings = validate(module, rules=registry)
         if findings:
             listed = "\n  - ".join(str(f) for f in findings)
@@ -265,8 +264,7 @@ class PrivacyEngine(TrainingHooks):
         self._checking = True
         for p in params:  # the first private step overwrites them; the self-check needs None
             p.grad = None
-        _ATTACHED.add(module)
-        _ATTACHED.add(optimizer)
+        attachment.attach(self, module, optimizer)
         # Seeds follow torch.manual_seed; the noise then has its own generator (privatize.noise)
         seed, noise_seed = (int(s) for s in torch.randint(0, 2**62, (2,), dtype=torch.int64))
         self.noise = self.noise.seeded(noise_seed)
@@ -286,6 +284,8 @@ class PrivacyEngine(TrainingHooks):
         """Like :meth:`make_private`, with the smallest noise that keeps epsilon at or below
         ``target_epsilon`` after ``epochs`` epochs, or after ``steps`` steps (give exactly one;
         per this engine's accountant)."""
+        _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
+                                 "make_private_with_epsilon")
         sampling = sampling_plan(
             data_loader, poisson_sampling=kwargs.get("poisson_sampling", True),
             sample_rate=kwargs.get("sample_rate"),
@@ -390,7 +390,5 @@ class PrivacyEngine(TrainingHooks):
         for h in self._handles:
             h.remove()
         self._handles = []
-        for obj in (self._module, self._optimizer):
-            if obj is not None:
-                _ATTACHED.discard(obj)
+        attachment.forget(self._module, self._optimizer)
         self._module = self._optimizer = self._recorder = self._guard = None

@@ -54,6 +54,7 @@ NOT_SAVED = {
     "_rows": "per-step rows: state_dict refuses in the middle of a step",
     "_release_now": "per-step: state_dict refuses inside a virtual batch",
     "_backward_since_step": "per-step: state_dict refuses in the middle of a step",
+    "_undrawn": "per-step: rows set aside since the last step, never released",
     "_checking": "a resumed run checks its per-sample gradients again",
     "_checked": "a resumed run checks its per-sample gradients again",
     "_bounded": "derived from the settings by make_private",

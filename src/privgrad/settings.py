@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from privgrad import _validate
-from privgrad.errors import ConfigError
+from privgrad.errors import ConfigError, ConfigTypeError
 from privgrad.privatize.clipping import per_layer_bounds
 
 
@@ -92,6 +92,54 @@ class PerformanceSettings:
 MODE_ALIASES = {"hooks": "materialize", "functorch": "materialize", "ew": "materialize",
                 "ghost": "auto"}
 CHECKS = ("first_step", "every_step")
+
+
+#: Keywords of Opacus's make_private that privgrad does not take, and what to do instead.
+OPACUS_KEYWORDS = {
+    "criterion": "privgrad needs no loss object: ghost clipping is chosen per layer without it "
+                 "(grad_sample_mode='auto'); drop criterion=, or import privgrad.opacus, which "
+                 "takes Opacus's call unchanged",
+    "noise_generator": "the engine draws its noise from its own generator, seeded at "
+                       "make_private after torch.manual_seed; drop noise_generator=, or pass a "
+                       "noise source to PrivacyEngine(noise=...)",
+    "batch_first": "each layer rule knows its layer's batch dimension; give the model "
+                   "batch-first tensors (batch_first=True on recurrent and attention layers) and "
+                   "drop batch_first= (docs/migration.md)",
+    "wrap_model": "privgrad never wraps the model (it only adds hooks); drop wrap_model=",
+    "rand_on_empty": "an empty Poisson batch is a batch of size 0 whose step is all noise; "
+                     "drop rand_on_empty=",
+    "grad_sample_mode_kwargs": "drop it; grad_sample_mode alone selects the method",
+}
+
+
+def refuse_unknown(unknown: dict, where: str) -> None:
+    """Refuse keywords ``where`` does not take, with what to do for Opacus's."""
+    if not unknown:
+        return
+    name = sorted(unknown)[0]
+    fix = OPACUS_KEYWORDS.get(name, f"Check the spelling against {where}'s documentation")
+    raise ConfigTypeError(f"{where} takes no {name}= argument; got {name}="
+                          f"{unknown[name]!r}. {fix[0].upper() + fix[1:]}.")
+
+
+def check_accountant(name: object) -> object:
+    """``name``, with a clear refusal of Opacus's accountant names (make_accountant checks the
+    rest)."""
+    if name in ("prv", "gdp"):
+        raise _validate.fail(
+            "accountant must be 'pld' or 'rdp'", "accountant", name,
+            "privgrad's 'pld' accountant is at least as tight as Opacus's 'prv' and, unlike "
+            "'gdp', an upper bound; pass accountant='pld' (privgrad.opacus maps 'prv' and 'gdp' "
+            "to it)")
+    return name
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool (a string such as ``"no"`` would be true)."""
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{name} must be True or False; got {name}={value!r}. Pass a bool "
+                              f"(a string such as 'no' counts as true in Python).")
+    return value
 
 
 def check_arguments(*, module, optimizer, noise_multiplier, max_grad_norm, clipping="flat",

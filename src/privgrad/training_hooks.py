@@ -96,8 +96,7 @@ class TrainingHooks:
                 "a large batch with engine.virtual_batches(...), which steps per chunk.")
         params = _settings.privatised(self._optimizer)
         try:
-            self._add_backward(captures, params)
-            self._backward_since_step = True
+            self._backward_since_step = self._add_backward(captures, params)
         finally:
             for c in captures:  # the clipped sums are formed: a kept `loss` must not hold these
                 c.release()
@@ -114,22 +113,29 @@ class TrainingHooks:
             for p in params:
                 p.grad = None
 
-    def _add_backward(self, captures, params) -> None:
-        """Check one backward pass and add its clipped sums; on a refusal nothing is added."""
+    def _add_backward(self, captures, params) -> bool:
+        """Check one backward pass and add its clipped sums; on a refusal nothing is added.
+        ``False``: the pass ran on rows the loader did not draw; its sums are set aside (never
+        released; discarded by the next pass on a drawn batch)."""
         self._refuse_unbounded(params)
         loss_scale = self._amp.loss_scale() if self._amp is not None else 1.0
         batch = BackwardBatch(float32_captures(captures, loss_scale),  # AMP: float32, unscaled
                               mode=self.performance.grad_sample_mode,
                               scale_by_batch=self.settings.loss_reduction == "mean",
                               paths=self._recorder.paths)
-        self._rows.add({c.tag for c in captures}, batch.batch_size)
+        drawn = self._rows.add({c.tag for c in captures}, batch.batch_size)
         if self._checking and self._recorder.checking:
             if check_sums(batch, params, self._names(), loss_scale=loss_scale,
                           loose=self._autocast):
                 self._checked = self._checked | frozenset(params)
                 self._checking = self.check == "every_step"
                 self._recorder.checking = self._checking
+        if not drawn:
+            self._undrawn += batch.batch_size
+            return False
+        self._undrawn = 0  # a pass on a drawn batch: what was set aside is discarded
         self._clipped.add(batch, set(params))
+        return True
 
     def _before_step(self, optimizer, args, kwargs):
         replaced = None
@@ -150,6 +156,9 @@ class TrainingHooks:
             for p in params:
                 p.grad = None
             return replaced
+        if self._clipped.stats.backward_passes == 0 and self._undrawn:
+            rows, self._undrawn = self._undrawn, 0
+            raise PrivacyStateError(self._rows.undrawn(rows))
         if self._clipped.stats.backward_passes == 0:
             raise PrivacyStateError(
                 "optimizer.step() must follow a backward pass through the model; got a step with "

@@ -64,7 +64,8 @@ def test_validator_finds_every_batch_norm_and_fix_replaces_them():
     model = ResNet18()
     findings = privgrad.validate(model)
     assert len(findings) == 20 and all(f.module_type == "BatchNorm2d" and f.fixable for f in findings)
-    fixed, replacements = privgrad.fix(model)
+    replacements = []
+    fixed = privgrad.fix(model, report=replacements)
     assert {str(r).split(": ", 1)[1].split(" (")[0] for r in replacements} == {
         "BatchNorm2d -> GroupNorm(4, 4)", "BatchNorm2d -> GroupNorm(8, 8)",
         "BatchNorm2d -> GroupNorm(16, 16)", "BatchNorm2d -> GroupNorm(32, 32)"}
@@ -98,7 +99,7 @@ def shared_dropout_masks(model: nn.Module, batch: int):
 
 
 def case(b=3):
-    fixed, _ = privgrad.fix(ResNet18())
+    fixed = privgrad.fix(ResNet18())
     model = fixed.double().train()
     x, y = torch.randn(b, 3, 16, 16, dtype=D), torch.randint(0, 5, (b,))
 
@@ -126,7 +127,7 @@ def test_fixed_resnet_private_step():
 
 def test_fixed_resnet_trains_privately():
     torch.manual_seed(3)
-    model, _ = privgrad.fix(ResNet18())
+    model = privgrad.fix(ResNet18())
     data = TensorDataset(torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = PrivacyEngine(accountant="rdp")

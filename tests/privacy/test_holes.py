@@ -9,6 +9,7 @@ allows, by Clopper-Pearson intervals at alpha = 1e-3 on each side.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -602,12 +603,45 @@ def test_a_model_with_nothing_to_train_is_refused():
 
 def test_training_on_the_original_loader_is_refused():
     model, opt, engine, _ = _attached()
+    weights = [p.detach().clone() for p in model.parameters()]
     original = DataLoader(TensorDataset(torch.randn(40, 3)), batch_size=8)  # not Poisson
     (x,) = next(iter(original))
     opt.zero_grad()
+    model(x).sum().backward()
     with pytest.raises(PrivacyStateError, match="private loader drew"):
-        model(x).sum().backward()
-    assert engine.steps == 0
+        opt.step()
+    assert engine.steps == 0 and engine.get_epsilon(DELTA) == 0.0
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_a_gan_generator_backward_through_the_private_discriminator_is_set_aside():
+    """Opacus's DCGAN: the discriminator steps privately on real data (drawn); the generator's
+    backward then runs through it on generated data. Those sums are never released: the next
+    discriminator step releases only its own drawn batch."""
+    torch.manual_seed(0)
+    disc = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    gen = nn.Linear(2, 3)
+    reference = copy.deepcopy(disc)  # lr 0: the discriminator stays as it is
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.0)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.1)
+    engine = PrivacyEngine()
+    _, _, dl = engine.make_private(module=disc, optimizer=opt_d, noise_multiplier=0.0,
+                                   max_grad_norm=1e6, loss_reduction="sum",
+                                   data_loader=DataLoader(TensorDataset(torch.randn(40, 3)),
+                                                          batch_size=8))
+    for _, (real,) in zip(range(3), _forever(dl)):
+        opt_d.zero_grad()
+        disc(real).sum().backward()  # the private step: real rows only
+        opt_d.step()
+        released = {n: p.grad.clone() for n, p in disc.named_parameters()}
+        ref = torch.autograd.grad(reference(real).sum(), list(reference.parameters()))
+        for (n, g), r in zip(released.items(), ref):
+            torch.testing.assert_close(g, r)  # nothing of the generator's pass in it
+        opt_g.zero_grad()
+        disc(gen(torch.randn(5, 2))).sum().backward()  # generator's step through D
+        opt_g.step()
+    assert engine.steps == 3
+
 
 
 # -- 12. calibrating for the steps the trainer takes ------------------------------------------

@@ -17,7 +17,9 @@ D = torch.float64
 
 
 def only(model) -> tuple[nn.Module, Replacement]:
-    fixed, (replacement,) = privgrad.fix(model)
+    report = []
+    fixed = privgrad.fix(model, report=report)
+    (replacement,) = report
     assert privgrad.validate(fixed) == []
     return fixed, replacement
 
@@ -67,7 +69,20 @@ def test_frozen_batch_norm_becomes_its_eval_mode_forward_with_the_same_state():
 
 def test_batch_norm_without_statistics_becomes_group_norm():
     fixed, r = only(nn.Sequential(nn.BatchNorm1d(6, affine=False, track_running_stats=False)))
-    assert r.new == "GroupNorm(6, 6)" and not fixed[0].affine
+    assert r.new == "GroupNorm(1, 6)" and not fixed[0].affine
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (5, 6, 7)], ids=["(N, C)", "(N, C, L)"])
+def test_batch_norm_1d_becomes_a_layer_that_still_normalises(shape):
+    """GroupNorm(C, C) on (N, C) normalises each feature alone: a constant output. The fix
+    normalises across the features, on 2-d and 3-d inputs alike."""
+    fixed, r = only(nn.Sequential(nn.BatchNorm1d(6)))
+    assert r.new == "GroupNorm(1, 6)"
+    x = torch.randn(*shape)
+    out = fixed(x)
+    assert out.std(0).min() > 0.1  # varies with the input: not a constant
+    flat = out.reshape(shape[0], -1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(shape[0]), atol=1e-5, rtol=0)
 
 
 def test_instance_norm_stops_tracking_statistics():
@@ -140,7 +155,7 @@ def test_sequence_first_transformers_run_batch_first_inside_with_the_same_output
 
 def test_fixed_sequence_first_encoder_has_exact_per_sample_gradients_when_length_equals_batch():
     # t == b: the unfixed encoder's Linear layers would silently treat positions as examples.
-    fixed, _ = privgrad.fix(encoder().double())
+    fixed = privgrad.fix(encoder().double())
     x = torch.randn(4, 4, 8, dtype=D)
 
     class BatchFirstOut(nn.Module):
@@ -157,6 +172,7 @@ def test_fixed_sequence_first_encoder_has_exact_per_sample_gradients_when_length
 def test_fix_repairs_everything_fixable_at_once_and_keeps_the_original():
     model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.BatchNorm1d(4), nn.Flatten(),
                           nn.LSTM(12, 4, num_layers=2, dropout=0.1))
-    fixed, replacements = privgrad.fix(model)
+    replacements = []
+    fixed = privgrad.fix(model, report=replacements)
     assert [r.path for r in replacements] == ["1", "3"]
     assert privgrad.validate(fixed) == [] and len(privgrad.validate(model)) == 2

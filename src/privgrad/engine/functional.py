@@ -32,9 +32,12 @@ class PerSampleGradients:
 
     Args:
         module: the model.
-        loss_reduction: ``"sum"`` if the loss adds the examples' losses, ``"mean"`` if it
-            averages them (then captured gradients are multiplied by the batch size, so each row
-            is the gradient of that example's own loss).
+        loss_reduction: ``"sum"`` (the default here) if the loss adds the examples' losses,
+            ``"mean"`` if it averages them (then captured gradients are multiplied by the batch
+            size, so each row is the gradient of that example's own loss). Opacus's
+            ``GradSampleModule`` defaults to ``"mean"``: code ported from it with a mean loss
+            must pass ``loss_reduction="mean"``, or its rows come out ``1/B`` of each example's
+            gradient.
         mode: ``"materialize"`` (default here: :attr:`gradients` is available), ``"auto"`` or
             ``"ghost"`` (norms and weighted sums only, without per-sample tensors where possible).
         rules: rule registry (default: built-in rules plus the generic rule).

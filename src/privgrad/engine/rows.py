@@ -45,11 +45,14 @@ class DrawnRows:
         """The tag of a module call made now."""
         return None if self.drawn is None else self.drawn.delivered
 
-    def add(self, tags: set, rows: int) -> None:
-        """One backward pass over calls tagged ``tags`` with ``rows`` rows; raises if they cannot
-        belong to the logical step so far."""
+    def add(self, tags: set, rows: int) -> bool:
+        """One backward pass over calls tagged ``tags`` with ``rows`` rows: ``True`` if they join
+        the logical step, ``False`` if no drawn batch is pending at all (the pass ran on rows the
+        loader did not draw: a generator's backward through a private discriminator after its
+        step, or a loop on the original loader; the caller must never release them). Raises if
+        they cannot belong to the logical step so far."""
         if self.drawn is None:
-            return
+            return True
         if len(tags) > 1:
             raise PrivacyStateError(
                 f"one backward pass must go through forward passes on one drawn batch; got "
@@ -65,16 +68,24 @@ class DrawnRows:
                 f"wait for their optimizer.step(). Step each batch (or abandon it by leaving "
                 f"engine.virtual_batches). Nothing was released.")
         candidates = self._candidates(tag)
-        if not candidates:  # (every later failure too is refused before anything is released)
-            raise PrivacyStateError(
-                f"the rows of a backward pass must be examples that the private loader drew; got "
-                f"a backward pass of {rows} rows with no batch from it since the last step. "
-                f"Iterate the data_loader that make_private returned (not the original one), one "
-                f"batch per optimizer.step(). Nothing was released.")
+        if not candidates:
+            return False
         if self.rows + rows > max(size for _, size in candidates):
             raise PrivacyStateError(self._mismatch(self.rows + rows, candidates))
         self.step_tag = tag
         self.rows += rows
+        return True
+
+    @staticmethod
+    def undrawn(rows: int) -> str:
+        """The refusal of a step whose backward passes ran on rows the loader did not draw."""
+        return (f"the rows of a released step must be examples that the private loader drew; got "
+                f"backward passes on {rows} rows with no batch from it since the last step. "
+                f"Iterate the data_loader that make_private returned (not the original one), one "
+                f"batch per optimizer.step(). (A backward pass on other data, such as a GAN "
+                f"generator's through the private discriminator, is fine as long as the "
+                f"discriminator's optimizer does not step on it: it is set aside and discarded.) "
+                f"Nothing was released.")
 
     def release(self) -> None:
         """The step is about to release: its rows must be exactly one drawn batch."""

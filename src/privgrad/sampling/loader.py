@@ -139,8 +139,8 @@ def check_loader(data_loader: DataLoader, poisson_sampling: bool) -> None:
         raise ConfigError(
             f"data_loader must be a torch.utils.data.DataLoader; got data_loader="
             f"{type(data_loader).__name__}. Wrap your data set: DataLoader(dataset, batch_size=...).")
-    if not poisson_sampling:
-        return
+    if not poisson_sampling or isinstance(data_loader, PoissonLoader):
+        return  # (a loader privgrad returned: a second run samples the same data set anew)
     inner = getattr(data_loader.batch_sampler, "sampler", None)
     if isinstance(data_loader.sampler, DistributedSampler) or isinstance(inner, DistributedSampler):
         raise ConfigError(
@@ -171,7 +171,14 @@ def check_loader(data_loader: DataLoader, poisson_sampling: bool) -> None:
 class PoissonLoader(DataLoader):
     """The loader ``make_private`` returns: a plain ``DataLoader`` over the user's data set with
     a :class:`PoissonBatchSampler`, which reports each batch it yields to :class:`DrawnBatches`
-    (batches come out in sampling order: ``in_order`` is always true)."""
+    (batches come out in sampling order: ``in_order`` is always true).
+
+    Attributes:
+        sampling: the :class:`~privgrad.sampling.plan.SamplingPlan` it was made from (so that
+            ``make_private`` can take this loader again, for a second run on the same data).
+    """
+
+    sampling = None
 
     def __iter__(self):
         drawn = getattr(self.batch_sampler, "drawn", None)
@@ -190,6 +197,8 @@ def poisson_loader(data_loader: DataLoader, sampler: PoissonSampler,
     ``drawn`` as they are yielded, when given)."""
     dl = data_loader
     collate = dl.collate_fn if dl.collate_fn is not None else default_collate
+    if isinstance(collate, EmptyBatchCollate):  # a loader privgrad returned before
+        collate = collate.collate_fn
     kwargs = dict(
         num_workers=dl.num_workers,
         collate_fn=EmptyBatchCollate(collate, dl.dataset),

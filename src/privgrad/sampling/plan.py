@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from privgrad import _validate
 from privgrad.errors import ConfigError
-from privgrad.sampling.loader import DrawnBatches, check_loader, poisson_loader
+from privgrad.sampling.loader import DrawnBatches, PoissonLoader, check_loader, poisson_loader
 from privgrad.sampling.poisson import PoissonSampler, numpy_bits, os_bits, steps_per_epoch
 
 __all__ = ["SamplingPlan", "plan", "sampling_rate"]
@@ -63,13 +63,21 @@ class SamplingPlan:
                                  steps=self.steps_per_epoch)
         drawn = DrawnBatches()
         shard = ranks.shard(sampler) if ranks is not None else sampler
-        return sampler, drawn, poisson_loader(data_loader, shard, drawn)
+        loader = poisson_loader(data_loader, shard, drawn)
+        loader.sampling = self
+        return sampler, drawn, loader
 
 
 def plan(data_loader: DataLoader, *, poisson_sampling: bool = True, sample_rate=None,
          expected_batch_size=None, loss_reduction: str = "mean") -> SamplingPlan:
-    """Validate the loader and the sampling arguments once; see the module docstring."""
+    """Validate the loader and the sampling arguments once; see the module docstring. A loader
+    privgrad returned before (a second run on the same data) keeps its data set's size, ``q``
+    and expected batch size unless ``sample_rate`` and ``expected_batch_size`` are given."""
     check_loader(data_loader, poisson_sampling)
+    earlier = getattr(data_loader, "sampling", None)
+    if isinstance(data_loader, PoissonLoader) and earlier is not None and None in (
+            sample_rate, expected_batch_size):
+        sample_rate, expected_batch_size = earlier.sample_rate, earlier.expected_batch_size
     n = _dataset_size(data_loader, poisson_sampling, sample_rate, expected_batch_size)
     q, expected = sampling_rate(data_loader, n, sample_rate, expected_batch_size,
                                 loss_reduction, poisson_sampling)

@@ -48,7 +48,10 @@ def fix_batch_norm(module: nn.Module):
         return FrozenBatchNorm(module), "FrozenBatchNorm (its eval-mode forward, in every mode)", \
             "a frozen BatchNorm in training mode mixes the batch and learns running statistics"
     c = module.num_features
-    g = group_count(c)
+    # BatchNorm1d often sees (N, C): GroupNorm(C, C) would normalise each feature alone, a
+    # constant. One group normalises across the features (a LayerNorm with BatchNorm's
+    # per-feature scale and shift), on (N, C) and on (N, C, L) alike.
+    g = 1 if isinstance(module, nn.BatchNorm1d) else group_count(c)
     new = nn.GroupNorm(g, c, eps=module.eps, affine=module.affine)
     if module.affine:  # keep a pretrained scale and shift as the starting point
         new.weight, new.bias = module.weight, module.bias
@@ -75,8 +78,17 @@ FIXERS = (
 )
 
 
-def fix(model: nn.Module) -> tuple[nn.Module, list[Replacement]]:
-    """A fixed deep copy of ``model`` and the list of replacements made (``model`` is untouched)."""
+def fix(model: nn.Module, *, report: list | None = None) -> nn.Module:
+    """A fixed deep copy of ``model`` (``model`` itself is untouched).
+
+    Args:
+        model: the model to fix.
+        report: a list to append one :class:`Replacement` per module replaced (what it was,
+            what it is now, why), if you want to know.
+
+    Returns:
+        The fixed copy, always (one value: ``model = privgrad.fix(model)``).
+    """
     fixed = copy.deepcopy(model)
     replacements = []
     for path, module in list(fixed.named_modules()):
@@ -93,7 +105,9 @@ def fix(model: nn.Module) -> tuple[nn.Module, list[Replacement]]:
                 fixed = new
             replacements.append(Replacement(path, old, description, reason))
             break
-    return fixed, replacements
+    if report is not None:
+        report.extend(replacements)
+    return fixed
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
