@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from privgrad import cli
+from privgrad._install import install_hint
 from privgrad.accounting import epsilon_for
 
 BASE = ["--dataset-size", "60000", "--batch-size", "256", "--epochs", "10", "--delta", "1e-5"]
@@ -144,8 +146,44 @@ def test_plot_without_matplotlib_names_the_extra(run, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     code, out, err = run("epsilon", *BASE, "--noise-multiplier", "1", "--plot", str(tmp_path / "x.png"))
     assert code == 2
-    assert "pip install 'privgrad[plot]'" in err
+    assert f"Install the plot extra: {install_hint('plot')}." in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_into_a_missing_folder_creates_it(run, tmp_path):
+    path = tmp_path / "runs" / "new" / "eps.pdf"
+    code, _, _ = run("epsilon", "--dataset-size", "1000", "--batch-size", "50", "--steps", "20",
+                     "--noise-multiplier", "1.0", "--plot", str(path), "--json")
+    assert code == 0
+    assert path.read_bytes()[:5] == b"%PDF-"
+
+
+@pytest.mark.parametrize("plot, message", [
+    ("{tmp}/eps.txt", r"plot must end in a format matplotlib writes \(.*\.png.*\); got plot='{tmp}/eps.txt'\. Pass e\.g\. eps\.png"),
+    ("{tmp}/file/eps.png", r"plot must lie in a folder; got plot='{tmp}/file/eps.png', where {tmp}/file is a file\. Pass a path"),
+    ("{tmp}/folder.png", r"plot must name a file; got plot='{tmp}/folder.png', a folder\. Pass e\.g\. {tmp}/folder.png/eps.png"),
+])
+def test_a_bad_plot_path_is_one_line_before_any_accounting(run, tmp_path, monkeypatch, plot, message):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    monkeypatch.setattr("privgrad.accounting.epsilon_for", lambda **kw: pytest.fail("accounting ran first"))
+    code, out, err = run("epsilon", *BASE, "--noise-multiplier", "1", "--plot", plot.format(tmp=tmp_path))
+    assert code == 2 and out == ""
+    assert re.fullmatch(f"privgrad epsilon: error: {message.format(tmp=re.escape(str(tmp_path)))}.*\n", err)
+
+
+@pytest.mark.parametrize("argv", [
+    ["noise", *BASE, "--target-epsilon", "1e-5"],                 # PLD reaches epsilon 0: log(0) once
+    ["noise", *BASE, "--target-epsilon", "3", "--delta", "0.5"],  # the same through a large delta
+    ["epsilon", *BASE, "--noise-multiplier", "1e-9"],               # dp_accounting overflowed exp()
+])
+def test_extreme_but_valid_input_answers(run, argv):
+    code, out, err = run(*argv, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["epsilon"] is not None and result["epsilon"] >= 0
+    if argv[0] == "noise":
+        assert result["epsilon"] <= float(argv[argv.index("--target-epsilon") + 1])
 
 
 def test_cli_module_never_imports_torch():

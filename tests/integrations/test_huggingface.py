@@ -126,3 +126,42 @@ def test_a_resumed_run_continues_exactly_where_the_checkpoint_stopped(tmp_path):
     assert resumed.engine.get_epsilon(1e-5) == pytest.approx(whole.engine.get_epsilon(1e-5))
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_logged_grad_norm_is_the_released_gradients(tmp_path):
+    """The Trainer measures p.grad before optimizer.step(), i.e. before privgrad writes the private
+    gradient there: DPTrainer logs the norm of what the step released instead. With plain SGD at
+    lr 1 that is exactly the size of the first update."""
+    model = tiny_bert()
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = DPTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=Examples(),
+                        optimizers=(optimizer, None), noise_multiplier=1.0, max_grad_norm=1.0)
+    trainer.train()
+    change = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    (logged,) = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert logged == pytest.approx(change.norm().item(), rel=1e-5)
+    trainer.detach()
+    assert not optimizer._optimizer_step_post_hooks  # detach removed the hook too
+
+
+def test_noise_is_calibrated_for_the_steps_given(tmp_path):
+    """``DPTrainer(steps=)`` sets the calibration horizon: after that many steps the run has
+    spent the target (to the search's 0.1% in sigma), never more."""
+    from privgrad.accounting import get_noise_multiplier
+
+    trainer = DPTrainer(model=tiny_bert(), args=arguments(tmp_path, max_steps=4),
+                        train_dataset=Examples(), target_epsilon=4.0, target_delta=DELTA,
+                        steps=4, max_grad_norm=1.0, accountant="rdp")
+    trainer.train()
+    assert trainer.engine.steps == 4
+    assert trainer.engine.settings.noise_multiplier == get_noise_multiplier(
+        target_epsilon=4.0, target_delta=DELTA, sample_rate=32 / 96, steps=4, accountant="rdp")
+    assert 3.9 < trainer.engine.get_epsilon(DELTA) <= 4.0
+    trainer.detach()
+
+
+def test_epochs_and_steps_together_are_refused():
+    with pytest.raises(ConfigError, match=r"at most one of epochs and steps may be given"):
+        DPTrainer(model=tiny_bert(), args=None, max_grad_norm=1.0, target_epsilon=4.0,
+                  epochs=2, steps=4)

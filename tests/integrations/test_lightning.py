@@ -132,3 +132,36 @@ def test_refuses_accumulation_and_bad_arguments(tmp_path):
     t2.fit(Classifier(), train_dataloaders=DataLoader(data(), batch_size=32))
     with pytest.raises(PrivacyStateError, match="a DPCallback makes one fit private"):
         trainer(tmp_path, callbacks=[dp]).fit(Classifier(), train_dataloaders=DataLoader(data(), batch_size=32))
+
+
+@pytest.mark.parametrize("length", [dict(max_epochs=2), dict(max_steps=5, max_epochs=3)])
+def test_progress_bar_ends_on_the_final_epsilon(tmp_path, length):
+    """Epsilon is logged every log_every_n_steps; the epoch-end log puts the final one in the bar,
+    also when max_steps stops fit mid-epoch."""
+    dp = DPCallback(noise_multiplier=1.0, target_delta=DELTA, max_grad_norm=1.0, log_every_n_steps=3)
+    t = trainer(tmp_path, callbacks=[dp], **length)
+    t.fit(Classifier(), train_dataloaders=DataLoader(data(), batch_size=32))
+    assert dp.engine.steps % 3 != 0  # the last step was not one of the every-third-step logs
+    assert t.progress_bar_metrics["epsilon"] == pytest.approx(dp.epsilon, rel=1e-6)
+
+
+def test_noise_is_calibrated_for_the_steps_given(tmp_path):
+    """``steps=`` (not epochs) sets the calibration horizon: after that many steps the run has
+    spent the target, within the search's 0.1% in sigma, and not more."""
+    from privgrad.accounting import get_noise_multiplier
+
+    model = Classifier()
+    dp = DPCallback(target_epsilon=2.0, target_delta=DELTA, max_grad_norm=1.0, steps=6,
+                    accountant="rdp")
+    trainer(tmp_path, callbacks=[dp], max_steps=6, max_epochs=10).fit(
+        model, train_dataloaders=DataLoader(data(), batch_size=32))
+    s = dp.engine.settings
+    assert s.noise_multiplier == get_noise_multiplier(
+        target_epsilon=2.0, target_delta=DELTA, sample_rate=32 / 128, steps=6, accountant="rdp")
+    assert dp.engine.steps == 6
+    assert 1.95 < dp.engine.get_epsilon(DELTA) <= 2.0
+
+
+def test_epochs_and_steps_together_are_refused():
+    with pytest.raises(ConfigError, match=r"at most one of epochs and steps may be given; got \(epochs, steps\)=\(2, 6\)"):
+        DPCallback(target_epsilon=2.0, target_delta=DELTA, max_grad_norm=1.0, epochs=2, steps=6)

@@ -1,12 +1,14 @@
 import csv
 import io
 import math
+import re
 import sys
 
 import pytest
 
-from privgrad.errors import ConfigError, PrivacyStateError
 from privgrad import PrivacyEngine
+from privgrad._install import install_hint
+from privgrad.errors import ConfigError, PrivacyStateError
 from privgrad.monitoring import PrivacyLogger, progress, step_record
 
 DELTA = 1e-5
@@ -28,7 +30,7 @@ def test_csv_has_one_row_per_step_with_the_engine_numbers(tiny_run, tmp_path):
     run = tiny_run(max_grad_norm=1e-6)  # every gradient is larger: all examples clipped
     path = tmp_path / "sub" / "log.csv"
     epsilons = []
-    with PrivacyLogger(run.engine, DELTA, csv_path=path) as log:
+    with PrivacyLogger(run.engine, DELTA, csv_path=path, epsilon_every=1) as log:
         for batch in run.loader:
             loss = run.step(batch)
             row = log.log(loss=loss, lr=0.1)
@@ -72,7 +74,9 @@ def test_writer_gets_scalars_and_epsilon_every(tiny_run):
 
 def test_tensorboard_without_the_package_says_what_to_install(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with pytest.raises(ConfigError, match="tensorboard_dir needs the tensorboard package.*pip install tensorboard"):
+    with pytest.raises(ConfigError, match=re.escape(
+            f"tensorboard_dir needs the tensorboard package; got tensorboard_dir='{tmp_path}' without "
+            f"it. Install it: {install_hint('tensorboard')}; or log to csv_path only.")):
         PrivacyLogger(tiny_run().engine, DELTA, tensorboard_dir=tmp_path)
 
 
@@ -100,3 +104,27 @@ def test_progress_bar_shows_live_epsilon(tiny_run):
     assert seen == run.engine.steps > 0
     shown = out.getvalue()
     assert f"epsilon={run.engine.get_epsilon(DELTA):.3f}" in shown
+
+
+def test_progress_bar_ends_on_the_final_epsilon(tiny_run):
+    """Epsilon is shown at most every every_s seconds; the bar still closes on the last step's."""
+    run = tiny_run()
+    out = io.StringIO()
+    for batch in progress(run.loader, run.engine, DELTA, every_s=1e9, file=out, mininterval=0):
+        run.step(batch)
+    assert run.engine.steps > 1
+    last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert f"epsilon={run.engine.get_epsilon(DELTA):.3f}" in last
+
+
+def test_progress_bar_left_early_ends_on_the_epsilon_spent(tiny_run):
+    run = tiny_run(noise_multiplier=0.5)
+    out = io.StringIO()
+    for i, batch in enumerate(progress(run.loader, run.engine, DELTA, every_s=1e9, file=out,
+                                       mininterval=0)):
+        run.step(batch)
+        if i == 2:
+            break  # as a budget stop does
+    last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert run.engine.steps == 3
+    assert f"epsilon={run.engine.get_epsilon(DELTA):.3f}" in last

@@ -1,7 +1,7 @@
 """What every privgrad accountant shares: the step history, caching, checkpoints, input checks.
 
 A concrete accountant only says how to turn a history into epsilon and delta
-(:meth:`Accountant._compute_epsilon`, :meth:`Accountant._compute_delta`). This module imports no
+(``Accountant._compute_epsilon()``, ``Accountant._compute_delta()``). This module imports no
 torch.
 """
 
@@ -40,14 +40,15 @@ def check_epsilon(epsilon: object, name: str = "epsilon") -> float:
 class Accountant:
     """Base class: records DP-SGD steps and answers epsilon and delta for them.
 
-    Subclasses set :attr:`name` and implement ``_compute_epsilon(delta)`` and
+    Subclasses set ``name`` and implement ``_compute_epsilon(delta)`` and
     ``_compute_delta(epsilon)`` for a history with at least one step and no unnoised step.
 
     Privacy:
         The answer covers exactly the recorded steps, each a Poisson-subsampled Gaussian
-        mechanism under add/remove-one neighbours (see :mod:`privgrad.accounting.events`). A step
+        mechanism under add/remove-one neighbours (see ``privgrad.accounting.events``). A step
         with ``noise_multiplier == 0`` makes epsilon infinite and delta 1. Results are cached per
-        history, so asking every step costs nothing until the next :meth:`step`.
+        history, so asking every step costs nothing until the next
+        [`step()`][privgrad.accounting.accountant.Accountant.step].
     """
 
     name: str = ""
@@ -81,7 +82,7 @@ class Accountant:
         self._append(HistoryEntry(sigma, q, n))
 
     def compose(self, event: Event) -> None:
-        """Record every step that ``event`` describes (see :mod:`privgrad.accounting.events`)."""
+        """Record every step that ``event`` describes (see ``privgrad.accounting.events``)."""
         for entry in flatten(event):
             self._append(entry)
 
@@ -112,7 +113,8 @@ class Accountant:
 
     @property
     def event(self) -> Composed:
-        """The recorded history as a privacy event (e.g. for :func:`to_dp_event`)."""
+        """The recorded history as a privacy event (e.g. for
+        [`to_dp_event()`][privgrad.accounting.events.to_dp_event])."""
         return history_event(self.history)
 
     def _nonprivate(self) -> bool:
@@ -178,7 +180,8 @@ class Accountant:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Replace the recorded history by the one in ``state_dict`` (from :meth:`state_dict`).
+        """Replace the recorded history by the one in ``state_dict`` (from
+        [`state_dict()`][privgrad.accounting.accountant.Accountant.state_dict]).
 
         Raises:
             CheckpointError: ``state_dict`` is malformed or was written by another kind of

@@ -1,15 +1,14 @@
 """Budget tools: the noise a target epsilon needs, and the steps or epochs a budget allows.
 
 All searches evaluate the chosen accountant itself and return a value whose epsilon was
-*computed* to be within the target, so they never overshoot. This module imports no torch.
+*computed* to be within the target, so they never overshoot. This module imports no torch, and
+SciPy only when a search runs.
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-
-from scipy import optimize
 
 from privgrad import _validate
 from privgrad.accounting.accountant import check_delta
@@ -19,13 +18,13 @@ from privgrad.errors import PrivacyBudgetError
 
 __all__ = ["epsilon_for", "get_noise_multiplier", "get_max_steps", "get_max_epochs", "MAX_NOISE_MULTIPLIER"]
 
-#: The largest noise multiplier :func:`get_noise_multiplier` will consider.
+#: The largest noise multiplier ``get_noise_multiplier()`` will consider.
 MAX_NOISE_MULTIPLIER = 1e4
 #: Relative precision of the returned noise multiplier (0.5% is promised).
 NOISE_RTOL = 1e-3
 #: Below this noise multiplier the search gives up looking for less noise.
 MIN_NOISE_MULTIPLIER = 1e-3
-#: The largest step count :func:`get_max_steps` searches.
+#: The largest step count ``get_max_steps()`` searches.
 MAX_STEPS = 10**8
 
 
@@ -65,7 +64,11 @@ def get_noise_multiplier(
 
     Returns:
         ``noise_multiplier`` with ``epsilon <= target_epsilon`` as computed by ``accountant``,
-        and within about 0.1% of the smallest such value (Brent's method on log sigma).
+        and within about 0.1% of the smallest such value (Brent's method on log sigma). A tiny
+        target is searched like any other: with enough noise the PLD accountant's epsilon
+        reaches exactly 0 (``target_delta`` alone then covers the mechanism). The RDP
+        accountant's conversion has a floor (about 0.0035 at ``target_delta = 1e-5``, from its
+        largest order, 1024): a target below it raises, and the message names PLD.
 
     Raises:
         ConfigError: an argument out of range.
@@ -86,10 +89,12 @@ def get_noise_multiplier(
         return epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=name)
 
     if eps(MAX_NOISE_MULTIPLIER) > target:
+        floor = (" (the RDP accountant's conversion cannot certify epsilon below about "
+                 f"{eps(MAX_NOISE_MULTIPLIER):.2g} here; accountant='pld' may reach lower)") if name == "rdp" else ""
         raise PrivacyBudgetError(
             f"target_epsilon must be reachable with noise_multiplier <= {MAX_NOISE_MULTIPLIER:g}; "
             f"got target_epsilon={target_epsilon!r} (with target_delta={target_delta!r}, sample_rate={sample_rate!r}, "
-            f"steps={steps!r}). Raise target_epsilon or target_delta, or lower sample_rate or steps."
+            f"steps={steps!r}){floor}. Raise target_epsilon or target_delta, or lower sample_rate or steps."
         )
     # Bracket the root of log eps(sigma) = log target in log sigma, growing from sigma = 1.
     hi = 1.0
@@ -102,8 +107,14 @@ def get_noise_multiplier(
         hi, lo = lo, lo / 4
 
     def excess(log_sigma: float) -> float:
+        # log(eps / target), clamped: eps is inf without noise and exactly 0 once delta alone
+        # covers the mechanism (large noise, tiny targets); only the sign matters at the ends.
         value = eps(math.exp(log_sigma))
+        if value == 0:
+            return -1e3
         return math.log(value / target) if value < math.inf else 1e3
+
+    from scipy import optimize
 
     xtol = math.log1p(NOISE_RTOL) / 4
     root = optimize.brentq(excess, math.log(lo), math.log(hi), xtol=xtol, rtol=1e-12)
@@ -170,7 +181,8 @@ def get_max_epochs(
     sample_rate: float,
     accountant: str = DEFAULT_ACCOUNTANT,
 ) -> float:
-    """Expected epochs the budget allows: :func:`get_max_steps` times ``sample_rate``."""
+    """Expected epochs the budget allows:
+    [`get_max_steps()`][privgrad.accounting.calibration.get_max_steps] times ``sample_rate``."""
     steps = get_max_steps(
         target_epsilon=target_epsilon,
         target_delta=target_delta,

@@ -3,7 +3,8 @@
 An event says *what* happened (a Poisson-subsampled Gaussian step, repeated so many times, then
 other steps with another noise level or sample rate); an accountant decides *how much privacy*
 that costs. Keeping the two apart lets one history be measured by several accountants, and lets a
-history be handed to Google's ``dp_accounting`` unchanged (:func:`to_dp_event`).
+history be handed to Google's ``dp_accounting`` unchanged
+([`to_dp_event()`][privgrad.accounting.events.to_dp_event]).
 
 Privacy:
     An event is only a description; it guarantees nothing by itself. It assumes the mechanism
@@ -13,19 +14,22 @@ Privacy:
     ``noise_multiplier * max_grad_norm`` is added to the *sum* of the clipped contributions.
     Neighbouring datasets differ by adding or removing one record.
 
-This module imports no torch.
+This module imports no torch, and ``dp_accounting`` only inside
+[`to_dp_event()`][privgrad.accounting.events.to_dp_event] (importing it pulls in SciPy's signal
+processing, a second or more: ``import privgrad`` must not pay that).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Union
-
-import dp_accounting
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 from privgrad import _validate
 from privgrad.errors import ConfigTypeError
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 __all__ = [
     "PoissonGaussian",
@@ -148,6 +152,8 @@ def flatten(event: Event) -> tuple[HistoryEntry, ...]:
 
 
 def _poisson_gaussian_to_dp(event: PoissonGaussian) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     gaussian = dp_accounting.GaussianDpEvent(event.noise_multiplier)
     if event.sample_rate == 1.0:
         return gaussian
@@ -155,10 +161,14 @@ def _poisson_gaussian_to_dp(event: PoissonGaussian) -> dp_accounting.DpEvent:
 
 
 def _repeated_to_dp(event: Repeated) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.SelfComposedDpEvent(to_dp_event(event.event), event.count)
 
 
 def _composed_to_dp(event: Composed) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent([to_dp_event(e) for e in event.events])
 
 

@@ -5,27 +5,31 @@ connect-the-dots rounding of Doroshenko et al. (2022), composed by FFT, and read
 (epsilon, delta). The grid is the one knob that matters: ``dp_accounting``'s default (1e-4) is
 5-10% too high at sample_rate = 0.001, noise_multiplier = 8 and up to 2.7x at 1e-3, because there
 the privacy loss of a single step is itself only ~1e-4 wide. We therefore choose the interval from
-the parameters: a fixed fraction of the spread of one step's privacy loss (:func:`choose_interval`),
+the parameters: a fixed fraction of the spread of one step's privacy loss (``choose_interval()``),
 and never coarser than needed to keep the composed grid under a size cap. The tests check the
 result against independent references over the whole supported range.
 
-This module imports no torch.
+This module imports no torch, and ``dp_accounting`` only when a distribution is first built
+(importing it pulls in SciPy's signal processing, a second or more: ``import privgrad`` must not
+pay that).
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution as dp_pld
 
 from privgrad import _validate
 from privgrad.accounting.accountant import Accountant
 from privgrad.accounting.events import HistoryEntry, history_event
 from privgrad.accounting.rdp import RDPAccountant
 from privgrad.errors import ConfigTypeError
+
+if TYPE_CHECKING:
+    from dp_accounting.pld import privacy_loss_distribution as dp_pld
 
 __all__ = ["PLDAccountant", "choose_interval", "loss_scale"]
 
@@ -35,6 +39,9 @@ POINTS_PER_SCALE = 20
 MAX_GRID_POINTS = 3_000_000
 #: Above this epsilon dp_accounting's PLD arithmetic overflows; we fall back to the RDP bound.
 LARGE_EPSILON = 500.0
+#: Above this discretisation interval dp_accounting's construction takes seconds and then
+#: overflows exp(); we answer with the RDP bound instead (epsilon is beyond 1e4 there).
+MAX_INTERVAL = 500.0
 #: Runs longer than this are accounted on a step grid of relative spacing 1 / STEP_GRID.
 STEP_GRID = 256
 
@@ -57,7 +64,7 @@ def choose_interval(history: tuple[HistoryEntry, ...] | list[HistoryEntry]) -> f
     """The discretisation interval for a history: fine against one step, bounded in size.
 
     The interval is ``POINTS_PER_SCALE`` times finer than the smallest single-step loss scale
-    (:func:`loss_scale`) of any run, but no finer than spreading the composed loss (about
+    (``loss_scale()``) of any run, but no finer than spreading the composed loss (about
     ``mean + 40 sd``) over ``MAX_GRID_POINTS`` points.
 
     Privacy:
@@ -93,6 +100,8 @@ def accounted_steps(num_steps: int) -> int:
 
 @lru_cache(maxsize=64)
 def _single_step(noise_multiplier: float, sample_rate: float, interval: float) -> dp_pld.PrivacyLossDistribution:
+    from dp_accounting.pld import privacy_loss_distribution as dp_pld
+
     return dp_pld.from_gaussian_mechanism(
         standard_deviation=noise_multiplier,
         sampling_prob=sample_rate,
@@ -114,6 +123,8 @@ def _run(noise_multiplier: float, sample_rate: float, num_steps: int, interval: 
     of an uninterrupted one.
     """
     if sample_rate == 1.0:
+        from dp_accounting.pld import privacy_loss_distribution as dp_pld
+
         # Without subsampling, n Gaussian steps are exactly one Gaussian with sigma / sqrt(n).
         return dp_pld.from_gaussian_mechanism(
             standard_deviation=noise_multiplier / math.sqrt(num_steps),
@@ -132,14 +143,14 @@ class PLDAccountant(Accountant):
     """Privacy-loss-distribution accountant: tight epsilon for DP-SGD. The default.
 
     Getting epsilon for a new history composes distributions by FFT (``dp_accounting``'s).
-    Results are cached, the first 256 steps are built from power-of-two pieces (:func:`_run`),
-    and the last run is accounted on a step grid (:func:`accounted_steps`), so a training loop
+    Results are cached, the first 256 steps are built from power-of-two pieces (``_run()``),
+    and the last run is accounted on a step grid (``accounted_steps()``), so a training loop
     that asks after every step pays one composition when the count reaches a new grid point
     (every step for the first 256, about 2,460 times in 1e5 steps) and nothing otherwise.
 
     Args:
         interval: fixed discretisation interval of the privacy loss. ``None`` (the default)
-            chooses it from the recorded steps with :func:`choose_interval`; pass a number only
+            chooses it from the recorded steps with ``choose_interval()``; pass a number only
             to reproduce another tool's setting.
         exact_steps: account the last run at its exact step count instead of the step grid
             (each new count then costs a full composition).
@@ -163,6 +174,7 @@ class PLDAccountant(Accountant):
             interval = _validate.positive("interval", interval, "Pass e.g. 1e-4, or None to choose it automatically.")
         self._fixed_interval = interval
         self._pld: dp_pld.PrivacyLossDistribution | None = None
+        self._unbuildable = False  # dp_accounting overflowed building this history's distribution
         self._accounted: tuple[HistoryEntry, ...] = ()
 
     def _accounted_history(self) -> list[HistoryEntry]:
@@ -186,15 +198,30 @@ class PLDAccountant(Accountant):
         if accounted != self._accounted:
             super()._changed()
             self._pld = None
+            self._unbuildable = False
             self._accounted = accounted
 
-    def _distribution(self) -> dp_pld.PrivacyLossDistribution:
-        if self._pld is None:
+    def _distribution(self) -> dp_pld.PrivacyLossDistribution | None:
+        """The composed distribution, or ``None`` where ``dp_accounting`` cannot build it.
+
+        A privacy loss spread so wide that its grid interval exceeds ``MAX_INTERVAL``
+        (a noise multiplier below about 1e-4, or 1e-3 over thousands of steps) takes
+        ``dp_accounting`` seconds and then overflows ``exp`` (``OverflowError``). Epsilon is
+        beyond 1e4 there anyway, and the callers answer with the RDP bound, also an upper bound.
+        """
+        if self._pld is None and not self._unbuildable:
             interval = self.interval
+            if interval > MAX_INTERVAL:
+                self._unbuildable = True
+                return None
             composed = None
-            for sigma, q, n in self._accounted:
-                part = _run(sigma, q, n, interval)
-                composed = part if composed is None else composed.compose(part)
+            try:
+                for sigma, q, n in self._accounted:
+                    part = _run(sigma, q, n, interval)
+                    composed = part if composed is None else composed.compose(part)
+            except OverflowError:
+                self._unbuildable = True
+                return None
             self._pld = composed
         return self._pld
 
@@ -203,10 +230,16 @@ class PLDAccountant(Accountant):
             # No subsampling anywhere: the composition is exactly one Gaussian mechanism with
             # 1/sigma^2 = sum(n / sigma_i^2), and its epsilon has a closed form (Balle & Wang
             # 2018); the tiny slack covers the root finder's tolerance.
+            import dp_accounting
+
             sigma = 1.0 / math.sqrt(sum(n / s**2 for s, _, n in self._accounted))
-            return float(dp_accounting.get_epsilon_gaussian(sigma, delta)) + 1e-9
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # tiny sigma
+                return float(dp_accounting.get_epsilon_gaussian(sigma, delta)) + 1e-9
+        pld = self._distribution()
+        if pld is None:
+            return self._rdp().get_epsilon(delta)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            epsilon = float(self._distribution().get_epsilon_for_delta(delta))
+            epsilon = float(pld.get_epsilon_for_delta(delta))
         if epsilon > LARGE_EPSILON:
             # dp_accounting's search divides by sum(p * exp(-loss)), which underflows for losses
             # beyond ~700 and turns into inf; the RDP bound is finite and also an upper bound.
@@ -218,8 +251,11 @@ class PLDAccountant(Accountant):
             # exp(epsilon) overflows inside dp_accounting and would give delta = 0 (optimistic):
             # report the RDP bound instead, which is an upper bound on delta.
             return self._rdp().get_delta(epsilon)
+        pld = self._distribution()
+        if pld is None:
+            return self._rdp().get_delta(epsilon)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            return float(self._distribution().get_delta_for_epsilon(epsilon))
+            return float(pld.get_delta_for_epsilon(epsilon))
 
     def _rdp(self) -> RDPAccountant:
         rdp = RDPAccountant()

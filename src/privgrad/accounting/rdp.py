@@ -8,27 +8,32 @@ series with its signs (as TensorFlow Privacy and Opacus do), which converges; th
 against high-precision numerical integration. Should it ever fail to converge we fall back to
 ``dp_accounting``'s pessimistic value, never to something smaller.
 
-This module imports no torch.
+This module imports no torch, and ``dp_accounting`` and SciPy only when a curve is first
+computed (they take a second or more to import; ``import privgrad`` must not pay that).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
-from dp_accounting import rdp as dp_rdp
-from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp_impl
-from scipy import special
 
 from privgrad.accounting.accountant import Accountant
 
 __all__ = ["RDPAccountant", "DEFAULT_ORDERS", "rdp_per_step"]
 
-#: RDP orders: ``dp_accounting``'s defaults (a superset of Opacus's).
-DEFAULT_ORDERS: tuple[float, ...] = tuple(float(a) for a in dp_rdp_impl.DEFAULT_RDP_ORDERS)
+#: RDP orders: ``dp_accounting``'s ``DEFAULT_RDP_ORDERS`` (a superset of Opacus's), written out
+#: so that importing this module does not import ``dp_accounting``; a test checks they agree.
+DEFAULT_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(11, 64)] + [128.0, 256.0, 512.0, 1024.0]
+)
 
 _MAX_TERMS = 10_000
+#: Smallest RDP value handed to dp_accounting's delta conversion (see ``_compute_delta``).
+TINY_RDP = 1e-15
 
 
 def _log_sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -46,6 +51,8 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     term below exp(-30), as TensorFlow Privacy and Opacus do. Returns nan for an order whose
     series has not converged within ``_MAX_TERMS`` terms.
     """
+    from scipy import special
+
     alphas = np.asarray(alphas, dtype=np.float64)[:, None]
     z0 = sigma**2 * math.log(1.0 / q - 1.0) + 0.5
     log_q, log_1mq = math.log(q), math.log1p(-q)
@@ -81,17 +88,36 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
 
 
 def _log_erfc(x: np.ndarray) -> np.ndarray:
+    from scipy import special
+
     return math.log(2.0) + special.log_ndtr(-x * math.sqrt(2.0))
 
 
 def _dp_accounting_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
     """Per-step RDP from ``dp_accounting``'s own accountant (public API)."""
+    from dp_accounting import rdp as dp_rdp
+    from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp_impl
+
     event = dp_rdp_impl.dp_event.GaussianDpEvent(sigma)
     if q < 1.0:
         event = dp_rdp_impl.dp_event.PoissonSampledDpEvent(q, event)
     accountant = dp_rdp.RdpAccountant(orders=list(orders))
     accountant.compose(event)
     return accountant.rdp
+
+
+@contextmanager
+def _quiet_absl():
+    """Mute ``dp_accounting``'s log warnings for the fallback below: where its own series does
+    not converge either it logs one line per order and excludes that order (RDP = inf, which
+    is pessimistic and correct), which is noise on a user's console, not news."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @lru_cache(maxsize=256)
@@ -106,7 +132,8 @@ def _rdp_per_step_cached(q: float, sigma: float, orders: tuple[float, ...]) -> n
         for alpha, value in zip(fractional, log_a):
             if math.isnan(value) or value < 0:
                 # Not converged (or round-off below zero): dp_accounting's value is pessimistic.
-                (fallback,) = _dp_accounting_rdp(q, sigma, (alpha,))
+                with _quiet_absl():
+                    (fallback,) = _dp_accounting_rdp(q, sigma, (alpha,))
                 values[alpha] = max(float(fallback), 0.0)
             else:
                 values[alpha] = float(value) / (alpha - 1.0)
@@ -136,12 +163,12 @@ class RDPAccountant(Accountant):
 
     Privacy:
         An upper bound on epsilon. It overstates the true value of a DP-SGD run, typically by
-        5-30% (see docs/accounting.md); prefer :class:`PLDAccountant` unless you need
-        comparability with RDP numbers from other libraries. Accuracy depends on the set of
+        5-30% (see docs/accounting.md); prefer [`PLDAccountant`][privgrad.PLDAccountant] unless you
+        need comparability with RDP numbers from other libraries. Accuracy depends on the set of
         orders; the optimum is searched over ``orders`` only.
 
     Args:
-        orders: RDP orders (all > 1). Defaults to :data:`DEFAULT_ORDERS`.
+        orders: RDP orders (all > 1). Defaults to ``DEFAULT_ORDERS``.
     """
 
     name = "rdp"
@@ -163,7 +190,7 @@ class RDPAccountant(Accountant):
 
     @property
     def rdp(self) -> np.ndarray:
-        """The accumulated RDP curve over :attr:`orders` (a copy)."""
+        """The accumulated RDP curve over [`orders`][privgrad.RDPAccountant.orders] (a copy)."""
         return self._rdp.copy()
 
     def _append(self, entry) -> None:
@@ -175,7 +202,8 @@ class RDPAccountant(Accountant):
         super()._append(entry)
 
     def load_state_dict(self, state_dict) -> None:
-        """See :meth:`Accountant.load_state_dict`."""
+        """See
+        [`Accountant.load_state_dict()`][privgrad.accounting.accountant.Accountant.load_state_dict]."""
         saved = self._rdp
         self._rdp = np.zeros(len(self._orders))
         try:
@@ -185,7 +213,15 @@ class RDPAccountant(Accountant):
             raise
 
     def _compute_epsilon(self, delta: float) -> float:
+        from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp_impl
+
         return float(dp_rdp_impl.compute_epsilon(self._orders, self._rdp, delta)[0])
 
     def _compute_delta(self, epsilon: float) -> float:
-        return float(dp_rdp_impl.compute_delta(self._orders, self._rdp, epsilon)[0])
+        from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp_impl
+
+        # dp_accounting takes log1p(-exp(-rdp)), which fails (math domain error) once rdp is
+        # so small that exp(-rdp) rounds to 1 (huge noise, tiny sample rate). Raising such an
+        # order's divergence to TINY_RDP only raises delta: the answer stays an upper bound.
+        rdp = np.where((self._rdp > 0) & (self._rdp < TINY_RDP), TINY_RDP, self._rdp)
+        return float(dp_rdp_impl.compute_delta(self._orders, rdp, epsilon)[0])

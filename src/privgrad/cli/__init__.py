@@ -4,8 +4,8 @@ Each subcommand lives in its own module with two functions, ``add_arguments(pars
 ``run(args) -> int`` (a module serving several subcommands may define ``add_arguments_for(name,
 parser)`` and ``run_for(name, args)`` instead); the table below is the whole list. Subcommand
 modules import torch inside ``run`` only, so ``privgrad epsilon`` never imports torch. A
-:class:`~privgrad.errors.PrivgradError` raised by any subcommand (bad input) is printed as one
-line and exits with status 2.
+[`PrivgradError`][privgrad.errors.PrivgradError] raised by any subcommand (bad input) is printed as
+one line and exits with status 2. ``privgrad --version`` prints the installed version.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 
+from privgrad import __version__
 from privgrad.errors import PrivgradError
 
 # subcommand -> (module, one-line help)
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privgrad", description="Differentially private training for PyTorch."
     )
+    parser.add_argument("--version", action="version", version=f"privgrad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)

@@ -5,7 +5,9 @@
 
 Both accept ``--accountant pld|rdp`` (default pld), ``--json`` (one object; an infinite epsilon,
 from ``--noise-multiplier 0``, is ``null``) and ``--plot FILE.png`` (epsilon against epochs for
-PLD and RDP; needs the ``plot`` extra). Bad input exits with status 2 and a one-line error. The sample rate is
+PLD and RDP; needs the ``plot`` extra; any format matplotlib writes, chosen by the suffix). A
+missing folder of the plot is created, as ``privgrad demo --out`` and ``PrivacyLogger`` create
+theirs; the path is checked before any accounting runs. Bad input exits with status 2 and a one-line error. The sample rate is
 ``batch_size / dataset_size`` (Poisson sampling with that expected batch size) and the step count
 is ``round(epochs * round(dataset_size / batch_size))``: an epoch is ``round(1 / q)`` steps, as the
 engine's Poisson loader counts them, so the epsilon printed here is the one a run of that many
@@ -17,8 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from privgrad import _validate
+from privgrad._install import install_hint
+from privgrad.cli.paths import make_folder
+from privgrad.errors import ConfigError
 from privgrad.sampling.poisson import steps_per_epoch
 
 COMMANDS = ("epsilon", "noise")
@@ -59,9 +65,10 @@ def _schedule(args: argparse.Namespace) -> tuple[float, int]:
 
 def run_for(name: str, args: argparse.Namespace) -> int:
     """Run subcommand ``name``; returns the exit status (2 on bad input)."""
+    plot = _plot_path(args.plot) if args.plot else None  # fail before the accounting runs
     result = _epsilon(args) if name == "epsilon" else _noise(args)
-    if args.plot:
-        _plot(args.plot, result)
+    if plot is not None:
+        _plot(plot, result)
         result["plot"] = args.plot
     if args.json:  # JSON has no infinity: an unbounded epsilon is written as null
         plain = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in result.items()}
@@ -107,17 +114,38 @@ def _report(args: argparse.Namespace, q: float, steps: int, sigma: float, epsilo
     }
 
 
-def _plot(path: str, result: dict) -> None:
-    """Epsilon against epochs for PLD and RDP at the result's noise and sample rate."""
-    try:
-        import matplotlib
+def _plot_path(plot: str) -> Path:
+    """``--plot`` as a path whose format matplotlib writes, its folder created.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Raises:
+        ImportError: matplotlib is missing (names the extra). ConfigError: an unknown suffix, a
+            folder, or a folder that cannot be created.
+    """
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as e:
         raise ImportError(
-            f"--plot needs matplotlib; got {e}. Install the plot extra: pip install 'privgrad[plot]'"
+            f"--plot needs matplotlib; got {e}. Install the plot extra: {install_hint('plot')}."
         ) from e
+    path = Path(plot)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(
+            f"plot must end in a format matplotlib writes ({', '.join('.' + f for f in sorted(formats))}); "
+            f"got plot={plot!r}. Pass e.g. eps.png or eps.pdf.")
+    if path.is_dir():
+        raise ConfigError(f"plot must name a file; got plot={plot!r}, a folder. Pass e.g. {path / 'eps.png'}.")
+    make_folder(path.parent, "plot", plot, "Pass a path in a writable folder, e.g. runs/eps.png.")
+    return path
+
+
+def _plot(path: Path, result: dict) -> None:
+    """Epsilon against epochs for PLD and RDP at the result's noise and sample rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from privgrad.accounting import make_accountant
 
     q, steps, sigma, delta = result["sample_rate"], result["steps"], result["noise_multiplier"], result["delta"]
@@ -135,5 +163,11 @@ def _plot(path: str, result: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise ConfigError(
+            f"plot must be writable; got plot={str(path)!r} ({e.strerror}). Pass a path in a "
+            f"writable folder.") from e
+    finally:
+        plt.close(fig)

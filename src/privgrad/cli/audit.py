@@ -10,7 +10,7 @@ bound, the band of a correct implementation, the conformance tests and the verdi
 ``--black-box`` the canaries are mislabeled records in an ordinary training loop, scored by their
 loss decrease; that report has the bound and the verdict only. Exit status:
 0 when the verdict is "consistent", 1 for "violation", 2 for bad input. torch is imported inside
-:func:`run` only.
+``run()`` only.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 scikit-learn (the UCI handwritten digits, 1,797 8x8 images; no download).
 
 It shows the whole product in one screen: ``make_private_with_epsilon`` picks the noise for the
-budget, a progress bar shows the live epsilon, and at the end it prints the test accuracy, the
-epsilon spent at delta, and where the metrics file went.
+budget, a progress bar shows the live epsilon (ending on the final one), and at the end it prints
+the test accuracy, the epsilon spent at delta, and where the metrics file went. The options are
+checked, and the ``--out`` folder created, before the data is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from privgrad import _validate
+from privgrad._install import install_hint
+from privgrad.cli.paths import make_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +41,7 @@ def load_digits_split(seed: int):
     except ImportError as e:
         raise SystemExit(
             "privgrad demo needs scikit-learn for its bundled data set; got no module "
-            f"{e.name!r}. Install it: pip install 'privgrad[demo]'.") from e
+            f"{e.name!r}. Install it: {install_hint('demo')}.") from e
     import torch
 
     data = load_digits()
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from privgrad import PrivacyEngine
 
+    _check(args)
     torch.manual_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
     model = build_model()
@@ -100,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         accuracy = evaluate(model, x_test, y_test)
         history.append({"epoch": epoch + 1, "epsilon": engine.get_epsilon(args.delta),
                         "test_accuracy": accuracy})
-    bar.close()
+    bar.set_postfix(epsilon=f"{engine.get_epsilon(args.delta):.2f}", loss=f"{loss.item():.3f}")
+    bar.close()  # the bar ends on the final epsilon
     seconds = time.perf_counter() - start
 
     epsilon = engine.get_epsilon(args.delta)
@@ -114,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
         "steps": engine.steps, "epochs": args.epochs, "seed": args.seed,
         "train_seconds": round(seconds, 2), "history": history,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "metrics.json"
     partial = path.with_name(path.name + ".tmp")  # a crash never leaves half a file behind
     partial.write_text(json.dumps(metrics, indent=2))
@@ -123,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
           f"delta={args.delta:g} ({engine.steps} steps, {seconds:.0f} s)")
     print(f"metrics written to {path}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The options the engine does not check itself; the ``--out`` folder, created now."""
+    _validate.positive_int("batch_size", args.batch_size, "Pass the expected batch size, e.g. 256.")
+    _validate.positive("lr", args.lr, "Pass a learning rate such as 0.05.")
+    if not isinstance(args.seed, int) or not 0 <= args.seed < 2**32:
+        raise _validate.fail("seed must be in [0, 2**32)", "seed", args.seed, "Pass e.g. 0.")
+    make_folder(args.out, "out", str(args.out), "Pass a folder that can be written, e.g. runs/demo.")
 
 
 def evaluate(model, x, y) -> float:

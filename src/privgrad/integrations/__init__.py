@@ -1,8 +1,8 @@
 """Glue for the training frameworks people already use; each is an optional extra.
 
-* :mod:`privgrad.integrations.lightning`: ``DPCallback`` for PyTorch Lightning
+* ``privgrad.integrations.lightning``: ``DPCallback`` for PyTorch Lightning
   (``pip install 'privgrad[lightning]'``).
-* :mod:`privgrad.integrations.huggingface`: ``DPTrainer`` for the Hugging Face ``Trainer``
+* ``privgrad.integrations.huggingface``: ``DPTrainer`` for the Hugging Face ``Trainer``
   (``pip install 'privgrad[hf]'``).
 
 Importing this package imports neither framework.

@@ -1,16 +1,20 @@
 """Hugging Face ``Trainer``: private fine-tuning by swapping ``Trainer`` for ``DPTrainer``.
 
->>> from privgrad.integrations.huggingface import DPTrainer    # pip install 'privgrad[hf]'
+>>> from privgrad.integrations.huggingface import DPTrainer    # pip install -e ".[hf]"
 >>> trainer = DPTrainer(model=model, args=training_args, train_dataset=train_set,
 ...                     target_epsilon=3.0, target_delta=1e-5, max_grad_norm=1.0)  # doctest: +SKIP
 >>> trainer.train()                                                              # doctest: +SKIP
 
 When training starts, ``DPTrainer`` builds the optimizer (``Trainer.create_optimizer``, or the
-one passed in ``optimizers``), calls :meth:`PrivacyEngine.make_private` on the model, that
-optimizer and a loader over ``train_dataset`` with ``per_device_train_batch_size``, and trains on
-the returned Poisson loader. Every log line carries ``epsilon``; with ``max_epsilon`` training
-stops cleanly before the step that would exceed it. Checkpoints carry the engine's state, and
-``train(resume_from_checkpoint=...)`` continues it (never a replay of the first run).
+one passed in ``optimizers``), calls
+[`PrivacyEngine.make_private()`][privgrad.PrivacyEngine.make_private] on the model, that optimizer
+and a loader over ``train_dataset`` with ``per_device_train_batch_size``, and trains on the returned
+Poisson loader. Every log line carries ``epsilon``, and the ``grad_norm`` the ``Trainer`` logs is
+the norm of the gradient the private step released (the ``Trainer`` measures ``p.grad`` before
+``optimizer.step()``, which is before privgrad writes the private gradient there); with
+``max_epsilon`` training stops cleanly before the step that would exceed it. Checkpoints carry the
+engine's state, and ``train(resume_from_checkpoint=...)`` continues it (never a replay of the first
+run).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import math
 import os
 from typing import Any
 
+from privgrad._install import install_hint
+
 try:
     import torch
     from transformers import Trainer, TrainerCallback
@@ -26,7 +32,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "privgrad.integrations.huggingface needs transformers; got no module "
-        f"{e.name!r}. Install it: pip install 'privgrad[hf]'.") from e
+        f"{e.name!r}. Install it: {install_hint('hf')}.") from e
 
 from torch.utils.data import DataLoader
 
@@ -75,10 +81,12 @@ class DPTrainer(Trainer):
         max_epsilon: stop before the first step that would exceed it.
         accountant: ``"pld"`` (default) or ``"rdp"``.
         **kwargs: the ``Trainer``'s own arguments; ``privacy_kwargs`` (a dict) passes more
-            :meth:`PrivacyEngine.make_private` arguments (``grad_sample_mode``, ...).
+            [`PrivacyEngine.make_private()`][privgrad.PrivacyEngine.make_private] arguments
+            (``grad_sample_mode``, ...).
 
     Attributes:
-        engine: the :class:`~privgrad.PrivacyEngine`; ``engine.get_epsilon(delta)`` at any time.
+        engine: the [`PrivacyEngine`][privgrad.PrivacyEngine]; ``engine.get_epsilon(delta)`` at any
+            time.
 
     Privacy:
         Per *example* of ``train_dataset`` (a sequence, not a token): each example's gradient is
@@ -87,7 +95,8 @@ class DPTrainer(Trainer):
         token-level loss averaged over all tokens of the batch makes each example's gradient
         depend on the others' lengths, which the guarantee does not cover. Gradient accumulation
         (``gradient_accumulation_steps > 1``) and multi-process training are refused. The logged
-        loss is not a private release. A resumed run continues the sampler and the noise from
+        loss is not a private release; the logged ``grad_norm`` is (the norm of the last step's
+        noisy gradient, as the optimizer received it: post-processing, covered by the guarantee). A resumed run continues the sampler and the noise from
         the checkpoint's engine state; a checkpoint without one is refused.
     """
 
@@ -118,12 +127,14 @@ class DPTrainer(Trainer):
         self.budget: BudgetStop | None = None
         self._private_loader: DataLoader | None = None
         self._resume_state: str | None = None
+        self._released_norm: torch.Tensor | None = None  # of the last private step's gradient
+        self._norm_hook = None
         self.add_callback(_BudgetCallback(self))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``. Resuming (``resume_from_checkpoint``: a checkpoint folder, or
         ``True`` for the last one in ``output_dir``) continues the engine's state saved with the
-        checkpoint (:data:`ENGINE_STATE`: accountant, sampler position, noise generators), so
+        checkpoint (``ENGINE_STATE``: accountant, sampler position, noise generators), so
         no batch and no noise of the first run repeats; a checkpoint without it is refused."""
         folder = resume_from_checkpoint
         if folder is True:
@@ -154,7 +165,7 @@ class DPTrainer(Trainer):
         return dataloader
 
     def _save_checkpoint(self, model, trial) -> None:
-        """``Trainer``'s checkpoint, plus the engine's state beside it (:data:`ENGINE_STATE`)."""
+        """``Trainer``'s checkpoint, plus the engine's state beside it (``ENGINE_STATE``)."""
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial),
                               f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -204,6 +215,8 @@ class DPTrainer(Trainer):
                 target_epsilon=target, target_delta=self.delta, **horizon, **common, **p)
         else:
             _, _, self._private_loader = self.engine.make_private(**common, **p)
+        # Registered after the engine's hooks, so it runs once p.grad holds the released gradient.
+        self._norm_hook = self.optimizer.register_step_post_hook(self._record_released_norm)
         if self.max_epsilon is not None:
             self.budget = BudgetStop(self.engine, self.max_epsilon, self.delta)
             self.budget.check()  # not even one step fits: say so before training starts
@@ -242,13 +255,31 @@ class DPTrainer(Trainer):
             self.budget.check()  # a hard stop, should the stop signal be missed
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _record_released_norm(self, optimizer, args, kwargs) -> None:
+        """(Optimizer step post-hook.) Keep the L2 norm of the gradient just released, as a
+        tensor: read with ``.item()`` only when a line is logged, like the ``Trainer``'s own."""
+        norms = [torch.linalg.vector_norm(p.grad.coalesce().values() if p.grad.is_sparse else p.grad)
+                 for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if norms:
+            device = norms[0].device
+            self._released_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Every log line also reports ``epsilon`` (at ``target_delta``)."""
+        """Every log line also reports ``epsilon`` (at ``target_delta``); a ``grad_norm`` is
+        replaced by the norm of the last private step's released gradient."""
         if self.engine.settings is not None:
             logs["epsilon"] = self.engine.get_epsilon(self.delta)
+        if "grad_norm" in logs:  # the Trainer's: measured before the private step, not released
+            if self._released_norm is None:
+                del logs["grad_norm"]
+            else:
+                logs["grad_norm"] = self._released_norm.item()
         super().log(logs, start_time)
 
     def detach(self) -> None:
         """Remove privgrad's hooks from the model and optimizer."""
+        if self._norm_hook is not None:
+            self._norm_hook.remove()
+            self._norm_hook = None
         self.engine.detach()
 

@@ -1,22 +1,26 @@
 """PyTorch Lightning: make a ``LightningModule``'s training private with one callback.
 
->>> from privgrad.integrations.lightning import DPCallback      # pip install 'privgrad[lightning]'
+>>> from privgrad.integrations.lightning import DPCallback      # pip install -e ".[lightning]"
 >>> dp = DPCallback(target_epsilon=3.0, target_delta=1e-5, max_grad_norm=1.0)   # doctest: +SKIP
 >>> trainer = lightning.Trainer(max_epochs=10, callbacks=[dp])                  # doctest: +SKIP
 >>> trainer.fit(model, train_dataloaders=loader)                                 # doctest: +SKIP
 
-At the start of ``fit`` the callback calls :meth:`PrivacyEngine.make_private` on the
-``LightningModule``, the optimizer from ``configure_optimizers`` and the training loader, and
-gives the fit loop the returned Poisson loader. Each step logs ``epsilon`` (shown in the progress
-bar) and ``clip_fraction``; the engine's whole state (:meth:`PrivacyEngine.state_dict`: accountant,
-sampler position, noise generators) travels in Lightning checkpoints, so a resumed fit continues
-the batches and the noise instead of replaying them; with ``max_epsilon`` the run stops cleanly
-before the step that would exceed it.
+At the start of ``fit`` the callback calls
+[`PrivacyEngine.make_private()`][privgrad.PrivacyEngine.make_private] on the ``LightningModule``,
+the optimizer from ``configure_optimizers`` and the training loader, and gives the fit loop the
+returned Poisson loader. Each step logs ``epsilon`` (shown in the progress bar) and
+``clip_fraction``; the engine's whole state
+([`PrivacyEngine.state_dict()`][privgrad.PrivacyEngine.state_dict]: accountant, sampler position,
+noise generators) travels in Lightning checkpoints, so a resumed fit continues the batches and the
+noise instead of replaying them; with ``max_epsilon`` the run stops cleanly before the step that
+would exceed it.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from privgrad._install import install_hint
 
 try:
     import lightning.pytorch as pl
@@ -24,7 +28,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "privgrad.integrations.lightning needs PyTorch Lightning; got no module "
-        f"{e.name!r}. Install it: pip install 'privgrad[lightning]'.") from e
+        f"{e.name!r}. Install it: {install_hint('lightning')}.") from e
 
 from privgrad import _validate
 from privgrad.errors import ConfigError, PrivacyStateError
@@ -51,16 +55,17 @@ class DPCallback(pl.Callback):
         steps: optimizer steps for calibration.
         max_epsilon: stop training before the first step that would exceed it.
         accountant: ``"pld"`` (default) or ``"rdp"``.
-        secure_mode: passed to :class:`~privgrad.PrivacyEngine`.
+        secure_mode: passed to [`PrivacyEngine`][privgrad.PrivacyEngine].
         log_every_n_steps: how often epsilon is computed and logged (default: the trainer's).
-        **make_private_kwargs: other :meth:`PrivacyEngine.make_private` arguments
+        **make_private_kwargs: other
+            [`PrivacyEngine.make_private()`][privgrad.PrivacyEngine.make_private] arguments
             (``clipping``, ``loss_reduction``, ``grad_sample_mode``, ...).
 
     Attributes:
-        engine: the :class:`~privgrad.PrivacyEngine` (after ``fit`` has started).
+        engine: the [`PrivacyEngine`][privgrad.PrivacyEngine] (after ``fit`` has started).
 
     Privacy:
-        The guarantee is the engine's (see :class:`~privgrad.PrivacyEngine`), per training
+        The guarantee is the engine's (see [`PrivacyEngine`][privgrad.PrivacyEngine]), per training
         example of the loader, under Poisson sampling. Lightning's gradient accumulation is
         refused (each accumulated batch would be a separate sample in one step); use a larger
         expected batch size instead. ``gradient_clip_val`` has no effect on privacy (privgrad's
@@ -183,7 +188,7 @@ class DPCallback(pl.Callback):
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The engine's :meth:`~privgrad.PrivacyEngine.state_dict`, saved in Lightning
+        """The engine's [`state_dict()`][privgrad.PrivacyEngine.state_dict], saved in Lightning
         checkpoints (accountant, sampler seed and position, noise generators, counters)."""
         if self.engine.module is None:
             return self._final or self._restored or {}

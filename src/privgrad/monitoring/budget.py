@@ -58,21 +58,24 @@ class BudgetStop:
     """Stops training cleanly before the first step whose epsilon would exceed ``max_epsilon``.
 
     Args:
-        engine: a :class:`~privgrad.PrivacyEngine` after ``make_private``.
+        engine: a [`PrivacyEngine`][privgrad.PrivacyEngine] after ``make_private``.
         max_epsilon: the budget, > 0.
         delta: the delta at which the budget is stated.
 
-    Use :meth:`batches` around the (Poisson) loader, so the loop simply ends, or ask
-    :attr:`exhausted` / :meth:`check` before each step. The Lightning and Hugging Face
-    integrations ask it for you.
+    Use [`batches()`][privgrad.monitoring.budget.BudgetStop.batches] around the (Poisson) loader, so
+    the loop simply ends, or ask [`exhausted`][privgrad.monitoring.budget.BudgetStop.exhausted] /
+    [`check()`][privgrad.monitoring.budget.BudgetStop.check] before each step. The Lightning and
+    Hugging Face integrations ask it for you.
 
     Privacy:
-        Guarantees that, as long as every step is taken through :meth:`batches` or after
-        :meth:`check`, the engine's accountant never reports more than ``max_epsilon`` at
-        ``delta``: a step is allowed only if a copy of the accountant, stepped once more with the
-        current settings, stays within budget. It assumes epsilon grows with every step (true
-        for the RDP and PLD accountants) and that the settings do not change between the check
-        and the step. Virtual batches: wrap the *logical* loader, not the physical chunks.
+        Guarantees that, as long as every step is taken through
+        [`batches()`][privgrad.monitoring.budget.BudgetStop.batches] or after
+        [`check()`][privgrad.monitoring.budget.BudgetStop.check], the engine's accountant never
+        reports more than ``max_epsilon`` at ``delta``: a step is allowed only if a copy of the
+        accountant, stepped once more with the current settings, stays within budget. It assumes
+        epsilon grows with every step (true for the RDP and PLD accountants) and that the settings
+        do not change between the check and the step. Virtual batches: wrap the *logical* loader,
+        not the physical chunks.
     """
 
     def __init__(self, engine, max_epsilon: float, delta: float):
@@ -115,8 +118,8 @@ class BudgetStop:
         return self.steps_left == 0
 
     def check(self) -> None:
-        """Raise :class:`~privgrad.errors.PrivacyBudgetError` if the next step would exceed the
-        budget (call it before ``optimizer.step()`` for a hard stop)."""
+        """Raise [`PrivacyBudgetError`][privgrad.errors.PrivacyBudgetError] if the next step would
+        exceed the budget (call it before ``optimizer.step()`` for a hard stop)."""
         if self.exhausted:
             spent = self.engine.accountant.get_epsilon(self.delta)
             raise PrivacyBudgetError(
