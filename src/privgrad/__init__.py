@@ -12,6 +12,20 @@ The public surface is this explicit list. Names are imported lazily (PEP 562) so
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # never at run time: the public names as static imports, for type checkers and griffe
+    from privgrad.accounting import PLDAccountant as PLDAccountant
+    from privgrad.accounting import RDPAccountant as RDPAccountant
+    from privgrad.accounting import get_noise_multiplier as get_noise_multiplier
+    from privgrad.attachment import detach as detach
+    from privgrad.engine import PerSampleGradients as PerSampleGradients
+    from privgrad.engine import per_sample_gradients as per_sample_gradients
+    from privgrad.layers import LayerRule as LayerRule
+    from privgrad.layers import RuleRegistry as RuleRegistry
+    from privgrad.privacy_engine import PrivacyEngine as PrivacyEngine
+    from privgrad.validation import fix as fix
+    from privgrad.validation import validate as validate
 
 __version__ = "0.1.0"
 
@@ -30,7 +44,11 @@ _EXPORTS = {
     "get_noise_multiplier": "privgrad.accounting",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# == sorted(_EXPORTS) + ["__version__"], written out so that static tools (griffe, for the API
+# reference) can read it; tests/docs/test_site.py checks the two agree.
+__all__ = ["LayerRule", "PLDAccountant", "PerSampleGradients", "PrivacyEngine", "RDPAccountant",
+           "RuleRegistry", "detach", "fix", "get_noise_multiplier", "per_sample_gradients",
+           "validate", "__version__"]
 
 
 def __getattr__(name: str):

@@ -3,7 +3,7 @@
 ``make_private`` refuses a model or optimizer that another engine already holds (two engines on
 one model would each clip and noise, and each release would go unaccounted by the other).
 Re-running a notebook cell is the usual way to get there, with the first engine's variable
-already overwritten: :func:`detach` takes that engine off through the model or the optimizer.
+already overwritten: ``detach()`` takes that engine off through the model or the optimizer.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Checkpoints of a private training run: save, and resume exactly where it stopped.
 
 A checkpoint holds the model, the optimizer (and LR scheduler), the engine's
-:meth:`~privgrad.PrivacyEngine.state_dict` (settings, accountant, sampler seed and step, noise
-generators, counters, grad scaler), PyTorch's own random states and the user's ``extra`` data. A
-resumed run draws the same batches, reports the same epsilon and, outside secure mode, draws the
+[`state_dict()`][privgrad.PrivacyEngine.state_dict] (settings, accountant, sampler seed and step,
+noise generators, counters, grad scaler), PyTorch's own random states and the user's ``extra`` data.
+A resumed run draws the same batches, reports the same epsilon and, outside secure mode, draws the
 same noise: with ``noise_multiplier = 0`` its parameters are bit-for-bit those of an
 uninterrupted run, mid-epoch too. The sampler and the noise continue from the file always (see
-:mod:`privgrad.run_state`); ``restore_rng`` only decides whether PyTorch's own random streams
-(dropout, augmentation) do too.
+[`privgrad.run_state`][privgrad.run_state]); ``restore_rng`` only decides whether PyTorch's own
+random streams (dropout, augmentation) do too.
 
 Format (version 2): one file written by ``torch.save`` holding plain data and tensors only, so it
 loads with ``torch.load(weights_only=True)`` (no pickled code)::
@@ -20,8 +20,8 @@ loads with ``torch.load(weights_only=True)`` (no pickled code)::
 Writes are atomic: a temporary file in the same directory, flushed to disk, then renamed over
 ``path`` (``os.replace``); a crash while saving leaves the previous checkpoint intact. Loading
 checks everything (format, digest, privacy settings, model and optimizer structure) before it
-changes anything: a truncated, corrupt or mismatched file raises :class:`CheckpointError` and
-leaves the live training state untouched.
+changes anything: a truncated, corrupt or mismatched file raises
+[`CheckpointError`][privgrad.errors.CheckpointError] and leaves the live training state untouched.
 
 Privacy:
     A checkpoint is as sensitive as the training data: besides the model it holds the sampler's
@@ -56,13 +56,13 @@ def save_checkpoint(engine, path, *, module, optimizer, scheduler=None, extra=No
     """Write the training state to ``path`` atomically (see the module docstring).
 
     Args:
-        engine: a :class:`~privgrad.PrivacyEngine` after ``make_private``.
+        engine: a [`PrivacyEngine`][privgrad.PrivacyEngine] after ``make_private``.
         path: file to write (its directory must exist and be writable).
         module: the model passed to ``make_private``.
         optimizer: the optimizer passed to ``make_private``.
         scheduler: the LR scheduler, if any.
         extra: plain data of your own (numbers, strings, lists, dicts, tensors), returned by
-            :func:`load_checkpoint`; e.g. ``{"epoch": 3}``.
+            [`load_checkpoint()`][privgrad.checkpoint.load_checkpoint]; e.g. ``{"epoch": 3}``.
 
     Raises:
         PrivacyStateError: called before ``make_private`` or in the middle of a step.
@@ -158,14 +158,15 @@ def _digest(obj) -> str:
 
 # -- reading -----------------------------------------------------------------------------------
 def load_checkpoint(engine, path, *, module, optimizer, scheduler=None, restore_rng: bool = True):
-    """Restore the state that :func:`save_checkpoint` wrote; return its ``extra`` data.
+    """Restore the state that [`save_checkpoint()`][privgrad.checkpoint.save_checkpoint] wrote;
+    return its ``extra`` data.
 
     Call it after ``make_private`` with the same settings as the run that saved the file; the
     loader that ``make_private`` returned then continues with the batch after the last one the
     saved run took.
 
     Args:
-        engine: the :class:`~privgrad.PrivacyEngine`, after ``make_private``.
+        engine: the [`PrivacyEngine`][privgrad.PrivacyEngine], after ``make_private``.
         path: the checkpoint file.
         module: the model passed to ``make_private`` (loaded in place).
         optimizer: the optimizer passed to ``make_private`` (loaded in place).

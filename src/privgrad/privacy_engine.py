@@ -3,11 +3,11 @@
 This is the one stateful place that wires the rooms together: sampling (the plan and the Poisson
 loader), the engine (per-sample norms and sums, and the guards that check them), privatize
 (clipping, noise, the release written to ``p.grad``) and accounting. What runs during training
-is in :mod:`privgrad.training_hooks`; the arguments are checked in :mod:`privgrad.settings` and
-:mod:`privgrad.sampling.plan`; the state a restart needs in :mod:`privgrad.run_state`. The model
-and the optimizer stay the user's own objects: privgrad adds forward hooks to the model, tensor
-hooks to its outputs and step hooks to the optimizer, and :meth:`PrivacyEngine.detach` removes
-them all.
+is in ``privgrad.training_hooks``; the arguments are checked in ``privgrad.settings`` and
+``privgrad.sampling.plan``; the state a restart needs in [`privgrad.run_state`][privgrad.run_state].
+The model and the optimizer stay the user's own objects: privgrad adds forward hooks to the model,
+tensor hooks to its outputs and step hooks to the optimizer, and
+[`PrivacyEngine.detach()`][privgrad.PrivacyEngine.detach] removes them all.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class PrivacyEngine(TrainingHooks):
             ``pip install 'privgrad[secure]'``). Off by default, so that runs are reproducible
             after ``torch.manual_seed``. Shorthand for ``noise=SecureGaussian()`` plus
             OS-random sampling.
-        noise: the noise source (:class:`~privgrad.privatize.NoiseSource`; default
-            :class:`~privgrad.privatize.TorchGaussian`), seeded for the run at ``make_private``.
+        noise: the noise source ([`NoiseSource`][privgrad.privatize.source.NoiseSource]; default
+            [`TorchGaussian`][privgrad.privatize.noise.TorchGaussian]), seeded for the run at
+            ``make_private``.
 
     Privacy:
         The guarantee is (epsilon, delta)-DP under add/remove-one-example adjacency, for the
@@ -153,7 +154,7 @@ class PrivacyEngine(TrainingHooks):
                 with ``sample_rate``.
             grad_sample_mode: performance only: ``"auto"`` (cheapest exact method per layer),
                 ``"ghost"`` or ``"materialize"`` (Opacus's names are accepted as aliases).
-            rules: a :class:`~privgrad.layers.RuleRegistry` with custom layer rules.
+            rules: a [`RuleRegistry`][privgrad.RuleRegistry] with custom layer rules.
             distributed: data-parallel training on ``torch.distributed`` (docs/distributed.md):
                 ``None`` (default) joins the default process group when one is initialised,
                 ``True`` requires one, ``False`` trains this process alone. The module may be
@@ -163,7 +164,7 @@ class PrivacyEngine(TrainingHooks):
                 precision): the engine divides its scale out of the per-sample gradients before
                 clipping and keeps private data out of its skip decision (docs/reliability.md).
             check: when to check that the per-sample gradients add up to autograd's gradient
-                (:mod:`privgrad.engine.selfcheck`): ``"first_step"`` (default: the first
+                (``privgrad.engine.selfcheck``): ``"first_step"`` (default: the first
                 backward pass with examples, and again after the trainable parameters change)
                 or ``"every_step"`` (debugging a custom rule; each checked pass costs autograd's
                 parameter gradients). Neither changes epsilon or the update.
@@ -174,9 +175,9 @@ class PrivacyEngine(TrainingHooks):
         Privacy:
             See the class docstring. Nothing is attached if any argument is refused. From here
             on the engine refuses, before anything is released: a forward or backward pass that
-            writes model state (:mod:`privgrad.engine.guard`), per-sample gradients that do not
-            add up (:mod:`privgrad.engine.selfcheck`), rows that are not one drawn batch
-            (:mod:`privgrad.engine.rows`), a step without a backward pass, and, under per-layer
+            writes model state (``privgrad.engine.guard``), per-sample gradients that do not
+            add up (``privgrad.engine.selfcheck``), rows that are not one drawn batch
+            (``privgrad.engine.rows``), a step without a backward pass, and, under per-layer
             clipping, a parameter trainable after this call (its bound is fixed now).
         """
         _settings.refuse_unknown(unknown, "make_private")
@@ -281,9 +282,9 @@ class PrivacyEngine(TrainingHooks):
         self, *, module, optimizer, data_loader, target_epsilon: float, target_delta: float,
         max_grad_norm, epochs: int | None = None, steps: int | None = None, **kwargs,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
-        """Like :meth:`make_private`, with the smallest noise that keeps epsilon at or below
-        ``target_epsilon`` after ``epochs`` epochs, or after ``steps`` steps (give exactly one;
-        per this engine's accountant)."""
+        """Like [`make_private()`][privgrad.PrivacyEngine.make_private], with the smallest noise
+        that keeps epsilon at or below ``target_epsilon`` after ``epochs`` epochs, or after
+        ``steps`` steps (give exactly one; per this engine's accountant)."""
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
         sampling = sampling_plan(
@@ -324,8 +325,9 @@ class PrivacyEngine(TrainingHooks):
     # -- the state of the run --------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything of the privacy run that must survive a restart (see
-        :mod:`privgrad.run_state`): settings, accountant, sampler seed and position, the noise
-        generators, counters and the GradScaler link. Plain data and tensors only.
+        [`privgrad.run_state`][privgrad.run_state]): settings, accountant, sampler seed and
+        position, the noise generators, counters and the GradScaler link. Plain data and tensors
+        only.
 
         Raises:
             PrivacyStateError: before ``make_private``, in the middle of a step, or after the
@@ -334,8 +336,9 @@ class PrivacyEngine(TrainingHooks):
         return run_state.state_dict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the run :meth:`state_dict` described, after ``make_private`` with the same
-        settings and before the first step. Checks everything before changing anything.
+        """Continue the run [`state_dict()`][privgrad.PrivacyEngine.state_dict] described, after
+        ``make_private`` with the same settings and before the first step. Checks everything before
+        changing anything.
 
         Raises:
             CheckpointError: another configuration, model or accountant.
@@ -346,17 +349,19 @@ class PrivacyEngine(TrainingHooks):
 
     def save_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler=None, extra=None) -> None:
-        """Write model, optimizer, scheduler and :meth:`state_dict` to ``path``, atomically
-        (see :func:`privgrad.checkpoint.save_checkpoint`)."""
+        """Write model, optimizer, scheduler and [`state_dict()`][privgrad.PrivacyEngine.state_dict]
+        to ``path``, atomically (see
+        [`privgrad.checkpoint.save_checkpoint()`][privgrad.checkpoint.save_checkpoint])."""
         _checkpoint.save_checkpoint(self, path, module=module, optimizer=optimizer,
                                     scheduler=scheduler, extra=extra)
 
     def load_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler=None, restore_rng: bool = True):
         """Resume from ``path`` after ``make_private`` with the same settings; return the saved
-        ``extra`` (see :func:`privgrad.checkpoint.load_checkpoint`). The sampler and the noise
-        always continue where the saved run stopped; ``restore_rng`` restores PyTorch's own
-        random states too (dropout, augmentation)."""
+        ``extra`` (see
+        [`privgrad.checkpoint.load_checkpoint()`][privgrad.checkpoint.load_checkpoint]). The sampler
+        and the noise always continue where the saved run stopped; ``restore_rng`` restores
+        PyTorch's own random states too (dropout, augmentation)."""
         return _checkpoint.load_checkpoint(self, path, module=module, optimizer=optimizer,
                                            scheduler=scheduler, restore_rng=restore_rng)
 

@@ -1,15 +1,16 @@
 """What of a private training run must survive a restart, in one description.
 
-:func:`state_dict` is the engine's side of every resume path (privgrad's own checkpoints, the
-Lightning callback, the Hugging Face trainer): the privacy settings, the accountant's history, the
-Poisson sampler's seed and position, the noise generators' states, the step counters and the
-GradScaler's state. Plain data and tensors only, so it loads with ``torch.load(weights_only=True)``.
+[`state_dict()`][privgrad.run_state.state_dict] is the engine's side of every resume path
+(privgrad's own checkpoints, the Lightning callback, the Hugging Face trainer): the privacy
+settings, the accountant's history, the Poisson sampler's seed and position, the noise generators'
+states, the step counters and the GradScaler's state. Plain data and tensors only, so it loads with
+``torch.load(weights_only=True)``.
 
-:func:`load_state_dict` checks everything before it changes anything, and refuses an engine that
-has released steps already (they would vanish from the accountant). A resumed run continues the
-sampler and the noise exactly where they stopped, whatever PyTorch's own random state is: a run
-restarted from its seed would draw the first run's batches and noise again, and subtracting two
-such releases cancels the noise.
+[`load_state_dict()`][privgrad.run_state.load_state_dict] checks everything before it changes
+anything, and refuses an engine that has released steps already (they would vanish from the
+accountant). A resumed run continues the sampler and the noise exactly where they stopped, whatever
+PyTorch's own random state is: a run restarted from its seed would draw the first run's batches and
+noise again, and subtracting two such releases cancels the noise.
 
 Privacy:
     The state is as sensitive as the training data: the sampler's seed reveals every batch's
@@ -29,7 +30,7 @@ __all__ = ["FORMAT", "NOT_SAVED", "SAVED", "load_state_dict", "state_dict"]
 
 FORMAT = 1  #: version of the state's layout
 
-#: Attributes of a PrivacyEngine that must survive a restart: each is in :func:`state_dict`
+#: Attributes of a PrivacyEngine that must survive a restart: each is in ``state_dict()``
 #: (attribute -> key).
 SAVED = {
     "accountant": "accountant", "secure_mode": "secure_mode", "noise": "noise",
@@ -135,7 +136,7 @@ def check(engine, state: dict) -> None:
 
 
 def apply(engine, state: dict) -> None:
-    """Continue from ``state`` (already :func:`check`-ed)."""
+    """Continue from ``state`` (already [`check()`][privgrad.run_state.check]-ed)."""
     engine.accountant.load_state_dict(state["accountant"])
     engine.steps = int(state["steps"])
     engine.dropped_examples = int(state["dropped_examples"])

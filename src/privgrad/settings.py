@@ -1,9 +1,9 @@
 """The settings of a private run and the checks of its arguments.
 
-:class:`PrivacySettings` holds what determines the guarantee (changing any of it changes
-epsilon), :class:`PerformanceSettings` what determines speed and memory only. The functions below
+``PrivacySettings`` holds what determines the guarantee (changing any of it changes
+epsilon), ``PerformanceSettings`` what determines speed and memory only. The functions below
 are pure checks of ``make_private``'s arguments: each validates one value once, in the one error
-format of :mod:`privgrad._validate`, before anything is attached.
+format of ``privgrad._validate``, before anything is attached.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class PrivacySettings:
 
 @dataclass(frozen=True)
 class Arguments:
-    """``make_private``'s arguments, checked (see :func:`check_arguments`)."""
+    """``make_private``'s arguments, checked (see ``check_arguments()``)."""
 
     noise_multiplier: float
     max_grad_norm: float | tuple
@@ -224,7 +224,7 @@ def check_ownership(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
 def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accountant) -> float:
     """The smallest noise multiplier that keeps epsilon at or below ``target_epsilon`` after
     ``epochs`` epochs or ``steps`` steps (exactly one) of ``sampling``
-    (:class:`~privgrad.sampling.plan.SamplingPlan`), per ``accountant``."""
+    ([`SamplingPlan`][privgrad.sampling.plan.SamplingPlan]), per ``accountant``."""
     from privgrad.accounting import get_noise_multiplier
 
     eps = _validate.positive("target_epsilon", target_epsilon, "Pass the privacy budget, e.g. 3.0.")

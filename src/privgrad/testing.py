@@ -1,14 +1,15 @@
-"""Check a layer rule the way privgrad checks its own: :func:`check_rule`.
+"""Check a layer rule the way privgrad checks its own:
+[`check_rule()`][privgrad.testing.check_rule].
 
 A rule is exact when row ``b`` of what it returns is the gradient of example ``b``'s own loss and
-depends on no other example. :func:`check_rule` runs the module on a batch under the engine, in
-every engine mode, and compares the per-sample gradients, the per-sample norms (the ghost norms
-where the rule has them) and the weighted sums with two references computed one example at a
-time in float64, which cannot share a bug with a batched rule:
+depends on no other example. [`check_rule()`][privgrad.testing.check_rule] runs the module on a
+batch under the engine, in every engine mode, and compares the per-sample gradients, the per-sample
+norms (the ghost norms where the rule has them) and the weighted sums with two references computed
+one example at a time in float64, which cannot share a bug with a batched rule:
 
-- :func:`func_per_example`: ``torch.func.grad`` of each example's own loss, the parameters
+- ``func_per_example()``: ``torch.func.grad`` of each example's own loss, the parameters
   swapped in functionally;
-- :func:`loop_per_example`: plain autograd, one example at a time.
+- ``loop_per_example()``: plain autograd, one example at a time.
 
 The two references must agree with each other first. Then the batch, and its first example alone
 and no example at all (batch sizes 1 and 0), are checked; a mismatch raises ``AssertionError``
@@ -181,7 +182,7 @@ def check_rule(module: nn.Module, inputs: tuple, kwargs: dict | None = None, *,
 
 def _check_batch(module, args, kwargs, batch, example, *, registry, modes, rtol, engine_dtype,
                  skip_parameter_grads):
-    """:func:`check_rule` on one batch: ``(references, batch size)``."""
+    """[`check_rule()`][privgrad.testing.check_rule] on one batch: ``(references, batch size)``."""
     with torch.no_grad():
         out = module(*args, **kwargs)
     if batch is None:

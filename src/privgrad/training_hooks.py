@@ -1,5 +1,5 @@
-"""What a private run does while it trains: the part of :class:`~privgrad.PrivacyEngine` that
-runs at each forward pass, at the end of each backward pass and at each optimizer step.
+"""What a private run does while it trains: the part of [`PrivacyEngine`][privgrad.PrivacyEngine]
+that runs at each forward pass, at the end of each backward pass and at each optimizer step.
 
 - **Forward start** (the outermost module call, from the state guard): the self-check is
   switched on for parameters it has not covered; per-layer clipping refuses a parameter that has
@@ -32,8 +32,8 @@ __all__ = ["TrainingHooks"]
 
 
 class TrainingHooks:
-    """The hooks of a private run (a base of :class:`~privgrad.PrivacyEngine`, whose state they
-    use; see the module docstring)."""
+    """The hooks of a private run (a base of [`PrivacyEngine`][privgrad.PrivacyEngine], whose state
+    they use; see the module docstring)."""
 
     def _set_release(self, last_chunk: bool) -> None:
         self._release_now = last_chunk
@@ -205,7 +205,7 @@ class TrainingHooks:
     def reduce_sums(self, sums: dict) -> dict:
         """The cross-process sum of clipped sums (identity in a single process). In
         data-parallel training the total lands on rank 0 and the other ranks get an empty dict:
-        they receive rank 0's release instead (see :mod:`privgrad.distributed`)."""
+        they receive rank 0's release instead (see ``privgrad.distributed``)."""
         if self._distributed is None:
             return sums
         return self._distributed.reduce_sums(sums, _settings.privatised(self._optimizer))

@@ -1,6 +1,6 @@
 """The built-in audit: logistic regression on scikit-learn's bundled data, trained with the real
-:class:`~privgrad.PrivacyEngine` and white-box gradient canaries (what ``privgrad audit`` runs),
-or black-box input canaries (mislabeled records, ``privgrad audit --black-box``).
+[`PrivacyEngine`][privgrad.PrivacyEngine] and white-box gradient canaries (what ``privgrad audit``
+runs), or black-box input canaries (mislabeled records, ``privgrad audit --black-box``).
 
 The noise multiplier is calibrated so that the accountant's epsilon after ``steps`` steps at
 ``sample_rate`` meets ``epsilon``; the sample rate and expected batch size are passed explicitly,
@@ -91,14 +91,15 @@ def run_builtin_audit(engine, config: BuiltinAudit | None = None, *, guesses=Non
     """Train logistic regression privately with canaries and audit it.
 
     Args:
-        engine: a fresh :class:`~privgrad.PrivacyEngine` (its accountant calibrates the noise;
-            secure mode is audited as it runs); ``make_private`` is called on it here.
-        config: the run's settings (default :class:`BuiltinAudit()`).
-        guesses: passed to :func:`privgrad.auditing.evaluate` (``None``: fixed by simulation).
+        engine: a fresh [`PrivacyEngine`][privgrad.PrivacyEngine] (its accountant calibrates the
+            noise; secure mode is audited as it runs); ``make_private`` is called on it here.
+        config: the run's settings (default
+            [`BuiltinAudit()`][privgrad.auditing.builtin.BuiltinAudit]).
+        guesses: passed to ``privgrad.auditing.evaluate()`` (``None``: fixed by simulation).
         on_step: called with the step count after every step (for progress bars).
 
     Returns:
-        The :class:`~privgrad.auditing.AuditReport` of the run.
+        The [`AuditReport`][privgrad.auditing.report.AuditReport] of the run.
 
     Privacy:
         Exercises privgrad's own code paths end to end: the Poisson loader, the per-sample
@@ -152,21 +153,24 @@ def run_builtin_black_box_audit(engine, config: BuiltinAudit | None = None, *, g
     """Train the built-in logistic regression with black-box input canaries and audit it.
 
     The canaries are ``num_canaries`` records of the data set with a wrong label
-    (:func:`~privgrad.auditing.mislabeled_canaries`), held out of the remaining training
-    records; the included ones are trained on by an ordinary private loop, and every canary is
-    scored by its loss decrease from the initial model. ``config.simulations`` is unused.
+    ([`mislabeled_canaries()`][privgrad.auditing.input_canaries.mislabeled_canaries]), held out of
+    the remaining training records; the included ones are trained on by an ordinary private loop,
+    and every canary is scored by its loss decrease from the initial model. ``config.simulations``
+    is unused.
 
     Args:
-        engine: a fresh :class:`~privgrad.PrivacyEngine`; ``make_private`` is called on it here.
-        config: the run's settings (default :class:`BuiltinAudit()`); ``num_canaries`` must be
+        engine: a fresh [`PrivacyEngine`][privgrad.PrivacyEngine]; ``make_private`` is called on it
+            here.
+        config: the run's settings (default
+            [`BuiltinAudit()`][privgrad.auditing.builtin.BuiltinAudit]); ``num_canaries`` must be
             below the data set's size (1,797 digits, 569 breast_cancer records).
-        guesses: passed to :func:`privgrad.auditing.evaluate_scores` (``None``: the best of
+        guesses: passed to ``privgrad.auditing.evaluate_scores()`` (``None``: the best of
             three guess counts, Bonferroni-corrected).
         on_step: called with the step count after every step (for progress bars).
 
     Returns:
-        The :class:`~privgrad.auditing.AuditReport` of the run (``canary_kind="black-box input"``,
-        no band, no conformance tests).
+        The [`AuditReport`][privgrad.auditing.report.AuditReport] of the run
+        (``canary_kind="black-box input"``, no band, no conformance tests).
 
     Privacy:
         Audits the whole run through the final model only, as an outside attacker sees it. Its

@@ -5,12 +5,12 @@ Each of the ``m`` canaries owns one coordinate: row ``i`` of a dedicated ``nn.Em
 the training data set after the user's own records, sampled by the real Poisson loader like any
 record. In the batch it takes one row, which the user's model sees as a *filler* input (a copy of
 the data set's first record) whose loss is masked to zero, and which the head sees as the canary's
-id. :meth:`GradientCanaries.loss` combines the user's per-example losses with the canaries' term
-``magnitude * head(id)`` into the one loss of the step, so canary ``i``'s per-sample gradient is a
-huge multiple of its own basis vector and zero everywhere else, and flat clipping scales it to
-exactly ``C``. After the engine has written the noisy gradient, a step pre-hook reads the head's
-gradient, the released value of every canary coordinate at every step, and the canary ids the
-step's batch held.
+id. [`GradientCanaries.loss()`][privgrad.auditing.canaries.GradientCanaries.loss] combines the
+user's per-example losses with the canaries' term ``magnitude * head(id)`` into the one loss of the
+step, so canary ``i``'s per-sample gradient is a huge multiple of its own basis vector and zero
+everywhere else, and flat clipping scales it to exactly ``C``. After the engine has written the
+noisy gradient, a step pre-hook reads the head's gradient, the released value of every canary
+coordinate at every step, and the canary ids the step's batch held.
 
 A canary is included in the training set with probability 1/2, independently, from the
 canaries' own seed. Excluded canaries are never in the data set, so their coordinates show the
@@ -60,7 +60,7 @@ __all__ = ["CanaryBatch", "CanaryDataset", "GradientCanaries", "ModelWithCanarie
 
 CanaryBatch = namedtuple("CanaryBatch", ["records", "canary_ids"])
 CanaryBatch.__doc__ = (
-    "A batch of a :class:`CanaryDataset`: the user's collated records (their own rows, then one "
+    "A batch of a ``CanaryDataset``: the user's collated records (their own rows, then one "
     "filler row per canary) and the ``(B,)`` long tensor of canary ids, -1 on the user's rows.")
 
 
@@ -100,7 +100,7 @@ class CanaryDataset(Dataset):
         return _Canary(int(self.canary_ids[index - self._num_records]))
 
     def collate(self, items: list) -> CanaryBatch:
-        """Collate items into a :class:`CanaryBatch`: the user's records first, then a filler row
+        """Collate items into a ``CanaryBatch``: the user's records first, then a filler row
         per canary (use as the loader's ``collate_fn``)."""
         real = [x for x in items if not isinstance(x, _Canary)]
         ids = [x.index for x in items if isinstance(x, _Canary)]
@@ -170,7 +170,7 @@ class GradientCanaries:
     def dataset(self, records, collate_fn=None, filler=None) -> CanaryDataset:
         """The user's ``records`` followed by the included canaries; build the loader with
         ``collate_fn=dataset.collate`` (``collate_fn`` here collates the user's records; see
-        :class:`CanaryDataset` for ``filler``)."""
+        ``CanaryDataset`` for ``filler``)."""
         return CanaryDataset(records, np.flatnonzero(self.included), collate_fn, filler)
 
     def watch(self, engine, optimizer: torch.optim.Optimizer) -> None:
@@ -239,7 +239,9 @@ class GradientCanaries:
             canary_ids: the batch's ``canary_ids`` (``-1`` on the user's rows).
 
         Raises:
-            PrivacyStateError: before :meth:`watch`, or a canary entering the same step twice.
+            PrivacyStateError: before
+                [`watch()`][privgrad.auditing.canaries.GradientCanaries.watch], or a canary entering
+                the same step twice.
         """
         if self._reduction is None:
             raise PrivacyStateError(
@@ -294,7 +296,7 @@ class GradientCanaries:
     def report(self, engine, *, delta: float, confidence: float = 0.95, guesses=None,
                simulations: int = 2000, band_coverage: float = 0.998, alpha: float = 1e-3,
                seed=None) -> AuditReport:
-        """Audit the run so far; see :func:`privgrad.auditing.evaluate` for the arguments.
+        """Audit the run so far; see ``privgrad.auditing.evaluate()`` for the arguments.
 
         Privacy:
             ``seed`` drives the simulations only; it must not be the canaries' own seed (pass

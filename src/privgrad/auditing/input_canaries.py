@@ -1,14 +1,16 @@
 """Black-box input canaries: ordinary examples, trained on by the user's own loop, scored by loss.
 
 ``m`` canaries are examples in the form of the user's records (for instance records of the data
-set with a wrong label, :func:`mislabeled_canaries`). Each is put in the training set with
-probability 1/2, independently, from the canaries' own seed. Training is the user's ordinary
-private loop: the canaries are plain records of the data set, so no hook, loss or model change is
-needed. After training, each canary is scored by its loss under the final model, or by how much
-its loss fell from the initial model (when :meth:`InputCanaries.record_initial_losses` ran before
-training); the auditor guesses "in" for the highest scores and "out" for the lowest, and the
-one-run statistics of :mod:`privgrad.auditing.statistics` turn the guesses into a lower bound
-(:func:`privgrad.auditing.evaluate_scores`).
+set with a wrong label,
+[`mislabeled_canaries()`][privgrad.auditing.input_canaries.mislabeled_canaries]). Each is put in the
+training set with probability 1/2, independently, from the canaries' own seed. Training is the
+user's ordinary private loop: the canaries are plain records of the data set, so no hook, loss or
+model change is needed. After training, each canary is scored by its loss under the final model, or
+by how much its loss fell from the initial model (when
+[`InputCanaries.record_initial_losses()`][privgrad.auditing.input_canaries.InputCanaries.record_initial_losses]
+ran before training); the auditor guesses "in" for the highest scores and "out" for the lowest, and
+the one-run statistics of ``privgrad.auditing.statistics`` turn the guesses into a lower bound
+(``privgrad.auditing.evaluate_scores()``).
 
     canaries, train_set = mislabeled_canaries(records, 1000, num_classes=10, seed=1)
     data = canaries.dataset(train_set)             # your records, then the included canaries
@@ -72,7 +74,7 @@ class InputCanaries:
         seed: seed of the inclusion draws (an int, a ``numpy.random.SeedSequence`` or ``None``
             for fresh entropy). Use a different seed (or a spawned child) for anything else.
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses of a collated batch of
-            canaries (default :func:`cross_entropy_losses`).
+            canaries (default ``cross_entropy_losses()``).
         collate_fn: collates canary examples into a batch (default PyTorch's
             ``default_collate``).
         batch_size: canaries per forward pass when scoring.
@@ -100,7 +102,8 @@ class InputCanaries:
 
     @property
     def score_name(self) -> str:
-        """How :meth:`scores` scores the canaries, in words (for the report)."""
+        """How [`scores()`][privgrad.auditing.input_canaries.InputCanaries.scores] scores the
+        canaries, in words (for the report)."""
         if self.initial_losses is None:
             return "negative loss under the final model"
         return "loss decrease from the initial model"
@@ -143,8 +146,9 @@ class InputCanaries:
         return np.where(np.isfinite(values), values, np.inf)
 
     def record_initial_losses(self, model: nn.Module) -> None:
-        """Record every canary's loss under the initial model, so that :meth:`scores` is the loss
-        decrease. Call it before the first step (after ``make_private`` is fine)."""
+        """Record every canary's loss under the initial model, so that
+        [`scores()`][privgrad.auditing.input_canaries.InputCanaries.scores] is the loss decrease.
+        Call it before the first step (after ``make_private`` is fine)."""
         self.initial_losses = self.losses(model)
 
     def scores(self, model: nn.Module) -> np.ndarray:
@@ -166,16 +170,16 @@ class InputCanaries:
             delta: the delta of the accountant's epsilon and of the bound.
             model: the trained model (default ``engine.module``; pass it after ``detach``).
             confidence: confidence of the lower bound.
-            guesses: see :func:`privgrad.auditing.evaluate_scores` (default: the best of three
+            guesses: see ``privgrad.auditing.evaluate_scores()`` (default: the best of three
                 guess counts, Bonferroni-corrected).
 
         Returns:
-            An :class:`~privgrad.auditing.AuditReport` with ``canary_kind="black-box input"``,
-            no band and no conformance tests.
+            An [`AuditReport`][privgrad.auditing.report.AuditReport] with
+            ``canary_kind="black-box input"``, no band and no conformance tests.
 
         Privacy:
             Valid for any model the run released and any guesses that do not look at
-            :attr:`included`. Runs whose sample rate or batch size depends on how many canaries
+            ``included``. Runs whose sample rate or batch size depends on how many canaries
             were included leak that count: pass ``sample_rate`` and ``expected_batch_size`` to
             ``make_private``.
         """
@@ -209,7 +213,7 @@ def mislabeled_canaries(records: Dataset, num_canaries: int, *, num_classes: int
         num_canaries: ``m``, fewer than ``len(records)``.
         num_classes: the number of classes (at least 2).
         seed: seeds the draw of records and labels and, independently, the inclusion bits.
-        loss_fn: see :class:`InputCanaries`.
+        loss_fn: see [`InputCanaries`][privgrad.auditing.input_canaries.InputCanaries].
 
     Returns:
         ``(canaries, remaining_records)``.

@@ -1,6 +1,6 @@
 """From what the canaries saw to a verdict: the audit report (NumPy only, no torch).
 
-:func:`evaluate` takes the white-box canary observations of one training run (which canaries were
+``evaluate()`` takes the white-box canary observations of one training run (which canaries were
 included, what the run released on each canary coordinate at each step, and which canaries each
 step's batch held) and puts side by side:
 
@@ -13,8 +13,8 @@ step's batch held) and puts side by side:
 The verdict is ``"violation"`` when the bound exceeds the accountant's epsilon, falls outside the
 band, or a conformance test fails at ``alpha``; ``"consistent"`` otherwise.
 
-:func:`evaluate_scores` makes the same report from any per-canary scores, such as the losses of
-black-box input canaries (:mod:`privgrad.auditing.input_canaries`). Nothing models such scores,
+``evaluate_scores()`` makes the same report from any per-canary scores, such as the losses of
+black-box input canaries (``privgrad.auditing.input_canaries``). Nothing models such scores,
 so that report has no band and no conformance tests: only a bound above the accountant's
 epsilon is evidence of a violation.
 """
@@ -54,7 +54,7 @@ __all__ = ["AuditReport", "Observations", "VERDICTS", "WHITE_BOX", "evaluate", "
            "score_candidates"]
 
 VERDICTS = ("consistent", "violation")
-WHITE_BOX = "white-box gradient"  # the ``canary_kind`` of :func:`evaluate`'s reports
+WHITE_BOX = "white-box gradient"  # the ``canary_kind`` of ``evaluate()``'s reports
 _SUM_SCORE = "sum of the released values over all steps"
 _SCORE_FRACTIONS = (0.025, 0.05, 0.1)  # default guesses of evaluate_scores, per side
 
@@ -243,11 +243,11 @@ def evaluate(obs: Observations, settings: AuditSettings, accountant_epsilon: flo
         seed: seed of the simulations (the band and the guess choice), for reproducibility.
 
     Returns:
-        An :class:`AuditReport`.
+        An [`AuditReport`][privgrad.auditing.report.AuditReport].
 
     Privacy:
         A "consistent" verdict means this run showed no evidence against the implementation; it
-        is not a proof of privacy (see :func:`~privgrad.auditing.statistics.ceiling`). A
+        is not a proof of privacy (see ``ceiling()``). A
         "violation" says the run does not behave like a correct DP-SGD with these settings.
     """
     if obs.steps != settings.steps or np.shape(obs.included)[0] != settings.num_canaries:
@@ -270,7 +270,7 @@ def evaluate(obs: Observations, settings: AuditSettings, accountant_epsilon: flo
 
 
 def score_candidates(num_canaries: int) -> tuple[tuple[int, int], ...]:
-    """The default guesses of :func:`evaluate_scores`: ``k`` in + ``k`` out for ``k`` of 2.5%,
+    """The default guesses of ``evaluate_scores()``: ``k`` in + ``k`` out for ``k`` of 2.5%,
     5% and 10% of the canaries, the best taken with a Bonferroni correction."""
     ks = sorted({max(1, round(f * num_canaries)) for f in _SCORE_FRACTIONS})
     return tuple((k, k) for k in ks if 2 * k <= num_canaries) or ((1, 0),)
@@ -283,7 +283,7 @@ def evaluate_scores(scores: np.ndarray, included: np.ndarray, settings: AuditSet
                     score: str = "a score of your own") -> AuditReport:
     """Audit one run from per-canary scores (higher: more likely included), e.g. losses.
 
-    The lower bound is the one of :func:`evaluate`; there is no band and there are no
+    The lower bound is the one of ``evaluate()``; there is no band and there are no
     conformance tests, because no simulation describes what a correct run does to such scores.
     The verdict is ``"violation"`` only when the bound exceeds ``accountant_epsilon``.
 
@@ -294,12 +294,12 @@ def evaluate_scores(scores: np.ndarray, included: np.ndarray, settings: AuditSet
         accountant_epsilon: the accountant's epsilon at ``settings.delta``.
         guesses: ``(num_positive, num_negative)`` fixed in advance, or a list of such pairs for
             the Bonferroni-corrected best of them; ``None`` (default) for
-            :func:`score_candidates`.
+            ``score_candidates()``.
         canary_kind: which canaries were scored, for the report.
         score: how they were scored, in words, for the report.
 
     Returns:
-        An :class:`AuditReport` with ``band=None`` and no tests.
+        An [`AuditReport`][privgrad.auditing.report.AuditReport] with ``band=None`` and no tests.
 
     Privacy:
         The bound is valid whenever the scores are a function of what the run released and of

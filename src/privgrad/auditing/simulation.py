@@ -13,8 +13,8 @@ score's exact distribution at the cost of ``m`` draws per simulated run (a test 
 a step-by-step simulation).
 
 The simulations serve twice: to fix the number of guesses *before* looking at the real run
-(:func:`choose_guesses`, from public settings only), and to give the band of lower bounds that a
-correct implementation produces (:func:`simulate_band`).
+(``choose_guesses()``, from public settings only), and to give the band of lower bounds that a
+correct implementation produces ([`simulate_band()`][privgrad.auditing.simulation.simulate_band]).
 """
 
 from __future__ import annotations

@@ -14,14 +14,14 @@ The audited lower bound is the largest epsilon this p-value rejects at the chose
 
 The second half holds the conformance tests run on the canary coordinates (noise scale and
 centre, per-inclusion contribution, inclusion rate and spread): each returns a
-:class:`TestResult` with a p-value under the hypothesis that the mechanism is what it claims.
+``TestResult`` with a p-value under the hypothesis that the mechanism is what it claims.
 
 Formal guarantees:
-    :func:`one_run_p_value` is a valid p-value for the null hypothesis "the released training
+    ``one_run_p_value()`` is a valid p-value for the null hypothesis "the released training
     run is (epsilon, delta)-DP with respect to each canary" whenever the guesses are a function of
     the released run and of randomness independent of the canaries' inclusion. Guesses chosen
     after looking at the inclusion bits, or the best of several guess counts without
-    :func:`bonferroni_lower_bound`, void it.
+    ``bonferroni_lower_bound()``, void it.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def one_run_lower_bound(num_canaries: int, num_guesses: int, num_correct: int, d
         With probability at least ``confidence`` over the run's randomness, a mechanism that is
         ``(epsilon, delta)``-DP yields a bound below ``epsilon``. So a bound above the
         accountant's epsilon is evidence of a privacy bug, and a bound below it is *not* a
-        guarantee: the method is capped by :func:`ceiling`.
+        guarantee: the method is capped by ``ceiling()``.
     """
     m, r, v = _counts(num_canaries, num_guesses, num_correct)
     return _lower_bound(m, r, v, _check_delta(delta), 1.0 - _check_confidence(confidence))

@@ -1,8 +1,9 @@
 """Data-parallel private training on ``torch.distributed``: the only package that imports it.
 
-``PrivacyEngine.make_private`` uses :func:`data_parallel` to decide whether it trains
+``PrivacyEngine.make_private`` uses ``data_parallel()`` to decide whether it trains
 data-parallel (an initialised process group, or ``distributed=True``) and then the returned
-:class:`DataParallel` for the collective steps. See docs/distributed.md.
+[`DataParallel`][privgrad.distributed.context.DataParallel] for the collective steps. See
+docs/distributed.md.
 """
 
 from privgrad.distributed.context import DataParallel, data_parallel, privacy_fingerprint

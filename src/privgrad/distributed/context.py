@@ -1,17 +1,23 @@
 """Data-parallel DP-SGD over a ``torch.distributed`` process group.
 
 ``make_private`` joins the default process group when one is initialised (or when
-``distributed=True``) and then relies on one :class:`DataParallel` object for everything that
-crosses process boundaries:
+``distributed=True``) and then relies on one
+[`DataParallel`][privgrad.distributed.context.DataParallel] object for everything that crosses
+process boundaries:
 
-* :meth:`DataParallel.agree`: every rank must attach with the same privacy configuration;
-* :meth:`DataParallel.attach`: rank 0's parameters and buffers become everyone's (or, for a
-  ``DistributedDataParallel`` model, DDP is kept from communicating gradients);
-* :meth:`DataParallel.broadcast_seed` and :meth:`DataParallel.shard`: one global Poisson sample
-  per step, split between the ranks;
-* :meth:`DataParallel.reduce_sums`, :meth:`DataParallel.noise_share` and
-  :meth:`DataParallel.broadcast_release`: the clipped sums are added up on rank 0, rank 0 alone
-  adds the noise to that total, and every rank receives rank 0's release.
+* [`DataParallel.agree()`][privgrad.distributed.context.DataParallel.agree]: every rank must attach
+  with the same privacy configuration;
+* [`DataParallel.attach()`][privgrad.distributed.context.DataParallel.attach]: rank 0's parameters
+  and buffers become everyone's (or, for a ``DistributedDataParallel`` model, DDP is kept from
+  communicating gradients);
+* [`DataParallel.broadcast_seed()`][privgrad.distributed.context.DataParallel.broadcast_seed] and
+  [`DataParallel.shard()`][privgrad.distributed.context.DataParallel.shard]: one global Poisson
+  sample per step, split between the ranks;
+* [`DataParallel.reduce_sums()`][privgrad.distributed.context.DataParallel.reduce_sums],
+  [`DataParallel.noise_share()`][privgrad.distributed.context.DataParallel.noise_share] and
+  [`DataParallel.broadcast_release()`][privgrad.distributed.context.DataParallel.broadcast_release]:
+  the clipped sums are added up on rank 0, rank 0 alone adds the noise to that total, and every rank
+  receives rank 0's release.
 
 Privacy:
     The job releases exactly what one process would: at every logical step
@@ -64,7 +70,8 @@ def data_parallel(distributed: bool | None, module: nn.Module,
         poisson_sampling: the ``make_private`` argument of that name.
 
     Returns:
-        The :class:`DataParallel` to use, or ``None`` for single-process training.
+        The [`DataParallel`][privgrad.distributed.context.DataParallel] to use, or ``None`` for
+        single-process training.
 
     Raises:
         ConfigTypeError: ``distributed`` is not a bool or None.
@@ -157,7 +164,7 @@ class DataParallel:
 
         A plain model gets rank 0's parameters and buffers (as ``DistributedDataParallel``
         does when it is built); a DDP model gets the no-communication hook of
-        :mod:`privgrad.distributed.ddp`.
+        ``privgrad.distributed.ddp``.
         """
         if self._ddp is not None:
             self._hook = prepare_ddp(self._ddp)
@@ -190,7 +197,9 @@ class DataParallel:
 
         Returns:
             On rank 0 the total for every parameter; on the other ranks an empty dict (they
-            receive rank 0's release from :meth:`broadcast_release` instead).
+            receive rank 0's release from
+            [`broadcast_release()`][privgrad.distributed.context.DataParallel.broadcast_release]
+            instead).
 
         Privacy:
             Only clipped sums are sent, once per logical step. A rank sees at most partial sums
@@ -213,7 +222,8 @@ class DataParallel:
             source (reproducible or secure) to the *total* clipped sum, exactly the
             single-process computation, and nothing is added to the release afterwards (secure
             mode's lattice rounding stays intact). The other ranks' output is discarded by
-            :meth:`broadcast_release`, so their generators do not matter.
+            [`broadcast_release()`][privgrad.distributed.context.DataParallel.broadcast_release], so
+            their generators do not matter.
         """
         return noise_std if self.rank == 0 else 0.0
 

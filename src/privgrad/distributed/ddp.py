@@ -7,8 +7,8 @@ unclipped gradient sums on the wire and (b) double the communication. privgrad t
 registers a DDP *communication hook* (DDP's public extension point) that communicates nothing
 while the engine is attached: each bucket comes back as the rank's own local gradient. The one
 all-reduce of the step happens later, on the clipped sums (see
-:class:`~privgrad.distributed.DataParallel`). When the engine detaches, the hook falls back to
-DDP's default averaging all-reduce, so the model is an ordinary DDP model again.
+[`DataParallel`][privgrad.distributed.context.DataParallel]). When the engine detaches, the hook
+falls back to DDP's default averaging all-reduce, so the model is an ordinary DDP model again.
 
 DDP keeps the rest of its behaviour: parameters are broadcast from rank 0 when it is built, and
 ``model.module`` is the user's model with its own ``state_dict()`` keys (the ``module.`` prefix of

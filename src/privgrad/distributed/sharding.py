@@ -1,8 +1,9 @@
 """One Poisson sample for the whole job, split between the ranks (NumPy only, no torch).
 
-Every rank runs the same :class:`~privgrad.sampling.PoissonSampler` over the *global* data set
-and keeps the sampled indices it owns: index ``i`` belongs to rank ``i % world_size``. Striding
-(rather than contiguous blocks) spreads a data set sorted by label or length evenly over ranks.
+Every rank runs the same [`PoissonSampler`][privgrad.sampling.poisson.PoissonSampler] over the
+*global* data set and keeps the sampled indices it owns: index ``i`` belongs to rank
+``i % world_size``. Striding (rather than contiguous blocks) spreads a data set sorted by label or
+length evenly over ranks.
 
 Privacy:
     Each index has exactly one owner, and the owner keeps it exactly when its sampler drew it.

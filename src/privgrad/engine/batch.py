@@ -13,7 +13,7 @@ the norm is taken.
 
 A call to be materialised whose per-sample gradients are no larger than the tensors its capture
 holds (a LayerNorm over a sequence: ``2d`` numbers per example against ``2Td``) is materialised
-during the backward pass, as soon as its output gradients are in (:func:`materialize_early`),
+during the backward pass, as soon as its output gradients are in (``materialize_early()``),
 and the capture lets go of its input and output gradient: they no longer wait for the end of the
 pass. Same numbers, earlier; the peak memory of a private step drops by those tensors.
 
@@ -86,7 +86,7 @@ class BackwardBatch:
     """Squared per-sample norms of every trainable parameter reached by one backward pass.
 
     Args:
-        captures: completed captures of the pass (from :class:`~privgrad.engine.capture.Recorder`).
+        captures: completed captures of the pass (from ``Recorder``).
         mode: ``"auto"``, ``"ghost"`` or ``"materialize"``.
         scale: factor that turns a captured gradient into the gradient of one example's own
             loss (the batch size for a mean-reduced loss, 1 for a summed one).

@@ -8,14 +8,14 @@ module produced, so in-place activations just work. When autograd finishes the b
 callback queued on its engine hands the completed captures over in one list.
 
 Nothing is stored on the module or its parameters: the recorder keeps its own list, cleared
-after every backward pass, and removes its hooks through their handles on :meth:`detach`.
+after every backward pass, and removes its hooks through their handles on ``detach()``.
 
 A call that sees one example while the rest of the forward pass sees ``B`` (position embeddings
 built from ``arange(T).unsqueeze(0)``, as in BERT and GPT-2) is *broadcast*: its inputs and
 outputs are expanded to ``B`` identical rows (none, for an empty batch) before anything uses
 them, so the tensor hook receives each example's own output gradient instead of their sum, and
 the rule sees an ordinary batch of ``B``. Only rules that declare it
-(:attr:`~privgrad.layers.LayerRule.broadcasts_batch_of_one`: embeddings) are broadcast: a
+(``broadcasts_batch_of_one``: embeddings) are broadcast: a
 leading 1 on a linear or recurrent layer is more often a sequence-first tensor of length 1,
 whose expansion would change the forward pass itself; such a call is refused instead.
 
@@ -57,7 +57,7 @@ def trainable_names(module: nn.Module, children: tuple[str, ...] = ()) -> tuple[
 
 
 def trainable(module: nn.Module, children: tuple[str, ...] = ()) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` pairs of :func:`trainable_names` (one walk over the parameters)."""
+    """``(name, parameter)`` pairs of ``trainable_names()`` (one walk over the parameters)."""
     own = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
     return own + [
         (f"{c}.{n}", p) for c in children
@@ -84,14 +84,14 @@ class Recorder:
         on_backward: called once at the end of every backward pass that reached a recorded
             output, with the list of completed captures.
         skip_parameter_grads: performance only: where the rule gives the input gradient alone
-            (:meth:`~privgrad.layers.speed.SpeedHooks.input_backward`), autograd forms no gradient
-            for the module's parameters (their ``.grad`` stays untouched by backward). For
-            private training, which overwrites those gradients anyway; see
-            :mod:`privgrad.engine.outputs`.
+            ([`input_backward()`][privgrad.layers.speed.SpeedHooks.input_backward]), autograd forms
+            no gradient for the module's parameters (their ``.grad`` stays untouched by backward).
+            For private training, which overwrites those gradients anyway; see
+            ``privgrad.engine.outputs``.
         early: ``capture -> bool``, asked once a capture's output gradients are all in: if
-            true, its per-sample gradients are formed at once (:attr:`Capture.early`) and its
-            tensors released (see :func:`privgrad.engine.batch.materialize_early`).
-        tag: ``() -> object``, stamped on every capture as :attr:`Capture.tag` (which drawn
+            true, its per-sample gradients are formed at once (``Capture.early``) and its
+            tensors released (see ``privgrad.engine.batch.materialize_early()``).
+        tag: ``() -> object``, stamped on every capture as ``Capture.tag`` (which drawn
             batch the call ran on).
 
     Attributes:
@@ -154,9 +154,9 @@ class Recorder:
 
     def _graphless_starts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Run the module's forward without an autograd graph where its rule's
-        :meth:`~privgrad.layers.speed.SpeedHooks.joint_backward` will replace the whole backward
-        of the call (a recurrent layer: the native kernel's training forward, which also stores
-        a workspace for its own backward, costs about 1.4x its inference forward). Only where
+        [`joint_backward()`][privgrad.layers.speed.SpeedHooks.joint_backward] will replace the whole
+        backward of the call (a recurrent layer: the native kernel's training forward, which also
+        stores a workspace for its own backward, costs about 1.4x its inference forward). Only where
         nothing else could see the difference: no other hook on the module, no global module
         hook; the forward hook turns grad mode back on and attaches the rule's backward."""
         if (not self.fast_backward or self._busy or not torch.is_grad_enabled()

@@ -1,8 +1,8 @@
 """The clipped sum of one logical step, formed by the engine: clip factors from the per-sample
-norms (:mod:`privgrad.privatize.clipping`), then the weighted sums of per-sample gradients
-(:meth:`~privgrad.engine.batch.BackwardBatch.weighted_sums`), added up over the backward passes
+norms (``privgrad.privatize.clipping``), then the weighted sums of per-sample gradients
+(``weighted_sums()``), added up over the backward passes
 of one logical step (virtual batches). The result is handed to the release
-(:func:`privgrad.privatize.noisy_gradients`) as plain tensors.
+(``privgrad.privatize.noisy_gradients()``) as plain tensors.
 
 Privacy:
     Each example is clipped once, in the backward pass that saw it; the bounds are fixed when
@@ -40,7 +40,7 @@ class ClippedSum:
 
     Args:
         bounds: ``C`` (flat clipping), or ``{parameter: C_k}`` (per-layer clipping), as
-            :meth:`privgrad.settings.PrivacySettings.bounds` fixed them.
+            ``privgrad.settings.PrivacySettings.bounds()`` fixed them.
         sparse_sums: keep embeddings' sums as sparse rows where that is smaller, for a release
             whose noise source ``fuses_sums`` (it adds them into the noise buffer); every other
             consumer needs dense sums.

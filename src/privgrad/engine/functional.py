@@ -6,7 +6,8 @@ their own loop (research code, custom mechanisms).
 >>> psg.gradients["fc.weight"].shape      # (batch, *fc.weight.shape)  # doctest: +SKIP
 >>> psg.norms                             # (batch,) over all parameters # doctest: +SKIP
 
-Then :func:`private_step` clips, sums, adds noise and writes ``p.grad``:
+Then [`private_step()`][privgrad.engine.functional.private_step] clips, sums, adds noise and writes
+``p.grad``:
 
 >>> private_step(psg.batch, list(model.parameters()), noise_multiplier=1.0,
 ...              max_grad_norm=1.0)                                      # doctest: +SKIP
@@ -38,12 +39,14 @@ class PerSampleGradients:
             ``GradSampleModule`` defaults to ``"mean"``: code ported from it with a mean loss
             must pass ``loss_reduction="mean"``, or its rows come out ``1/B`` of each example's
             gradient.
-        mode: ``"materialize"`` (default here: :attr:`gradients` is available), ``"auto"`` or
-            ``"ghost"`` (norms and weighted sums only, without per-sample tensors where possible).
+        mode: ``"materialize"`` (default here: [`gradients`][privgrad.PerSampleGradients.gradients]
+            is available), ``"auto"`` or ``"ghost"`` (norms and weighted sums only, without
+            per-sample tensors where possible).
         rules: rule registry (default: built-in rules plus the generic rule).
         skip_parameter_grads: performance only: autograd forms no ordinary gradient for the
             parameters of layers whose rule gives the input gradient alone (``p.grad`` stays as
-            it was); what :class:`~privgrad.PrivacyEngine` does, since it overwrites ``p.grad``.
+            it was); what [`PrivacyEngine`][privgrad.PrivacyEngine] does, since it overwrites
+            ``p.grad``.
     """
 
     def __init__(self, module: nn.Module, *, loss_reduction: str = "sum",

@@ -3,7 +3,7 @@
 DP-SGD releases the model through the noisy gradient alone. A forward pass that writes model
 state in place (an embedding renormalised by ``max_norm``, BatchNorm's running statistics, the EMA
 buffer of a custom module) releases a function of the private batch with no noise at all, and no
-per-layer rule can see it. :class:`StateGuard` catches the whole class at run time from PyTorch's
+per-layer rule can see it. ``StateGuard`` catches the whole class at run time from PyTorch's
 version counters: every in-place write to a tensor bumps its ``_version``. The guard reads the
 counters of every parameter and buffer of the model when the outermost module call of a forward
 pass starts (the root, or a submodule called directly), and again when it ends and when a
@@ -18,7 +18,7 @@ Cost: one integer read per tensor at the start and end of each forward pass and 
 each backward pass, plus two small hooks per module that holds tensors.
 
 Some native kernels write without bumping the counter (BatchNorm's running statistics inside
-``F.batch_norm``, fused fake-quantisation). While :attr:`StateGuard.watch_values` is set (the
+``F.batch_norm``, fused fake-quantisation). While ``StateGuard.watch_values`` is set (the
 engine sets it for the passes it self-checks: the first one, and every one with
 ``check="every_step"``), the guard also copies every buffer when the forward pass starts and
 compares the values when it ends, so a module that writes its buffers in every training forward
@@ -57,7 +57,7 @@ class StateGuard:
 
     Attributes:
         violation: the message of the first write caught after the fact, or ``None``; while set,
-            :meth:`check_clean` raises it.
+            ``check_clean()`` raises it.
     """
 
     privgrad_hooks = True  # its hooks are privgrad's own (see engine.capture)

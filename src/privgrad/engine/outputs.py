@@ -4,24 +4,25 @@ Both functions return a tensor with the module's own output values, on the same 
 sharing its version counter (so autograd's checks for in-place modification of a saved tensor
 still fire), but with a ``grad_fn`` of privgrad's:
 
-- :func:`unviewed`: identity in backward. For an output that is a *view* (``nn.Linear`` on an
+- ``unviewed()``: identity in backward. For an output that is a *view* (``nn.Linear`` on an
   input with more than two dimensions returns one): an in-place operation on a view rewrites
   its autograd history, and a tensor hook registered on the view before would never fire, so
   the layer's output gradient would be lost. The replacement is not a view, so its hook fires.
-- :func:`input_only`: backward computes only the gradient of the module's first input, with the
-  rule's formula (:meth:`~privgrad.layers.SpeedHooks.input_backward`); :func:`joint` does the
-  same for a module with several outputs (:meth:`~privgrad.layers.SpeedHooks.joint_backward`).
-  Private training overwrites ``p.grad`` of every privatised parameter with the noisy clipped sum, so the
-  parameter gradients autograd would form (for a Linear or Conv layer as much work as the
-  forward pass) are never used; with this backward they are never computed, and ``p.grad`` of
-  the layer's parameters stays as it was until the optimizer step writes the private gradient.
-  The module's own graph for the call is no longer referenced and is freed at once.
+- ``input_only()``: backward computes only the gradient of the module's first input, with the
+  rule's formula ([`input_backward()`][privgrad.layers.speed.SpeedHooks.input_backward]);
+  ``joint()`` does the same for a module with several outputs
+  ([`joint_backward()`][privgrad.layers.speed.SpeedHooks.joint_backward]). Private training
+  overwrites ``p.grad`` of every privatised parameter with the noisy clipped sum, so the parameter
+  gradients autograd would form (for a Linear or Conv layer as much work as the forward pass) are
+  never used; with this backward they are never computed, and ``p.grad`` of the layer's parameters
+  stays as it was until the optimizer step writes the private gradient. The module's own graph for
+  the call is no longer referenced and is freed at once.
 
 Nothing is wrapped or patched: returning a replacement output is what a forward hook may do.
 
 Privacy:
     Neither changes what is released: the private step writes ``p.grad`` for every privatised
-    parameter whether or not autograd filled it. :func:`input_only` applies only where the rule
+    parameter whether or not autograd filled it. ``input_only()`` applies only where the rule
     gives the input gradient and the first input is the only tensor input requiring grad.
 """
 
@@ -88,7 +89,7 @@ def joint(outputs: list[torch.Tensor], x, anchor: torch.Tensor,
     of ``x``: ``backward(grad_outputs, needs_x)`` (zeros for outputs the loss does not reach;
     ``needs_x`` False for a first layer, whose input needs no gradient).
 
-    :func:`input_only` for a module with several outputs (a recurrent layer's sequence, ``h_n``
+    ``input_only()`` for a module with several outputs (a recurrent layer's sequence, ``h_n``
     and ``c_n``); the module's own graph for the call is dropped.
     """
     return list(_RuleBackward.apply(backward, anchor, x, *(o.detach() for o in outputs)))

@@ -6,12 +6,11 @@ layers ``(T, B, ...)`` tensors (each position becomes an "example", and one sequ
 up to ``T`` times ``C``), two batches summed into one backward pass pair row ``i`` of one with row
 ``i`` of the other, a loop that trains on the original loader never saw a Poisson sample at all.
 
-:class:`DrawnRows` holds the engine to the loader's own record (:class:`~privgrad.sampling.
-loader.DrawnBatches`): every module call is tagged with the number of batches the loader had
-yielded when it ran (:attr:`~privgrad.layers.Capture.tag`); a logical step's calls must share one
-tag, and its rows (over the physical batches of virtual batches) must number the examples of a
-batch the loader yielded and no step has released yet. A loop that reads one batch ahead (a
-prefetching trainer) is fine; rows that match no drawn batch are refused before anything is
+``DrawnRows`` holds the engine to the loader's own record (``DrawnBatches``): every module call is
+tagged with the number of batches the loader had yielded when it ran (``tag``); a logical step's
+calls must share one tag, and its rows (over the physical batches of virtual batches) must number
+the examples of a batch the loader yielded and no step has released yet. A loop that reads one batch
+ahead (a prefetching trainer) is fine; rows that match no drawn batch are refused before anything is
 released.
 """
 
@@ -32,7 +31,7 @@ class DrawnRows:
     """Checks each logical step's rows against the batches the private loader yielded.
 
     Args:
-        drawn: the loader's :class:`~privgrad.sampling.loader.DrawnBatches`, or ``None`` (no
+        drawn: the loader's ``DrawnBatches``, or ``None`` (no
             Poisson loader: nothing to check against).
     """
 

@@ -1,7 +1,7 @@
 """Per-sample gradient rules, one layer family a file, and the registry that maps types to rules.
 
-A rule is the privacy contract (:class:`LayerRule`) plus, where it makes a step cheaper, the
-opt-in speed hooks (:class:`SpeedHooks`)."""
+A rule is the privacy contract ([`LayerRule`][privgrad.LayerRule]) plus, where it makes a step
+cheaper, the opt-in speed hooks ([`SpeedHooks`][privgrad.layers.speed.SpeedHooks])."""
 
 from privgrad.layers.base import Capture, LayerFinding, LayerRule
 from privgrad.layers.generic import GenericRule

@@ -4,14 +4,15 @@ A *rule* turns one call of a module (its inputs, and the gradient of the loss wi
 output) into per-sample gradients of that module's own parameters, or, where cheaper, into
 per-sample gradient norms plus the weighted sum of per-sample gradients computed straight from the
 stored inputs and output gradients (book-keeping, Bu et al. 2023). The engine never needs anything
-else from a layer, so a custom layer is supported by one small subclass of :class:`LayerRule`.
-That class is the privacy contract: everything here decides which numbers the private step
-uses. What only makes a rule faster (its own backward, a graph-free forward, early
-materialisation, the cost model) is the opt-in mixin :class:`~privgrad.layers.speed.SpeedHooks`.
+else from a layer, so a custom layer is supported by one small subclass of
+[`LayerRule`][privgrad.LayerRule]. That class is the privacy contract: everything here decides which
+numbers the private step uses. What only makes a rule faster (its own backward, a graph-free
+forward, early materialisation, the cost model) is the opt-in mixin
+[`SpeedHooks`][privgrad.layers.speed.SpeedHooks].
 
 Conventions: ``b`` indexes the examples of the batch. Every tensor a rule returns is per parameter
 name (the name under which the module itself registered it, e.g. ``"weight"``, or
-``"child.weight"`` for a child listed in :attr:`LayerRule.serves_children`).
+``"child.weight"`` for a child listed in ``LayerRule.serves_children``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Capture:
             that required grad (and so were hooked).
         grad_outputs: gradient of the loss for each of those outputs, in the same order; zeros
             where autograd produced none.
-        batch_size: number of examples in the call (the rule's :meth:`LayerRule.batch_size`).
+        batch_size: number of examples in the call (the rule's
+            [`LayerRule.batch_size()`][privgrad.LayerRule.batch_size]).
         names: the module's own parameters that required grad at the time of the call.
         versions: ``_version`` counters of the tensor inputs at capture time, to detect an input
             that was modified in place before backward used it.
@@ -61,16 +63,17 @@ class Capture:
             (engine bookkeeping, to build zero gradients for outputs autograd did not reach).
         scratch: the rule's own per-call working space (e.g. a recomputation that both the norm
             and the weighted sum need), dropped with the capture after the step. A
-            :class:`~privgrad.layers.workspace.Lease` under ``"lease"`` is given back then.
+            ``Lease`` under ``"lease"`` is given back then.
         params: the parameters that ``names`` named at the time of the call, in the same order
             (engine bookkeeping; empty where the capture was built without them).
         early: per-sample gradients ``{name: (batch, *shape)}`` formed during the backward
-            pass (:func:`privgrad.engine.batch.materialize_early`); then everything else is
-            released (:meth:`release`). ``None`` otherwise.
+            pass (``privgrad.engine.batch.materialize_early()``); then everything else is
+            released ([`release()`][privgrad.layers.base.Capture.release]). ``None`` otherwise.
         outputs: the values (detached) of the hooked outputs, in ``output_index`` order, kept
             until the step for a call that a rule's
-            :meth:`~privgrad.layers.speed.SpeedHooks.joint_backward` serves (a recurrent rule
-            reads every step's state from them instead of recomputing it); empty otherwise.
+            [`joint_backward()`][privgrad.layers.speed.SpeedHooks.joint_backward] serves (a
+            recurrent rule reads every step's state from them instead of recomputing it); empty
+            otherwise.
         tag: which drawn batch the call ran on (engine bookkeeping: the number of batches the
             private loader had yielded when the call was made), or ``None``.
     """
@@ -129,23 +132,24 @@ class LayerFinding:
 class LayerRule:
     """Per-sample gradients, and optionally cheap per-sample norms, for one layer family.
 
-    Subclasses implement :meth:`per_sample_gradients`. A rule that can get per-sample norms
-    without materialising per-sample gradients (a *ghost* norm) sets ``has_ghost_norm = True``
-    and implements :meth:`ghost_norms_sq` and :meth:`weighted_sum`; the cost estimates that let
-    the engine pick the cheaper exact method per call are speed hooks
-    (:class:`~privgrad.layers.speed.SpeedHooks`: without them ``"auto"`` materialises).
+    Subclasses implement [`per_sample_gradients()`][privgrad.LayerRule.per_sample_gradients]. A rule
+    that can get per-sample norms without materialising per-sample gradients (a *ghost* norm) sets
+    ``has_ghost_norm = True`` and implements [`ghost_norms_sq()`][privgrad.LayerRule.ghost_norms_sq]
+    and [`weighted_sum()`][privgrad.LayerRule.weighted_sum]; the cost estimates that let the engine
+    pick the cheaper exact method per call are speed hooks
+    ([`SpeedHooks`][privgrad.layers.speed.SpeedHooks]: without them ``"auto"`` materialises).
 
     Privacy:
         A rule must be *exact*: the i-th row it returns is the gradient of example i's own loss,
         and depends on no other example. The test suite checks every built-in rule against
         ``torch.func`` and a one-example-at-a-time loop; check a custom rule the same way with
-        :func:`privgrad.testing.check_rule`.
+        [`privgrad.testing.check_rule()`][privgrad.testing.check_rule].
     """
 
     has_ghost_norm: ClassVar[bool] = False
     #: Whether a call with a batch of one, made after the forward pass has seen ``B`` examples,
     #: is a table shared by the batch (position embeddings of ``arange(T).unsqueeze(0)``) whose
-    #: output the engine expands to ``B`` rows (see :mod:`privgrad.engine.capture`). Only for
+    #: output the engine expands to ``B`` rows (see ``privgrad.engine.capture``). Only for
     #: rules whose batch-of-one inputs are such tables: expanding a sequence-first tensor of
     #: length 1 instead would change the forward pass.
     broadcasts_batch_of_one: ClassVar[bool] = False
@@ -159,7 +163,8 @@ class LayerRule:
 
     def finding(self, module: nn.Module) -> LayerFinding | None:
         """What the validator reports about this module, or ``None``: by default, the reason
-        :meth:`check` gives, with the generic why and fix. Override it to say more."""
+        [`check()`][privgrad.LayerRule.check] gives, with the generic why and fix. Override it to
+        say more."""
         reason = self.check(module)
         if reason is None:
             return None
@@ -226,9 +231,10 @@ class LayerRule:
     def sparse_weighted_sum(
         self, module: nn.Module, capture: Capture, names: tuple[str, ...], weights: torch.Tensor
     ) -> dict[str, torch.Tensor] | None:
-        """:meth:`weighted_sum` as sparse COO tensors, for parameters whose
-        per-sample gradients touch few rows (embeddings), or ``None`` (the default: the engine
-        calls :meth:`weighted_sum`). The private step adds such sums straight into the noise."""
+        """[`weighted_sum()`][privgrad.LayerRule.weighted_sum] as sparse COO tensors, for parameters
+        whose per-sample gradients touch few rows (embeddings), or ``None`` (the default: the engine
+        calls [`weighted_sum()`][privgrad.LayerRule.weighted_sum]). The private step adds such sums
+        straight into the noise."""
         return None
 
     # helpers ------------------------------------------------------------------------------

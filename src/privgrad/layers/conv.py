@@ -23,7 +23,7 @@ input channels per group and at most 20,000 weights per group.
 A whole per-sample gradient tensor can be many times larger than the layer's activations (64->64
 channels at 8x8: 9x the input). The engine keeps it until the clipped sum, so it is materialised
 whole only while it is no larger than the call's input plus output gradient (what the capture
-holds anyway) or :data:`CHUNK_MIN_BYTES`, whichever is larger. Beyond that the norms come from
+holds anyway) or ``CHUNK_MIN_BYTES``, whichever is larger. Beyond that the norms come from
 the ghost path: the Gram form where it is cheaper, else per-sample gradients formed a chunk of
 examples at a time (each chunk within that same size) and dropped once normed; the clipped sum
 is then one weight-gradient kernel. Measured on 2 cores at batch 256, 64->64 at 8x8 (norms and
@@ -127,7 +127,7 @@ CHUNK_MIN_BYTES = 16 << 20  #: per-sample gradients up to this size are never a 
 
 
 def _grouped_kernel_faster(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
-    """Whether :func:`grouped_per_sample_weight` beats unfold + batched product (CPU
+    """Whether ``grouped_per_sample_weight()`` beats unfold + batched product (CPU
     measurements, see the module docstring; elsewhere unfold, the usual GPU method)."""
     if x.device.type != "cpu":
         return False
@@ -254,7 +254,7 @@ class ConvRule(SpeedHooks, LayerRule):
         return float(b * groups * length * per_group)
 
     def materialize_cost(self, module, capture: Capture) -> float:
-        """Forming the per-sample gradients, where the whole tensor fits :func:`_budget_bytes`;
+        """Forming the per-sample gradients, where the whole tensor fits ``_budget_bytes()``;
         beyond that, never chosen by the cost model (memory)."""
         b, groups, length, i, o = self._sizes(module, capture)
         if b * module.weight.numel() * capture.grad_output.element_size() > _budget_bytes(capture):
@@ -264,6 +264,6 @@ class ConvRule(SpeedHooks, LayerRule):
 
 def _budget_bytes(capture: Capture) -> int:
     """The most bytes of per-sample gradients to hold at once: the call's input and output
-    gradient (what the capture holds until the step anyway), or :data:`CHUNK_MIN_BYTES`."""
+    gradient (what the capture holds until the step anyway), or ``CHUNK_MIN_BYTES``."""
     x, g = capture.activation, capture.grad_output
     return max(CHUNK_MIN_BYTES, x.numel() * x.element_size() + g.numel() * g.element_size())

@@ -39,7 +39,7 @@ def _grouped_norms_sq(
 class EmbeddingRule(SpeedHooks, LayerRule):
     """Rule for ``nn.Embedding`` (any index shape, ``padding_idx``). ``max_norm`` is refused by
     the validator and the engine: its lookup writes the weight in place (see
-    :mod:`privgrad.validation.writers`)."""
+    ``privgrad.validation.writers``)."""
 
     has_ghost_norm = True
     broadcasts_batch_of_one = True  # position embeddings: arange(T).unsqueeze(0)

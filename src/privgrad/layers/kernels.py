@@ -6,8 +6,8 @@ for the products of a forward pass (``x @ W.T``): on the AMD EPYC machine of
 ``docs/performance.md`` a ``(4096 x 256) @ (256 x 1024)`` product takes 14 ms through MKL and
 5.4 ms through oneDNN, and a recurrent step's ``(64 x 256) @ (256 x 1024)`` 0.38 against 0.16
 ms. The recurrent rules replace the native kernels' backward passes with their own such
-products, so they use :func:`linear`: oneDNN for float32 CPU tensors that need no autograd and
-make a product of at least :data:`ONEDNN_MIN_MACS` multiply-adds, checked once against
+products, so they use ``linear()``: oneDNN for float32 CPU tensors that need no autograd and
+make a product of at least ``ONEDNN_MIN_MACS`` multiply-adds, checked once against
 ``F.linear`` (same result up to float32 rounding); ``F.linear`` everywhere else (GPUs, other
 dtypes, a PyTorch built without oneDNN, and small products, where oneDNN's fixed cost of about
 30 us is more than the product: ``(256 x 10) @ (10 x 256)`` 0.057 against 0.028 ms).
@@ -16,7 +16,7 @@ The clipped sums have the other layout: ``a.T @ b``, contracting the rows (examp
 There MKL reads the transposed operand in place and was within 2% of oneDNN or faster at every
 shape measured (13 shapes, rows 64 to 32,768, widths 10 to 1,024, interleaved on the same
 machine: oneDNN took 0.98-2.83x MKL's time, 0.98-1.37x for the products above 10^8 multiply-
-adds), so :func:`sum_of_outer` calls ``torch.mm``.
+adds), so ``sum_of_outer()`` calls ``torch.mm``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Ghost norm (Li et al. 2022): ``||G_b^T A_b||_F^2 = sum_{t,s} (A_bt . A_bs)(G_bt 
 ``B T^2 (d + p)`` multiply-adds against ``B T d p`` for materialising, so ghost wins when
 ``T (d + p) < d p``; with ``T = 1`` it is just ``||a_b||^2 ||g_b||^2``.
 
-Both Gram matrices are symmetric, so from :data:`GRAM_HALVES_MIN` positions on they are formed
+Both Gram matrices are symmetric, so from ``GRAM_HALVES_MIN`` positions on they are formed
 in halves of the sequence: the two diagonal blocks and one off-diagonal block, whose term counts
 twice. That is 3/4 of the multiply-adds of the whole matrices.
 
@@ -52,7 +52,7 @@ GRAM_HALVES_MIN = 256
 
 def grams(x: torch.Tensor) -> list[torch.Tensor]:
     """The blocks of the Gram matrices ``x_b x_b^T`` of ``x: (b, t, f)`` that
-    :func:`gram_inner` needs: the whole ``(b, t, t)`` below :data:`GRAM_HALVES_MIN` positions,
+    ``gram_inner()`` needs: the whole ``(b, t, t)`` below ``GRAM_HALVES_MIN`` positions,
     else the two diagonal blocks of the halves and the upper off-diagonal one."""
     t = x.shape[1]
     if t < GRAM_HALVES_MIN:
@@ -64,7 +64,7 @@ def grams(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def gram_inner(ga: list[torch.Tensor], gg: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_{t,s} (a_bt . a_bs)(g_bt . g_bs)`` per example from :func:`grams` of ``a`` and
+    """``sum_{t,s} (a_bt . a_bs)(g_bt . g_bs)`` per example from ``grams()`` of ``a`` and
     ``g`` (the off-diagonal block stands for its transpose as well)."""
     total = (ga[0] * gg[0]).sum((1, 2))
     if len(ga) == 3:

@@ -7,7 +7,7 @@ the gradient ``g`` of the loss with respect to its outputs, every per-sample qua
 ``nn.Linear`` one (see ``linear.py``): the per-sample gradient ``g_b^T a_b``, the ghost norm
 ``sum_{t,s} (a_bt . a_bs)(g_bt . g_bs)`` and the weighted sum as one matrix product.
 
-A :class:`ProjectionRule` computes its list of :class:`Projection` once per call (typically by
+A ``ProjectionRule`` computes its list of ``Projection`` once per call (typically by
 recomputing the layer's forward pass with autograd, since native kernels do not expose the
 gradients inside them), keeps it in the capture's ``scratch`` and serves the norm, the weighted
 sum and the per-sample gradients from it.
@@ -48,7 +48,7 @@ class Projection:
 
 
 class ProjectionRule(SpeedHooks, LayerRule):
-    """A rule served by a list of :class:`Projection` (subclasses implement :meth:`compute`)."""
+    """A rule served by a list of ``Projection`` (subclasses implement ``compute()``)."""
 
     has_ghost_norm = True
 
@@ -57,7 +57,7 @@ class ProjectionRule(SpeedHooks, LayerRule):
         raise NotImplementedError
 
     def projections(self, module, capture: Capture) -> list[Projection]:
-        """:meth:`compute`, once per capture."""
+        """``compute()``, once per capture."""
         if "projections" not in capture.scratch:
             capture.scratch["projections"] = self.compute(module, capture)
         return capture.scratch["projections"]

@@ -7,7 +7,7 @@ so it does not inherit the rule); then the generic ``torch.func`` rule, if allow
 Types of optional libraries (Hugging Face ``transformers``) are keyed by their qualified class
 name, ``"module.QualName"``, and matched by name: privgrad never imports those libraries.
 
-Beside the rules, :data:`FAMILY_CHECKS` lists the checks and fixes that layer families keep
+Beside the rules, ``FAMILY_CHECKS`` lists the checks and fixes that layer families keep
 next to their rules, which ``privgrad.validate`` and ``privgrad.fix`` run.
 
 >>> registry = RuleRegistry.default().with_rule(MyLayer, MyLayerRule())   # doctest: +SKIP

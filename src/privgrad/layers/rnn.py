@@ -109,7 +109,7 @@ class RecurrentRule(ProjectionRule):
 
     def graphless_forward(self, module: nn.RNNBase, args, kwargs, scratch: dict):
         """An ``nn.LSTM`` (no ``proj_size``) or ``nn.GRU`` on a CPU tensor input runs
-        :func:`kept_forward` in place of the native kernel, which discards its gates: kept,
+        ``kept_forward()`` in place of the native kernel, which discards its gates: kept,
         they need not be recomputed for the backward (LSTM, batch 64, T 64, hidden 256: native
         forward and recomputation 46 -> 35 ms; batch 256: 196 -> 123). The native kernel stays
         on other devices (on a GPU a loop over the steps costs more than cuDNN's forward and
@@ -153,7 +153,7 @@ class RecurrentRule(ProjectionRule):
 
 class _KeepGates(TorchFunctionMode):
     """During one ``nn.LSTM`` or ``nn.GRU`` forward: its native kernel call (``_VF.lstm`` /
-    ``_VF.gru`` on a tensor, with the module's own weights) computed by :func:`kept_forward`
+    ``_VF.gru`` on a tensor, with the module's own weights) computed by ``kept_forward()``
     instead, whose traces go to ``scratch["traces"]``; every other call as it is."""
 
     def __init__(self, module: nn.LSTM | nn.GRU, scratch: dict):

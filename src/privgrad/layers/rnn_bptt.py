@@ -3,8 +3,8 @@
 The recurrent rule (``rnn.py``) needs, for every step ``t``, the gradient of the loss with respect
 to the two linear maps of that step, ``gi_t = W_ih x_t + b_ih`` and ``gh_t = W_hh h_{t-1} + b_hh``
 (and the LSTM projection ``h_t = W_hr m_t``). The native kernels compute those inside their
-backward pass and discard them. :class:`Recompute` takes the gates of every step from
-:func:`~privgrad.layers.rnn_forward.kept_forward` (an LSTM's or GRU's forward on a CPU, which
+backward pass and discard them. ``Recompute`` takes the gates of every step from
+``kept_forward()`` (an LSTM's or GRU's forward on a CPU, which
 keeps them), or else runs the layer again from the captured input (the top layer from its own
 output sequence). Then the backward pass goes step by step with the gates' closed-form
 derivatives, from the captured output gradients. Written out it costs about what the native
@@ -47,9 +47,9 @@ class Recompute:
             LSTM).
         output: ``(b, t, d*h_out)`` the output sequence the layer's own forward pass returned,
             batch first, or ``None`` (then every layer is recomputed step by step).
-        traces: what :func:`kept_forward` kept of the call (one row of directions per layer):
+        traces: what ``kept_forward()`` kept of the call (one row of directions per layer):
             then nothing of the forward pass is recomputed at all. Or ``None``.
-        lease: where the gate gradients' arrays come from (see :func:`kept_forward`).
+        lease: where the gate gradients' arrays come from (see ``kept_forward()``).
     """
 
     def __init__(self, module: nn.RNNBase, x: torch.Tensor, lengths, state, output=None,
@@ -156,7 +156,7 @@ class Recompute:
         return Trace(suffix, x, h_prev, acts, out, extra)
 
     def _forward_from_states(self, x, layer: int, direction: int, h, c, out) -> Trace:
-        """:meth:`_forward` given the outputs ``out`` (``(b, t, h_out)``) the layer's own
+        """``_forward()`` given the outputs ``out`` (``(b, t, h_out)``) the layer's own
         forward pass computed: the state before each step is the output of the step before, so
         both projections are products over the whole sequence and the gates elementwise
         functions of them; only the LSTM cell, ``c_t = f_t c_{t-1} + i_t g_t``, still needs a

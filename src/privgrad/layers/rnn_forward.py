@@ -1,9 +1,9 @@
 """The forward pass of ``nn.LSTM`` and ``nn.GRU`` that keeps its gates, and what one
-direction of one layer keeps for backpropagation through time (:class:`Trace`).
+direction of one layer keeps for backpropagation through time (``Trace``).
 
 The recurrent rule (``rnn.py``) needs every step's gates for its backward pass
 (``rnn_bptt.py``). The native kernels compute them and discard them, so on a CPU an LSTM's or
-GRU's forward is :func:`kept_forward`, which keeps every gate as it computes it: nothing of the
+GRU's forward is ``kept_forward()``, which keeps every gate as it computes it: nothing of the
 forward pass runs twice. Elsewhere (other devices, ``proj_size``, packed input, a plain RNN)
 ``rnn_bptt.Recompute`` runs the layer again from the captured input.
 
@@ -53,7 +53,7 @@ def kept_forward(module: nn.LSTM | nn.GRU, x: torch.Tensor, state, *, batch_firs
     """An ``nn.LSTM`` (no ``proj_size``) or ``nn.GRU`` forward pass on a tensor input that keeps
     what its backward pass needs: ``(output, h_n, c_n or None, traces)``, the first three as the
     native kernel returns them (``output`` contiguous in the module's layout), ``traces`` for
-    :class:`~privgrad.layers.rnn_bptt.Recompute`.
+    ``Recompute``.
 
     The native kernels discard their gates, so a rule that needs them would run the layer's
     products a second time (about a third of a private LSTM step on a CPU); computed here
@@ -126,7 +126,7 @@ def before_each_step(initial: torch.Tensor, seq: torch.Tensor, reverse: bool,
 
 
 class WorkArrays:
-    """Work arrays from a :class:`~privgrad.layers.workspace.Lease` (names prefixed, one set
+    """Work arrays from a ``Lease`` (names prefixed, one set
     per layer and direction), or fresh ones without."""
 
     def __init__(self, lease: Lease | None, prefix: str):
@@ -139,7 +139,7 @@ class WorkArrays:
 
 
 def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, arrays: WorkArrays):
-    """One direction of one LSTM layer of :func:`kept_forward`, writing its outputs into ``out``
+    """One direction of one LSTM layer of ``kept_forward()``, writing its outputs into ``out``
     (``(b, t, hidden)``, a view): ``(trace, h_last, c_last)``. Rows of the cell gate ``g`` are
     scaled by 2 in the weights (exact in floating point), so one ``sigmoid`` over all four gates
     gives ``g = 2 sigmoid(2a) - 1 = tanh(a)``."""
@@ -170,7 +170,7 @@ def _lstm_direction(module: nn.LSTM, suffix: str, x, h, c, out, reverse: bool, a
 
 
 def _gru_direction(module: nn.GRU, suffix: str, x, h, c, out, reverse: bool, arrays: WorkArrays):
-    """One direction of one GRU layer of :func:`kept_forward` (``c`` unused):
+    """One direction of one GRU layer of ``kept_forward()`` (``c`` unused):
     ``(trace, h_last, None)``. Per step: ``gh = W_hh h + b_hh``; ``r, z`` the sigmoid of the
     sums; ``n = tanh(gi_n + r gh_n)``; ``h' = n + z (h - n)``."""
     hidden = module.hidden_size

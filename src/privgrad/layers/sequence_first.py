@@ -12,7 +12,7 @@ keys.
 Privacy:
     A sequence-first call would give positions for examples: wrong per-sample gradients (and
     so a broken clipping bound) when the sequence length equals the batch size, an error
-    otherwise. :func:`check_sequence_first` reports it (``make_private`` refuses a model with
+    otherwise. ``check_sequence_first()`` reports it (``make_private`` refuses a model with
     findings); the replacements compute exactly what the modules they replace compute.
 """
 

@@ -5,7 +5,7 @@ On a CPU, PyTorch allocates with the C library's ``malloc``, which maps a block 
 array faults every page in again (about 1.5 us a page on the benchmark VM). A recurrent
 layer's gate arrays are that large at batch 256 (``(b, t, 4h)``: 64 MiB for the benchmark's
 LSTM), and writing one fresh costs 30 ms where writing it again costs 5. A rule takes such
-arrays through a :class:`Lease` on the module's :class:`Workspace`; the engine gives them back
+arrays through a ``Lease`` on the module's ``Workspace``; the engine gives them back
 when the call's capture is released (after the step's clipped sums, when nothing reads them
 any more), and the next call of the module writes into the same memory.
 
@@ -38,7 +38,7 @@ class Workspace:
 
 
 class Lease:
-    """The arrays one call of a module took from its :class:`Workspace`."""
+    """The arrays one call of a module took from its ``Workspace``."""
 
     def __init__(self, workspace: Workspace):
         self._workspace = workspace
@@ -71,7 +71,7 @@ _WORKSPACES: weakref.WeakKeyDictionary[nn.Module, Workspace] = weakref.WeakKeyDi
 
 
 def workspace_of(module: nn.Module) -> Workspace:
-    """The module's workspace (made on first use, freed with the module or :func:`drop`)."""
+    """The module's workspace (made on first use, freed with the module or ``drop()``)."""
     ws = _WORKSPACES.get(module)
     if ws is None:
         ws = _WORKSPACES[module] = Workspace()

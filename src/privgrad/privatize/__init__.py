@@ -1,6 +1,7 @@
 """The release of DP-SGD, on plain tensors: clip factors from squared norms (``clipping``), the
-Gaussian noise (``noise``, ``secure``; any :class:`NoiseSource`), and the clipped sum plus noise,
-normalised, for each parameter (``step``). Nothing here knows about captures, hooks, optimizers or
+Gaussian noise (``noise``, ``secure``; any [`NoiseSource`][privgrad.privatize.source.NoiseSource]),
+and the clipped sum plus noise, normalised, for each parameter (``step``). Nothing here knows about
+captures, hooks, optimizers or
 loaders: the engine forms the clipped sums and hands them over."""
 
 from __future__ import annotations

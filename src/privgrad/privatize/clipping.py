@@ -9,7 +9,7 @@ Privacy:
     The clipped sum ``sum_b w_b g_b`` changes by at most ``C`` (in L2) when one example is added
     or removed, which is the sensitivity the Gaussian noise ``N(0, (sigma C)^2)`` is calibrated
     to. An example whose norm is not finite (NaN or inf loss or gradient) gets weight 0 and is
-    reported in :attr:`ClipResult.dropped`: its contribution is removed instead of turning the
+    reported in ``ClipResult.dropped``: its contribution is removed instead of turning the
     whole update into NaN (which would reveal that it was sampled).
 """
 

@@ -2,22 +2,24 @@
 
 On the CPU, PyTorch's ``normal_`` is limited by its Mersenne Twister, which produces one stream
 of numbers on one core (about 250 million samples a second): for a model with millions of
-parameters the noise costs more than the rest of the step. :class:`TorchGaussian` therefore draws
-a large CPU tensor as :data:`STREAMS` contiguous pieces, each from its own Mersenne Twister, on
-as many cores as PyTorch may use. Each piece is the same ``normal_`` kernel; only the number of
-streams changes, and it is fixed, so the noise does not depend on the number of cores.
+parameters the noise costs more than the rest of the step.
+[`TorchGaussian`][privgrad.privatize.noise.TorchGaussian] therefore draws a large CPU tensor as
+``STREAMS`` contiguous pieces, each from its own Mersenne Twister, on as many cores as PyTorch may
+use. Each piece is the same ``normal_`` kernel; only the number of streams changes, and it is fixed,
+so the noise does not depend on the number of cores.
 
 Each call gives every stream a fresh full state: 624 words drawn from the source's generator. So
 no stream state is ever reused (seeding a Twister with an integer would give only 2**32 possible
 streams, and two steps with the same stream would cancel each other's noise).
 
 Whose generator: a source made with ``seed=`` owns one generator per device, seeded from that
-seed, and its :meth:`TorchGaussian.state_dict` holds their states. The privacy engine makes its
-source so (the seed drawn at ``make_private``, after ``torch.manual_seed``), so the noise does not
-move with the user's own use of PyTorch's random stream (dropout, augmentation), and a resumed run
-always continues the noise where it stopped: restarting it from the seed would repeat the first
-run's noise, which subtracting two releases cancels. A source made without a seed draws from
-PyTorch's default generators (as a standalone sampler).
+seed, and its [`TorchGaussian.state_dict()`][privgrad.privatize.noise.TorchGaussian.state_dict]
+holds their states. The privacy engine makes its source so (the seed drawn at ``make_private``,
+after ``torch.manual_seed``), so the noise does not move with the user's own use of PyTorch's random
+stream (dropout, augmentation), and a resumed run always continues the noise where it stopped:
+restarting it from the seed would repeat the first run's noise, which subtracting two releases
+cancels. A source made without a seed draws from PyTorch's default generators (as a standalone
+sampler).
 
 Privacy:
     The default source is reproducible and *not* secure: floating-point Gaussian samplers leak
@@ -59,11 +61,11 @@ class TorchGaussian:
 
     Args:
         parallel_min: CPU tensors with at least this many elements are drawn in
-            :data:`STREAMS` pieces on several cores (smaller ones in one ``normal_`` call).
+            ``STREAMS`` pieces on several cores (smaller ones in one ``normal_`` call).
     """
 
     secure = False
-    #: :func:`~privgrad.privatize.noisy_gradients` may draw the noise (:meth:`sample_many`) into
+    #: ``noisy_gradients()`` may draw the noise (``sample_many()``) into
     #: the gradient buffers and add the (possibly sparse) clipped sums to it; a source without
     #: this adds the noise to the sum itself (``add_noise``).
     fuses_sums = True
@@ -99,8 +101,9 @@ class TorchGaussian:
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`'s output (generators of absent devices are made from
-        the seed when first used, as in the saved run)."""
+        """Continue from [`state_dict()`][privgrad.privatize.noise.TorchGaussian.state_dict]'s
+        output (generators of absent devices are made from the seed when first used, as in the saved
+        run)."""
         self.seed = None if state["seed"] is None else int(state["seed"])
         self._generators = {}
         for name, saved in state["generators"].items():
@@ -170,7 +173,7 @@ class TorchGaussian:
 
         Every noise source has this method: the engine hands it the clipped sum, so that a
         secure source can control how the addition is rounded
-        (:class:`~privgrad.privatize.secure.SecureGaussian`).
+        (``SecureGaussian``).
         """
         return self.sample(total, std).add_(total)
 
@@ -239,7 +242,7 @@ def _template() -> torch.Tensor:
 
 @functools.cache
 def _state_layout_known() -> bool:
-    """Whether this PyTorch's generator state has the layout :func:`_twister_state` writes
+    """Whether this PyTorch's generator state has the layout ``_twister_state()`` writes
     (checked on a seeded generator: its seed, counters and first two Twister words)."""
     seed = 0x2545F491
     raw = torch.Generator().manual_seed(seed).get_state().numpy()
@@ -261,8 +264,8 @@ def _storage_users(t: torch.Tensor) -> int:
 
 @functools.cache
 def _use_count_baseline() -> int | None:
-    """:func:`_storage_users` of a tensor nothing else uses, if this PyTorch counts views the
-    way :func:`_sole_user` relies on (checked once); ``None`` turns buffer reuse off."""
+    """``_storage_users()`` of a tensor nothing else uses, if this PyTorch counts views the
+    way ``_sole_user()`` relies on (checked once); ``None`` turns buffer reuse off."""
     if not hasattr(torch._C, "_storage_Use_Count"):
         return None
     try:

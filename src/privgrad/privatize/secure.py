@@ -9,7 +9,7 @@ success rates up to 92%). Jin et al. also show that exact *discrete* samplers ba
 leak the noise's magnitude through their running time. And a generator that is not
 cryptographic (PyTorch's Mersenne Twister or Philox) can in principle be predicted.
 
-**The method** (:class:`SecureGaussian`), per coordinate of the clipped sum ``s`` with noise
+**The method** (``SecureGaussian``), per coordinate of the clipped sum ``s`` with noise
 ``std = sigma * C``:
 
 1. a lattice spacing ``L = 2**(floor(log2 std) - GRID_BITS)`` (a power of two, public), so
@@ -157,7 +157,7 @@ def lattice_spacing(std: float) -> float:
 
 def _exact_offset(hi: int, lo: int, f: float, k: float) -> int:
     """``round(f + k Z)`` for one coordinate, with 256-bit arithmetic (mpmath): the reference
-    that :func:`lattice_offsets` agrees with.
+    that ``lattice_offsets()`` agrees with.
 
     The words define ``U`` exactly: bit 63 of ``hi`` is the sign of ``Z``, and
     ``a = (hi mod 2**63 + (lo + 2**63 + 1/2) 2**-64) 2**-64`` in ``(0, 1/2)`` its lower-tail
@@ -176,7 +176,7 @@ def _exact_offset(hi: int, lo: int, f: float, k: float) -> int:
 
 def lattice_offsets(f: torch.Tensor, k: float, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """``J = round(f + k Z)`` (float64, integer-valued), ``Z`` drawn by inverting the uniform that
-    the words ``hi, lo`` define (see :func:`_exact_offset`, which this agrees with exactly).
+    the words ``hi, lo`` define (see ``_exact_offset()``, which this agrees with exactly).
 
     Args:
         f: ``(n,)`` float64 fractional parts, ``|f| <= 1/2``.
@@ -205,7 +205,7 @@ class SecureGaussian:
     consumes PyTorch's generator.
 
     Raises:
-        ConfigError: no secure generator is available (see :class:`SecureRandom`).
+        ConfigError: no secure generator is available (see ``SecureRandom``).
     """
 
     secure = True
@@ -256,5 +256,5 @@ class SecureGaussian:
 
     def sample(self, like: torch.Tensor, std: float) -> torch.Tensor:
         """Noise alone: lattice values shaped like ``like`` (float64). Adding it to a float sum
-        afterwards loses the floating-point hardening; the engine uses :meth:`add_noise`."""
+        afterwards loses the floating-point hardening; the engine uses ``add_noise()``."""
         return self.add_noise(torch.zeros_like(like, dtype=torch.float64), std)

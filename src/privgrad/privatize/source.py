@@ -1,14 +1,14 @@
-"""What a noise source is: the interface the release (:func:`~privgrad.privatize.noisy_gradients`)
+"""What a noise source is: the interface the release (``noisy_gradients()``)
 and the engine use, and nothing else.
 
 A source draws Gaussian noise for the release of one logical step. Two kinds ship:
-:class:`~privgrad.privatize.TorchGaussian` (PyTorch's generators, reproducible, fast; it *fuses*
-the sums: it draws the noise straight into the gradient buffers and adds the clipped sums there)
-and :class:`~privgrad.privatize.secure.SecureGaussian` (secure mode: a CSPRNG and a release
-snapped to a lattice; it adds the noise to the sum itself). ``PrivacyEngine(noise=...)`` takes any
-object with these members; a source with state across steps (the correlated-noise mechanisms of
-the matrix-factorization issue) keeps it in :meth:`NoiseSource.state_dict`, which every resume
-path saves and restores.
+[`TorchGaussian`][privgrad.privatize.noise.TorchGaussian] (PyTorch's generators, reproducible, fast;
+it *fuses* the sums: it draws the noise straight into the gradient buffers and adds the clipped sums
+there) and ``SecureGaussian`` (secure mode: a CSPRNG and a release snapped to a lattice; it adds the
+noise to the sum itself). ``PrivacyEngine(noise=...)`` takes any object with these members; a source
+with state across steps (the correlated-noise mechanisms of the matrix-factorization issue) keeps it
+in [`NoiseSource.state_dict()`][privgrad.privatize.source.NoiseSource.state_dict], which every
+resume path saves and restores.
 """
 
 from __future__ import annotations
@@ -29,12 +29,16 @@ class NoiseSource(Protocol):
     Attributes:
         secure: whether the source resists an attacker who sees exact floating-point releases
             (recorded in checkpoints; secure mode requires it).
-        fuses_sums: whether the release may call :meth:`sample_many` and add the clipped sums
-            into its buffers (``True``), or must hand each sum to :meth:`add_noise` (``False``).
+        fuses_sums: whether the release may call
+            [`sample_many()`][privgrad.privatize.source.NoiseSource.sample_many] and add the clipped
+            sums into its buffers (``True``), or must hand each sum to
+            [`add_noise()`][privgrad.privatize.source.NoiseSource.add_noise] (``False``).
 
     Privacy:
         A source must draw every value independently of the data and of every earlier draw of
-        the run (a resumed run continues from :meth:`state_dict`, never from the beginning).
+        the run (a resumed run continues from
+        [`state_dict()`][privgrad.privatize.source.NoiseSource.state_dict], never from the
+        beginning).
     """
 
     secure: bool
@@ -55,7 +59,8 @@ class NoiseSource(Protocol):
         """What a resumed run needs to continue the noise (plain data and tensors)."""
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`'s output."""
+        """Continue from [`state_dict()`][privgrad.privatize.source.NoiseSource.state_dict]'s
+        output."""
 
 
 _MEMBERS = ("secure", "fuses_sums", "add_noise", "sample_many", "seeded", "state_dict",
@@ -63,8 +68,8 @@ _MEMBERS = ("secure", "fuses_sums", "add_noise", "sample_many", "seeded", "state
 
 
 def check_source(noise: object) -> NoiseSource:
-    """``noise`` if it has every member of :class:`NoiseSource`, else a ``ConfigTypeError``
-    naming the missing ones."""
+    """``noise`` if it has every member of [`NoiseSource`][privgrad.privatize.source.NoiseSource],
+    else a ``ConfigTypeError`` naming the missing ones."""
     missing = [m for m in _MEMBERS if not hasattr(noise, m)]
     if missing:
         raise ConfigTypeError(
@@ -76,9 +81,9 @@ def check_source(noise: object) -> NoiseSource:
 
 
 def noise_source(noise: object | None, secure_mode: bool) -> NoiseSource:
-    """The source a :class:`~privgrad.PrivacyEngine` uses: ``noise`` (checked), secure mode's
-    :class:`~privgrad.privatize.secure.SecureGaussian`, or the default
-    :class:`~privgrad.privatize.TorchGaussian`."""
+    """The source a [`PrivacyEngine`][privgrad.PrivacyEngine] uses: ``noise`` (checked), secure
+    mode's ``SecureGaussian``, or the default
+    [`TorchGaussian`][privgrad.privatize.noise.TorchGaussian]."""
     if noise is not None and secure_mode:
         raise ConfigError(
             f"secure_mode=True chooses its own noise source; got noise={type(noise).__name__} "

@@ -1,6 +1,6 @@
 """The release: the clipped sum of one logical step, plus the Gaussian noise, scaled like an
 ordinary gradient (``noisy_gradients``). Plain tensors in, plain tensors out: the clipped sums
-are formed by the engine (:class:`privgrad.engine.clipped_sum.ClippedSum`), added across
+are formed by the engine (``privgrad.engine.clipped_sum.ClippedSum``), added across
 processes in data-parallel training, and handed over.
 
 Privacy:
@@ -31,13 +31,14 @@ def noisy_gradients(
     A parameter no example reached still gets the noise (its sum is zero): noise lands on every
     privatised parameter exactly once per call. ``sums`` may hold sparse tensors (embeddings).
 
-    With PyTorch's generator (:class:`~privgrad.privatize.TorchGaussian`) the result is formed
-    as ``z + sum / normaliser`` with ``z ~ N(0, (noise_std / normaliser)^2)`` drawn straight
-    into the buffer that becomes ``p.grad``: the same distribution, one pass over the parameter
-    instead of three, and a sparse sum touches only its rows. The noise of all parameters of
-    one dtype and device is one draw (:meth:`TorchGaussian.sample_many`), so the gradients are
-    views into one buffer. Other sources (secure mode) add
-    the noise to the sum themselves, and the result is divided afterwards.
+    With PyTorch's generator ([`TorchGaussian`][privgrad.privatize.noise.TorchGaussian]) the result
+    is formed as ``z + sum / normaliser`` with ``z ~ N(0, (noise_std / normaliser)^2)`` drawn
+    straight into the buffer that becomes ``p.grad``: the same distribution, one pass over the
+    parameter instead of three, and a sparse sum touches only its rows. The noise of all parameters
+    of one dtype and device is one draw
+    ([`TorchGaussian.sample_many()`][privgrad.privatize.noise.TorchGaussian.sample_many]), so the
+    gradients are views into one buffer. Other sources (secure mode) add the noise to the sum
+    themselves, and the result is divided afterwards.
     """
     out = {}
     if noise.fuses_sums:

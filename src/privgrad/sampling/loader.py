@@ -5,7 +5,7 @@ batch sampler changes. An empty sample still yields a batch, of size 0 and of th
 as a real one (tensors with a leading dimension of 0, empty lists), so the training loop runs an
 ordinary step on it and the step still adds the full noise.
 
-The loader also tells the engine what it handed to the training loop (:class:`DrawnBatches`):
+The loader also tells the engine what it handed to the training loop (``DrawnBatches``):
 how many batches so far and how many examples each held, so that the engine can refuse a backward
 pass whose per-example rows are not the examples the sampler drew.
 """
@@ -36,8 +36,8 @@ class DrawnBatches:
 
     The batch sampler queues each sample's size when the loader asks for its indices (perhaps
     ahead of time, for prefetching workers); the loader delivers them, in order, as it yields
-    each batch. :attr:`delivered` counts the batches yielded so far (the number of the latest);
-    :attr:`pending` lists those yielded since the last :meth:`released` one.
+    each batch. ``delivered`` counts the batches yielded so far (the number of the latest);
+    ``pending`` lists those yielded since the last ``released()`` one.
 
     Not private: the sizes depend on the sample and are kept for the engine's checks only.
     """
@@ -73,7 +73,8 @@ class DrawnBatches:
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
-    """A torch batch sampler over a :class:`PoissonSampler` (lists of indices, maybe empty)."""
+    """A torch batch sampler over a [`PoissonSampler`][privgrad.sampling.poisson.PoissonSampler]
+    (lists of indices, maybe empty)."""
 
     def __init__(self, sampler: PoissonSampler, drawn: DrawnBatches | None = None):
         self.sampler = sampler
@@ -170,12 +171,12 @@ def check_loader(data_loader: DataLoader, poisson_sampling: bool) -> None:
 
 class PoissonLoader(DataLoader):
     """The loader ``make_private`` returns: a plain ``DataLoader`` over the user's data set with
-    a :class:`PoissonBatchSampler`, which reports each batch it yields to :class:`DrawnBatches`
+    a ``PoissonBatchSampler``, which reports each batch it yields to ``DrawnBatches``
     (batches come out in sampling order: ``in_order`` is always true).
 
     Attributes:
-        sampling: the :class:`~privgrad.sampling.plan.SamplingPlan` it was made from (so that
-            ``make_private`` can take this loader again, for a second run on the same data).
+        sampling: the [`SamplingPlan`][privgrad.sampling.plan.SamplingPlan] it was made from (so
+            that ``make_private`` can take this loader again, for a second run on the same data).
     """
 
     sampling = None

@@ -1,12 +1,13 @@
 """One place resolves how a run samples: the data set's size, ``q``, the expected batch size,
 the steps per epoch, the Poisson loader, and the privacy event each step is.
 
-:func:`plan` validates the loader and the sampling arguments once (``make_private`` and
-``make_private_with_epsilon`` call it once, and the latter hands its plan to the former);
-:meth:`SamplingPlan.loader` builds the Poisson sampler and loader; :meth:`SamplingPlan.event`
-is what the accountant records for one step, derived from the sampling itself (as jax_privacy
-derives its event from its batch-selection strategy), so that a sampler of another kind brings
-its own event.
+[`plan()`][privgrad.sampling.plan.plan] validates the loader and the sampling arguments once
+(``make_private`` and ``make_private_with_epsilon`` call it once, and the latter hands its plan to
+the former); [`SamplingPlan.loader()`][privgrad.sampling.plan.SamplingPlan.loader] builds the
+Poisson sampler and loader; [`SamplingPlan.event()`][privgrad.sampling.plan.SamplingPlan.event] is
+what the accountant records for one step, derived from the sampling itself (as jax_privacy derives
+its event from its batch-selection strategy), so that a sampler of another kind brings its own
+event.
 
 Privacy:
     With ``sample_rate`` and ``expected_batch_size`` given, nothing here depends on the data

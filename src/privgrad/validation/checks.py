@@ -1,11 +1,12 @@
-"""The checks: each looks at one module and may return a :class:`Finding`.
+"""The checks: each looks at one module and may return a
+[`Finding`][privgrad.validation.checks.Finding].
 
 The list of checks is the literal ``CHECKS`` at the bottom; each is a function
 ``(path, module, registry) -> Finding | None``. The cross-cutting checks are here (BatchNorm,
 InstanceNorm statistics, Embedding ``max_norm``, randomness under the generic rule, parameters
 no call uses); a layer family's own checks live beside its rule and come from the literal
 ``privgrad.layers.registry.FAMILY_CHECKS``, and a rule's refusal from
-:meth:`~privgrad.layers.LayerRule.finding`. A finding on a module covers the modules inside it
+[`finding()`][privgrad.LayerRule.finding]. A finding on a module covers the modules inside it
 for the same check (a sequence-first ``nn.TransformerEncoder`` is one finding, not one per
 layer).
 """

@@ -38,7 +38,7 @@ def group_count(channels: int, preferred: int = 32) -> int:
 
 
 def fix_batch_norm(module: nn.Module):
-    """Trainable BatchNorm -> GroupNorm; frozen BatchNorm -> :class:`FrozenBatchNorm`."""
+    """Trainable BatchNorm -> GroupNorm; frozen BatchNorm -> ``FrozenBatchNorm``."""
     if not isinstance(module, nn.modules.batchnorm._BatchNorm):
         return None
     trainable = any(p.requires_grad for p in module.parameters())
@@ -83,8 +83,8 @@ def fix(model: nn.Module, *, report: list | None = None) -> nn.Module:
 
     Args:
         model: the model to fix.
-        report: a list to append one :class:`Replacement` per module replaced (what it was,
-            what it is now, why), if you want to know.
+        report: a list to append one [`Replacement`][privgrad.validation.fixes.Replacement] per
+            module replaced (what it was, what it is now, why), if you want to know.
 
     Returns:
         The fixed copy, always (one value: ``model = privgrad.fix(model)``).

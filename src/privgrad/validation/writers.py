@@ -1,10 +1,10 @@
 """Modules that write their own state, or mix examples, when called in their current mode.
 
-The engine asks :func:`writes_state` before every call of a module of one of
-:data:`WRITER_TYPES` (through its state guard, :mod:`privgrad.engine.guard`), through the root or
+The engine asks ``writes_state()`` before every call of a module of one of
+``WRITER_TYPES`` (through its state guard, ``privgrad.engine.guard``), through the root or
 a submodule called directly, with or without grad: such a call is refused before it writes
 anything. ``validate()`` reports the same configurations before training starts
-(:func:`privgrad.validation.checks.check_embedding_max_norm` and the BatchNorm checks). Any other
+(``privgrad.validation.checks.check_embedding_max_norm()`` and the BatchNorm checks). Any other
 in-place write is caught by the guard's version counters just after it happens.
 """
 
