@@ -62,6 +62,8 @@ from torch import nn
 MODELS = ("mlp", "cnn", "transformer", "lstm", "embedding", "bag")
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 SIGMA, CLIP, LR = 1.0, 1.0, 0.01
+#: variants of privgrad with another clipping mode (benchmarks/clipping.py runs them)
+CLIPPING_VARIANTS = ("privgrad-automatic", "privgrad-adaptive")
 
 
 # -- the five models of issue 4 (embedding models in two variants) ------------------------------
@@ -226,8 +228,10 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
             kernels._onednn_linear_works = lambda: False
 
         engine = PrivacyEngine()
+        # privgrad-automatic / privgrad-adaptive: the clipping modes that need no tuned bound
+        clipping = variant.split("-")[1] if variant in CLIPPING_VARIANTS else "flat"
         engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                            noise_multiplier=SIGMA, max_grad_norm=CLIP)
+                            noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping=clipping)
         extra["methods"] = None
     elif variant.startswith("opacus"):
         from opacus import PrivacyEngine as OpacusEngine

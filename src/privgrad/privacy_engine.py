@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from privgrad import _validate, attachment, run_state
-from privgrad import checkpoint as _checkpoint
 from privgrad import settings as _settings
 from privgrad.accounting import make_accountant
 from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
@@ -34,6 +33,7 @@ from privgrad.engine.rows import DrawnRows
 from privgrad.errors import ModelValidationError, PrivacyStateError
 from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
+from privgrad.privatize.adaptive import QuantileBound, default_count_noise
 from privgrad.sampling import PoissonSampler
 from privgrad.sampling.plan import SamplingPlan
 from privgrad.sampling.plan import plan as sampling_plan
@@ -50,10 +50,10 @@ _log = logging.getLogger("privgrad")
 
 _MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate",
                  "expected_batch_size", "grad_sample_mode", "rules", "distributed", "grad_scaler",
-                 "check")
+                 "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std")
 
 
-class PrivacyEngine(TrainingHooks):
+class PrivacyEngine(TrainingHooks, run_state.RunState):
     """Makes a model, optimizer and data loader train with DP-SGD, and tracks the budget.
 
     Args:
@@ -89,6 +89,7 @@ class PrivacyEngine(TrainingHooks):
         self.steps = 0
         self.last_step_stats: StepStats | None = None
         self.dropped_examples = 0  # non-finite examples dropped so far (monitoring, not private)
+        self.adaptive_clipping: QuantileBound | None = None  # clipping="adaptive": the bound
         self.layer_rules: dict[str, str] = {}  # module path -> rule serving it (a report)
         self._sampling: SamplingPlan | None = None
         self._module: nn.Module | None = None
@@ -129,6 +130,10 @@ class PrivacyEngine(TrainingHooks):
         distributed: bool | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         check: str = "first_step",
+        gamma: float | None = None,
+        target_quantile: float | None = None,
+        quantile_lr: float | None = None,
+        count_noise_std: float | None = None,
         **unknown,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
@@ -142,7 +147,10 @@ class PrivacyEngine(TrainingHooks):
             noise_multiplier: sigma; noise std is ``sigma * max_grad_norm`` per step.
             max_grad_norm: C, the per-example L2 bound (per-layer clipping: a float split
                 equally, or one bound per trainable parameter in optimizer order).
-            clipping: ``"flat"`` or ``"per_layer"``.
+            clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` (each example scaled to
+                ``C g / (||g|| + gamma)``: no bound to tune) or ``"adaptive"`` (the bound,
+                starting at ``max_grad_norm``, follows ``target_quantile`` of the norms, estimated
+                privately each step). docs/clipping.md says which to choose.
             loss_reduction: ``"mean"`` (the loss averages the batch; the private gradient is
                 divided by the expected batch size) or ``"sum"``.
             poisson_sampling: replace the loader's sampling with Poisson sampling (what the
@@ -168,6 +176,12 @@ class PrivacyEngine(TrainingHooks):
                 backward pass with examples, and again after the trainable parameters change)
                 or ``"every_step"`` (debugging a custom rule; each checked pass costs autograd's
                 parameter gradients). Neither changes epsilon or the update.
+            gamma: automatic clipping's stability constant (default 0.01).
+            target_quantile: adaptive clipping: the share of examples the bound leaves
+                unclipped (default 0.5); ``quantile_lr`` its geometric step (default 0.2);
+                ``count_noise_std`` the noise on the count, in examples (default: the expected
+                batch size / 20). Epsilon is that of ``noise_multiplier``: the gradient's share
+                of the noise is raised to pay for the count.
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -186,7 +200,9 @@ class PrivacyEngine(TrainingHooks):
             max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
             poisson_sampling=poisson_sampling, sample_rate=sample_rate,
             expected_batch_size=expected_batch_size, grad_sample_mode=grad_sample_mode,
-            rules=rules, distributed=distributed, grad_scaler=grad_scaler, check=check)
+            rules=rules, distributed=distributed, grad_scaler=grad_scaler, check=check,
+            gamma=gamma, target_quantile=target_quantile, quantile_lr=quantile_lr,
+            count_noise_std=count_noise_std)
 
     def _attach(self, module, optimizer, data_loader, sampling: SamplingPlan | None, *,
                 poisson_sampling=True, sample_rate=None, expected_batch_size=None,
@@ -220,9 +236,13 @@ class PrivacyEngine(TrainingHooks):
                 "poisson_sampling=False: the loader keeps its own sampling, but the privacy "
                 "accounting assumes Poisson sampling, so the reported epsilon does not describe "
                 "this training run.", PrivacyWarning, stacklevel=3)
+        options = dict(args.clipping_options)
+        if args.clipping == "adaptive" and "count_noise_std" not in options:
+            options["count_noise_std"] = default_count_noise(sampling.expected_batch_size,
+                                                             args.noise_multiplier)
         settings = PrivacySettings(args.noise_multiplier, args.max_grad_norm, args.clipping,
                                    sampling.sample_rate, sampling.expected_batch_size,
-                                   args.loss_reduction, poisson_sampling)
+                                   args.loss_reduction, poisson_sampling, **options)
         params = args.params
         if ranks is not None:  # the same configuration on every rank, or an error on every rank
             ranks.agree(privacy_fingerprint(
@@ -243,7 +263,10 @@ class PrivacyEngine(TrainingHooks):
         # into a fused noise buffer.
         bounds = settings.bounds(params)
         self._bounded = frozenset(bounds) if isinstance(bounds, dict) else frozenset()
-        self._clipped = ClippedSum(bounds, sparse_sums=ranks is None and self.noise.fuses_sums)
+        self._clipped = ClippedSum(bounds, sparse_sums=ranks is None and self.noise.fuses_sums,
+                                   gamma=settings.gamma)
+        self.adaptive_clipping = None if settings.clipping != "adaptive" else QuantileBound(
+            bounds, settings.target_quantile, settings.quantile_lr, settings.count_noise_std)
         # Private training overwrites p.grad, so autograd need not form the parameter
         # gradients; but DDP's reducer and GradScaler.step expect them to exist.
         skip = grad_scaler is None and not isinstance(module, nn.parallel.DistributedDataParallel)
@@ -310,6 +333,14 @@ class PrivacyEngine(TrainingHooks):
         return self._optimizer
 
     @property
+    def clipping_bound(self) -> float | None:
+        """``C`` now: the bound the next step clips at (adaptive clipping: the moving bound;
+        per-layer: the root-sum-of-squares of the bounds). ``None`` before ``make_private``."""
+        if self.adaptive_clipping is not None:
+            return self.adaptive_clipping.bound
+        return None if self.settings is None else self.settings.total_bound
+
+    @property
     def data_parallel(self) -> bool:
         """Whether ``make_private`` attached this engine to a ``torch.distributed`` job."""
         return self._distributed is not None
@@ -321,49 +352,6 @@ class PrivacyEngine(TrainingHooks):
         if self._sampling is not None and self._sampling.dataset_size is not None:
             _settings.warn_large_delta(delta, self._sampling.dataset_size, "delta")
         return self.accountant.get_epsilon(delta=delta)
-
-    # -- the state of the run --------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything of the privacy run that must survive a restart (see
-        [`privgrad.run_state`][privgrad.run_state]): settings, accountant, sampler seed and
-        position, the noise generators, counters and the GradScaler link. Plain data and tensors
-        only.
-
-        Raises:
-            PrivacyStateError: before ``make_private``, in the middle of a step, or after the
-                state guard caught a write.
-        """
-        return run_state.state_dict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue the run [`state_dict()`][privgrad.PrivacyEngine.state_dict] described, after
-        ``make_private`` with the same settings and before the first step. Checks everything before
-        changing anything.
-
-        Raises:
-            CheckpointError: another configuration, model or accountant.
-            PrivacyStateError: this engine has released steps already (they would go
-                unaccounted), or is in the middle of a step.
-        """
-        run_state.load_state_dict(self, state)
-
-    def save_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler=None, extra=None) -> None:
-        """Write model, optimizer, scheduler and [`state_dict()`][privgrad.PrivacyEngine.state_dict]
-        to ``path``, atomically (see
-        [`privgrad.checkpoint.save_checkpoint()`][privgrad.checkpoint.save_checkpoint])."""
-        _checkpoint.save_checkpoint(self, path, module=module, optimizer=optimizer,
-                                    scheduler=scheduler, extra=extra)
-
-    def load_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler=None, restore_rng: bool = True):
-        """Resume from ``path`` after ``make_private`` with the same settings; return the saved
-        ``extra`` (see
-        [`privgrad.checkpoint.load_checkpoint()`][privgrad.checkpoint.load_checkpoint]). The sampler
-        and the noise always continue where the saved run stopped; ``restore_rng`` restores
-        PyTorch's own random states too (dropout, augmentation)."""
-        return _checkpoint.load_checkpoint(self, path, module=module, optimizer=optimizer,
-                                           scheduler=scheduler, restore_rng=restore_rng)
 
     # -- virtual batches -------------------------------------------------------------------
     @contextmanager

@@ -21,12 +21,17 @@ Privacy:
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from privgrad.accounting import make_accountant
 from privgrad.errors import CheckpointError, PrivacyStateError
 from privgrad.sampling import numpy_bits, os_bits
 
-__all__ = ["FORMAT", "NOT_SAVED", "SAVED", "load_state_dict", "state_dict"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["FORMAT", "NOT_SAVED", "SAVED", "RunState", "load_state_dict", "state_dict"]
 
 FORMAT = 1  #: version of the state's layout
 
@@ -36,7 +41,7 @@ SAVED = {
     "accountant": "accountant", "secure_mode": "secure_mode", "noise": "noise",
     "settings": "settings", "steps": "steps", "dropped_examples": "dropped_examples",
     "_sampling": "dataset_size", "_sampler": "sampler", "_sampler_seed": "sampler",
-    "_amp": "grad_scaler",
+    "_amp": "grad_scaler", "adaptive_clipping": "adaptive_clipping",
 }
 #: Attributes of a PrivacyEngine that are not saved, and why (a test fails on an attribute in
 #: neither table).
@@ -83,6 +88,8 @@ def state_dict(engine) -> dict:
             "steps": sampler.steps},
         "noise": engine.noise.state_dict(),
         "grad_scaler": engine._amp.scaler.state_dict() if engine._amp is not None else None,
+        "adaptive_clipping": (None if engine.adaptive_clipping is None
+                              else engine.adaptive_clipping.state_dict()),
     }
 
 
@@ -106,6 +113,9 @@ def check(engine, state: dict) -> None:
             f"the engine state must be a dict of format {FORMAT} (from engine.state_dict()); got "
             f"format={got!r}. Pass what state_dict() returned, unchanged.")
     here = state_dict(engine)
+    saved_settings = state.get("settings")
+    if isinstance(saved_settings, dict):  # a setting added since the state was saved: its default
+        state = {**state, "settings": {**{k: None for k in here["settings"]}, **saved_settings}}
     for key in ("settings", "secure_mode", "dataset_size", "parameters"):
         if state.get(key) != here[key]:
             if key == "settings" and isinstance(state.get(key), dict):
@@ -130,6 +140,10 @@ def check(engine, state: dict) -> None:
     if (state.get("grad_scaler") is None) != (engine._amp is None):
         raise CheckpointError(mismatch("use of a grad_scaler", state.get("grad_scaler") is not None,
                                        engine._amp is not None))
+    adaptive = state.get("adaptive_clipping")
+    if (adaptive is None) != (engine.adaptive_clipping is None) or (
+            adaptive is not None and len(adaptive.get("bounds", ())) != state.get("steps")):
+        raise CheckpointError(mismatch("adaptive clipping state", adaptive, here["adaptive_clipping"]))
     noise = state.get("noise")
     if not isinstance(noise, dict) or (not engine.secure_mode and "generators" not in noise):
         raise CheckpointError(mismatch("noise source state", noise, here["noise"]))
@@ -149,6 +163,8 @@ def apply(engine, state: dict) -> None:
     engine.noise.load_state_dict(state["noise"])
     if engine._amp is not None:
         engine._amp.scaler.load_state_dict(state["grad_scaler"])
+    if engine.adaptive_clipping is not None:
+        engine.adaptive_clipping.load_state_dict(state["adaptive_clipping"])
 
 
 def parameters(module, optimizer) -> list:
@@ -179,3 +195,55 @@ def _check_between_steps(engine, what: str) -> None:
             f"{what} must run between steps; got clipped gradients waiting for optimizer.step() "
             f"(a backward pass without its step, or inside a virtual batch). Call it after "
             f"optimizer.step().")
+
+
+class RunState:
+    """The engine's methods for the state of a run (a base of
+    [`PrivacyEngine`][privgrad.PrivacyEngine]; the functions above do the work)."""
+
+    def state_dict(self) -> dict:
+        """Everything of the privacy run that must survive a restart (see
+        [`privgrad.run_state`][privgrad.run_state]): settings, accountant, sampler seed and
+        position, the noise generators, counters and the GradScaler link. Plain data and tensors
+        only.
+
+        Raises:
+            PrivacyStateError: before ``make_private``, in the middle of a step, or after the
+                state guard caught a write.
+        """
+        return state_dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the run [`state_dict()`][privgrad.PrivacyEngine.state_dict] described, after
+        ``make_private`` with the same settings and before the first step. Checks everything before
+        changing anything.
+
+        Raises:
+            CheckpointError: another configuration, model or accountant.
+            PrivacyStateError: this engine has released steps already (they would go
+                unaccounted), or is in the middle of a step.
+        """
+        load_state_dict(self, state)
+
+    def save_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler=None, extra=None) -> None:
+        """Write model, optimizer, scheduler and [`state_dict()`][privgrad.PrivacyEngine.state_dict]
+        to ``path``, atomically (see
+        [`privgrad.checkpoint.save_checkpoint()`][privgrad.checkpoint.save_checkpoint])."""
+        from privgrad import checkpoint
+
+        checkpoint.save_checkpoint(self, path, module=module, optimizer=optimizer,
+                                   scheduler=scheduler, extra=extra)
+
+    def load_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler=None, restore_rng: bool = True):
+        """Resume from ``path`` after ``make_private`` with the same settings; return the saved
+        ``extra`` (see
+        [`privgrad.checkpoint.load_checkpoint()`][privgrad.checkpoint.load_checkpoint]). The sampler
+        and the noise always continue where the saved run stopped; ``restore_rng`` restores
+        PyTorch's own random states too (dropout, augmentation)."""
+        from privgrad import checkpoint
+
+        return checkpoint.load_checkpoint(self, path, module=module, optimizer=optimizer,
+                                          scheduler=scheduler, restore_rng=restore_rng)
+

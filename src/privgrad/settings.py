@@ -18,6 +18,7 @@ from torch import nn
 
 from privgrad import _validate
 from privgrad.errors import ConfigError, ConfigTypeError
+from privgrad.privatize.adaptive import check_options, gradient_noise_multiplier
 from privgrad.privatize.clipping import per_layer_bounds
 
 
@@ -36,17 +37,33 @@ class PrivacySettings:
     expected_batch_size: float
     loss_reduction: str
     poisson_sampling: bool
+    #: clipping="automatic": the stability constant of ``C g / (||g|| + gamma)``
+    gamma: float | None = None
+    #: clipping="adaptive": the quantile the bound follows, its geometric step, the count's noise
+    target_quantile: float | None = None
+    quantile_lr: float | None = None
+    count_noise_std: float | None = None
 
     @property
     def total_bound(self) -> float:
-        """``C``: the flat bound, or the root-sum-of-squares of per-layer bounds."""
+        """``C``: the flat bound, or the root-sum-of-squares of per-layer bounds (adaptive
+        clipping: the initial bound; the engine's ``clipping_bound`` is the current one)."""
         if isinstance(self.max_grad_norm, tuple):
             return math.sqrt(sum(c * c for c in self.max_grad_norm))
         return float(self.max_grad_norm)
 
     @property
     def noise_std(self) -> float:
-        return self.noise_multiplier * self.total_bound
+        """The gradient's noise std (adaptive clipping: at the initial bound)."""
+        return self.gradient_noise_multiplier * self.total_bound
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The noise multiplier of the gradient: ``noise_multiplier``, except under adaptive
+        clipping, where the count's release takes its share (``privgrad.privatize.adaptive``)."""
+        if self.clipping != "adaptive":
+            return self.noise_multiplier
+        return gradient_noise_multiplier(self.noise_multiplier, self.count_noise_std)
 
     @property
     def normaliser(self) -> float:
@@ -60,7 +77,7 @@ class PrivacySettings:
             Per-layer bounds exist for these parameters only: a parameter trainable later has
             none and is refused (a fresh bound would raise the sensitivity above ``C``).
         """
-        if self.clipping == "flat":
+        if self.clipping != "per_layer":
             return float(self.max_grad_norm)
         return per_layer_bounds(params, self.max_grad_norm)
 
@@ -76,6 +93,7 @@ class Arguments:
     grad_sample_mode: str
     check: str
     params: list
+    clipping_options: dict  # gamma, target_quantile, quantile_lr, count_noise_std (checked)
 
 
 @dataclass(frozen=True)
@@ -143,8 +161,9 @@ def check_flag(name: str, value: object) -> bool:
 
 
 def check_arguments(*, module, optimizer, noise_multiplier, max_grad_norm, clipping="flat",
-                    loss_reduction="mean", grad_sample_mode="auto",
-                    check="first_step") -> Arguments:
+                    loss_reduction="mean", grad_sample_mode="auto", check="first_step",
+                    gamma=None, target_quantile=None, quantile_lr=None,
+                    count_noise_std=None) -> Arguments:
     """Every privacy and performance argument of ``make_private``, validated once, in the one
     error format; the optimizer's trainable parameters with them."""
     from privgrad.engine.batch import MODES
@@ -172,7 +191,10 @@ def check_arguments(*, module, optimizer, noise_multiplier, max_grad_norm, clipp
             "none that requires grad. Unfreeze what you want to train (requires_grad_(True)) "
             "and build the optimizer over it.")
     bound = check_bound(max_grad_norm, clipping, len(params))
-    return Arguments(sigma, bound, clipping, loss_reduction, mode, check, params)
+    options = check_options(clipping=clipping, noise_multiplier=sigma, gamma=gamma,
+                            target_quantile=target_quantile, quantile_lr=quantile_lr,
+                            count_noise_std=count_noise_std)
+    return Arguments(sigma, bound, clipping, loss_reduction, mode, check, params, options)
 
 
 def privatised(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

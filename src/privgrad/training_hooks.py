@@ -9,7 +9,8 @@ that runs at each forward pass, at the end of each backward pass and at each opt
   raw gradients are taken out of ``p.grad``.
 - **Optimizer step** (a step pre-hook): the release: the clipped sums (added across processes in
   data-parallel training), the noise once, the normaliser, written to ``p.grad``; the accountant
-  records the sampling's event. Inside a virtual batch, every chunk but the last releases
+  records the sampling's event; adaptive clipping releases its count and moves the bound.
+  Inside a virtual batch, every chunk but the last releases
   nothing.
 
 Privacy:
@@ -28,7 +29,10 @@ from privgrad.engine.selfcheck import check_sums
 from privgrad.errors import PrivacyStateError
 from privgrad.privatize import noisy_gradients
 
-__all__ = ["TrainingHooks"]
+__all__ = ["COUNT", "TrainingHooks"]
+
+#: The key of adaptive clipping's count (examples within the bound, examples) among the sums.
+COUNT = "adaptive clipping count"
 
 
 class TrainingHooks:
@@ -134,6 +138,8 @@ class TrainingHooks:
             self._undrawn += batch.batch_size
             return False
         self._undrawn = 0  # a pass on a drawn batch: what was set aside is discarded
+        if self.adaptive_clipping is not None and self._clipped.stats.backward_passes == 0:
+            self._clipped.bounds = self.adaptive_clipping.bound  # one bound per logical step
         self._clipped.add(batch, set(params))
         return True
 
@@ -172,18 +178,29 @@ class TrainingHooks:
             self._clipped.reset()  # refused: nothing released, nothing kept for the next step
             self._rows.reset()
             raise
-        s = self.settings
+        s, adaptive = self.settings, self.adaptive_clipping
         # Data-parallel: reduce_sums adds the ranks' clipped sums up on rank 0, which alone draws
         # the noise, on that total, as one process would; every rank then gets rank 0's release.
-        sums = self.reduce_sums(self._clipped.sums)
-        noise_std = (s.noise_std if self._distributed is None
-                     else self._distributed.noise_share(s.noise_std))
+        sums = dict(self._clipped.sums)
+        if adaptive is not None:  # adaptive clipping's count travels with the sums
+            stats = self._clipped.stats
+            sums[COUNT] = torch.tensor([stats.within, stats.examples], dtype=torch.float64,
+                                       device=params[0].device)
+        sums = self.reduce_sums(sums)
+        # adaptive: the noise of the bound this step's sums were clipped at
+        std = s.noise_std if adaptive is None else s.gradient_noise_multiplier * self._clipped.bounds
+        noise_std = std if self._distributed is None else self._distributed.noise_share(std)
         grads = noisy_gradients(params, sums, noise_std=noise_std,
                                 normaliser=self.normaliser(), noise=self.noise)
+        if adaptive is not None:  # drawn where the gradient's noise is: once, after it
+            grads[COUNT] = (adaptive.release(*sums[COUNT], self.noise) if COUNT in sums else
+                            torch.zeros(1, dtype=torch.float64, device=params[0].device))
         if self._distributed is not None:
             grads = self._distributed.broadcast_release(grads)
         for p in params:
             p.grad = grads[p]
+        if adaptive is not None:
+            adaptive.update(float(grads[COUNT]), s.expected_batch_size, self._clipped.bounds)
         self.accountant.compose(self._sampling.event(s.noise_multiplier))
         self.steps += 1
         self.last_step_stats = self._clipped.stats

@@ -36,6 +36,7 @@ from tests.helpers import drawn
 N, BATCH, STEPS = 64, 16, 8          # equivalence: q = 1/4, two epochs
 SIGMA, C = 1.3, 0.7                  # noise statistics: as tests/privacy/checks.py
 NOISE_STEPS, MUTANT_STEPS = 200, 20
+ADAPTIVE = {"clipping": "adaptive", "target_quantile": 0.7, "quantile_lr": 0.5}
 
 
 def data() -> TensorDataset:
@@ -48,7 +49,7 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def train(rank: int, *, distributed, ddp=False, sigma=0.0, seed=0) -> dict:
+def train(rank: int, *, distributed, ddp=False, sigma=0.0, seed=0, **clipping) -> dict:
     """Eight private steps (momentum SGD, virtual batches of at most 3); the parameters, the
     indices each step used and the epsilon. Rank r > 0 starts from another seed: its model and
     its generator must not matter."""
@@ -59,7 +60,7 @@ def train(rank: int, *, distributed, ddp=False, sigma=0.0, seed=0) -> dict:
     wrapped = DistributedDataParallel(net) if ddp else net
     wrapped, optimizer, dl = engine.make_private(
         module=wrapped, optimizer=optimizer, data_loader=DataLoader(data(), batch_size=BATCH),
-        noise_multiplier=sigma, max_grad_norm=0.5, distributed=distributed)
+        noise_multiplier=sigma, max_grad_norm=0.5, distributed=distributed, **clipping)
     indices, chunks, logical, count = [], [], [], 0
     while engine.steps < STEPS:
         with engine.virtual_batches(dl, max_physical_batch_size=3) as batches:
@@ -81,6 +82,7 @@ def train(rank: int, *, distributed, ddp=False, sigma=0.0, seed=0) -> dict:
     return {"params": [p.detach().clone() for p in net.parameters()], "indices": indices,
             "sparse_sums": sparse_sums,
             "chunks": chunks, "epsilon": engine.get_epsilon(1e-5),
+            "bounds": None if engine.adaptive_clipping is None else engine.adaptive_clipping.bounds,
             "q": engine.settings.sample_rate, "steps": engine.accountant.steps}
 
 
@@ -300,6 +302,9 @@ def suite(rank: int, world_size: int) -> dict:
             "ddp": train(rank, distributed=True, ddp=True),
             "noisy_reference": train(rank, distributed=False, sigma=1.0, seed=3) if first else None,
             "noisy": train(rank, distributed=None, sigma=1.0, seed=3),
+            "adaptive_reference": train(rank, distributed=False, sigma=1.0, seed=3,
+                                        **ADAPTIVE) if first else None,
+            "adaptive": train(rank, distributed=True, ddp=True, sigma=1.0, seed=3, **ADAPTIVE),
             "collectives": count_collectives(rank),
             "ddp_traffic": ddp_traffic(rank),
             "refusals": refusals(rank),

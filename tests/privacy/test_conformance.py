@@ -46,6 +46,21 @@ def test_adding_one_record_moves_the_update_by_at_most_c(case, mode):
     checks.check_add_one_sensitivity(CASES[case], mode)
 
 
+# automatic clipping (C g / (||g|| + gamma)): the same bound, in every mode and layer type;
+# adaptive clipping's moving bound has its own checks in tests/privatize/test_adaptive_clipping.py
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_automatic_clipping_keeps_one_record_within_c(case, mode):
+    checks.check_clipping_bound(CASES[case], mode, clipping="automatic")
+    checks.check_non_finite_record(CASES[case], mode, clipping="automatic")
+
+
+@pytest.mark.parametrize("mode", ["auto", "materialize"])
+@pytest.mark.parametrize("case", ["mlp", "bag", "tied"])
+def test_automatic_clipping_add_one_sensitivity(case, mode):
+    checks.check_add_one_sensitivity(CASES[case], mode, clipping="automatic")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_other_records_do_not_change_a_records_gradient(case):
     c = CASES[case]

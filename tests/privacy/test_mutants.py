@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import privgrad.accounting as accounting
+import privgrad.engine.clipped_sum as clipped_sum_module
+import privgrad.privatize.adaptive as adaptive_module
 import privgrad.training_hooks as hooks_module
 import privgrad.run_state as run_state_module
 import privgrad.sampling.plan as plan_module
@@ -30,6 +32,7 @@ from privgrad.privatize import secure
 from privgrad.sampling.poisson import PoissonSampler, numpy_bits
 from tests.engine.test_capture import test_tied_weights_get_one_per_sample_gradient
 from tests.privacy import checks, secure_checks
+from tests.privatize import test_adaptive_clipping as adaptive_tests
 from tests.reliability import checks as reliability
 
 CASES = {c.name: c for c in checks.CASES}
@@ -185,6 +188,24 @@ def resume_check(sigma: float):
     return check
 
 
+def automatic_ignores_the_bound(mp):
+    original = clipped_sum_module.automatic_clip
+    mp.setattr(clipped_sum_module, "automatic_clip",
+               lambda norms_sq, bound, gamma, *a: original(norms_sq, 1.0, gamma, *a))
+
+
+def adaptive_noise_not_raised(mp):
+    mp.setattr(settings_module.PrivacySettings, "gradient_noise_multiplier",
+               property(lambda self: self.noise_multiplier))
+
+
+def adaptive_count_not_centred(mp):
+    """The count released as sum_b 1[within] + noise: sensitivity 1, noise sized for 1/2."""
+    mp.setattr(adaptive_module.QuantileBound, "release", lambda self, within, examples, noise:
+               noise.add_noise(torch.as_tensor(within, dtype=torch.float64).reshape(1),
+                               self.count_noise_std))
+
+
 MUTANTS = {
     "noise x0.5": (scaled_noise(0.5), lambda: checks.check_noise_distribution("mean", steps=60)),
     "noise x2": (scaled_noise(2.0), lambda: checks.check_noise_distribution("mean", steps=60)),
@@ -210,6 +231,9 @@ MUTANTS = {
     "sampler seed not restored": (sampler_not_restored, resume_check(0.0)),
     "RNG state not restored": (rng_not_restored, resume_check(1.0)),
     "noise generators not restored": (noise_not_restored, resume_check(1.0)),
+    "automatic clipping ignores max_grad_norm": (automatic_ignores_the_bound, lambda: checks.check_clipping_bound(CASES["mlp"], "ghost", clipping="automatic")),
+    "adaptive clipping's gradient noise not raised": (adaptive_noise_not_raised, adaptive_tests.test_the_gradient_noise_is_raised_to_keep_the_pair_at_z),
+    "adaptive clipping's count not centred": (adaptive_count_not_centred, lambda: adaptive_tests.test_one_example_moves_each_release_by_its_sensitivity(1e-8)),
 }
 
 

@@ -144,13 +144,15 @@ def amp_batch(n: int = 16):
 
 
 def check_amp_matches_float32(dtype: torch.dtype, scale: float | None = None,
-                              mode: str = "auto") -> None:
+                              mode: str = "auto", clipping: str = "flat") -> None:
     """Row-3-style equivalence: the clipped sum under autocast (and a GradScaler of the given
     ``scale``) equals the float32 one within half precision's rounding, and the same examples
     are clipped (the bound sits mid-way through the per-sample norms, 3.5 to 15.8, so a loss
     scale left in the gradients would clip them all)."""
     x, y = amp_batch()
-    kwargs = dict(max_grad_norm=7.6, loss_reduction="sum", grad_sample_mode=mode)
+    kwargs = dict(max_grad_norm=7.6, loss_reduction="sum", grad_sample_mode=mode, clipping=clipping)
+    if clipping == "adaptive":  # the bound stays put, so both runs clip at 7.6 and count alike
+        kwargs["quantile_lr"] = 0.0
     ref, ref_engine = one_step_update(mlp(), kwargs, x, y)
     scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
     got, engine = one_step_update(mlp(), kwargs, x, y, autocast=dtype, grad_scaler=scaler)
@@ -160,6 +162,8 @@ def check_amp_matches_float32(dtype: torch.dtype, scale: float | None = None,
         assert err < tol, f"{dtype} scale={scale}: {name} relative error {err:.2e}"
     assert engine.last_step_stats.clipped == ref_engine.last_step_stats.clipped == 8
     assert engine.last_step_stats.dropped == 0
+    assert engine.last_step_stats.within == ref_engine.last_step_stats.within == (
+        0 if clipping == "automatic" else len(x) - 8)
 
 
 def check_skipped_step_is_discarded() -> None:

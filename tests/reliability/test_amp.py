@@ -24,6 +24,14 @@ def test_autocast_matches_float32(dtype, scale, mode):
     checks.check_amp_matches_float32(dtype, scale, mode)
 
 
+@pytest.mark.parametrize("clipping", ["automatic", "adaptive"])
+@pytest.mark.parametrize("dtype, scale", [(torch.bfloat16, None), (torch.float16, 2.0**16)])
+def test_clipping_without_tuning_under_autocast_matches_float32(dtype, scale, clipping):
+    """The loss scale is out of the norms before automatic clipping's factors and adaptive
+    clipping's count are formed."""
+    checks.check_amp_matches_float32(dtype, scale, "auto", clipping=clipping)
+
+
 def test_loss_scale_does_not_change_the_update():
     """Two scales, the same update bit for bit: the division by a power of two is exact."""
     x, y = checks.amp_batch()

@@ -191,7 +191,8 @@ class DataParallel:
 
         Args:
             sums: this rank's clipped sum per parameter (a parameter no local example reached
-                may be missing: it counts as zero).
+                may be missing: it counts as zero), and named extra totals (adaptive clipping's
+                count, keyed by a string, on every rank).
             params: the privatised parameters, in the same order on every rank (``agree``
                 checked their shapes).
 
@@ -208,6 +209,7 @@ class DataParallel:
         full = {p: sums[p] if p in sums else
                 torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
                 for p in params}
+        full.update({k: v for k, v in sums.items() if isinstance(k, str)})  # adaptive's count
         if self.world_size == 1:
             return full
         total = self._collective(full, lambda flat: dist.reduce(

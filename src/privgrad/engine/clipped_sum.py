@@ -19,7 +19,7 @@ from torch import nn
 from privgrad._precision import accumulation_dtype
 from privgrad.engine.batch import BackwardBatch
 from privgrad.errors import PrivacyStateError
-from privgrad.privatize.clipping import flat_clip, per_layer_clip
+from privgrad.privatize.clipping import automatic_clip, flat_clip, per_layer_clip
 
 __all__ = ["ClippedSum", "StepStats"]
 
@@ -33,6 +33,7 @@ class StepStats:
     clipped: int = 0
     dropped: int = 0
     backward_passes: int = 0
+    within: int = 0  # examples whose norm was at most the (flat) bound: adaptive clipping's count
 
 
 class ClippedSum:
@@ -40,15 +41,20 @@ class ClippedSum:
 
     Args:
         bounds: ``C`` (flat clipping), or ``{parameter: C_k}`` (per-layer clipping), as
-            ``privgrad.settings.PrivacySettings.bounds()`` fixed them.
+            ``privgrad.settings.PrivacySettings.bounds()`` fixed them. Adaptive clipping
+            sets a new flat ``bounds`` between steps.
+        gamma: automatic clipping's stability constant: each example is scaled by
+            ``C / (||g|| + gamma)`` (``bounds`` is then ``C``); ``None`` for clipping.
         sparse_sums: keep embeddings' sums as sparse rows where that is smaller, for a release
             whose noise source ``fuses_sums`` (it adds them into the noise buffer); every other
             consumer needs dense sums.
     """
 
-    def __init__(self, bounds: float | dict[nn.Parameter, float], *, sparse_sums: bool = False):
+    def __init__(self, bounds: float | dict[nn.Parameter, float], *, sparse_sums: bool = False,
+                 gamma: float | None = None):
         self.sparse_sums = sparse_sums
         self.bounds = bounds
+        self.gamma = gamma
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.stats = StepStats()
 
@@ -56,7 +62,9 @@ class ClippedSum:
         """Clip one backward pass's examples and add their sum. ``params``: those privatised."""
         norms_sq = {p: sq for p, sq in batch.norms_sq.items() if p in params}
         device = next(iter(norms_sq.values())).device if norms_sq else None
-        if not isinstance(self.bounds, dict):
+        if self.gamma is not None:
+            result = automatic_clip(norms_sq, self.bounds, self.gamma, batch.batch_size, device)
+        elif not isinstance(self.bounds, dict):
             result = flat_clip(norms_sq, self.bounds, batch.batch_size, device)
         else:
             missing = [tuple(p.shape) for p in norms_sq if p not in self.bounds]
@@ -88,6 +96,7 @@ class ClippedSum:
         self.stats.examples += batch.batch_size
         self.stats.clipped += result.clipped
         self.stats.dropped += result.dropped
+        self.stats.within += result.within
         self.stats.backward_passes += 1
 
     def reset(self) -> None:

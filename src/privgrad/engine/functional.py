@@ -110,9 +110,11 @@ def per_sample_gradients(module: nn.Module, loss_fn, *, loss_reduction: str = "s
 
 def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Parameter], *,
                  noise_multiplier: float, max_grad_norm: float, clipping: str = "flat",
-                 normaliser: float = 1.0, noise=None) -> StepStats:
+                 normaliser: float = 1.0, noise=None, gamma: float = 0.01) -> StepStats:
     """Clip the recorded examples, add them up, add ``N(0, (sigma C)^2)`` once, divide by
     ``normaliser`` and write the result to ``p.grad`` for every parameter in ``params``.
+    ``clipping``: ``"flat"``, ``"per_layer"`` or ``"automatic"`` (with ``gamma``); adaptive
+    clipping keeps state across steps: use the engine.
 
     Privacy:
         One call is one release of the subsampled Gaussian mechanism with the given
@@ -125,14 +127,18 @@ def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Par
         "max_grad_norm, e.g. 1.0.")
     c = _validate.positive("max_grad_norm", max_grad_norm, "Pass the per-sample L2 clipping "
                            "bound, e.g. 1.0.")
-    _validate.choice("clipping", clipping, CLIPPING)
+    _validate.choice("clipping", clipping, [m for m in CLIPPING if m != "adaptive"])
+    if clipping == "automatic":
+        gamma = _validate.positive("gamma", gamma, "Pass a small stability constant, e.g. 0.01.")
     noise = check_source(noise) if noise is not None else TorchGaussian()
-    bounds = c if clipping == "flat" else per_layer_bounds(params, c)
-    clipped = ClippedSum(bounds, sparse_sums=noise.fuses_sums)
-    for b in batch if isinstance(batch, list) else [batch]:
-        clipped.add(b, set(params))
-    grads = noisy_gradients(params, clipped.sums, noise_std=sigma * c, normaliser=normaliser,
-                            noise=noise)
+    bounds = per_layer_bounds(params, c) if clipping == "per_layer" else c
+    clipped = ClippedSum(bounds, sparse_sums=noise.fuses_sums,
+                         gamma=gamma if clipping == "automatic" else None)
+    with torch.no_grad():  # as in optimizer.step(): the release is not part of any graph
+        for b in batch if isinstance(batch, list) else [batch]:
+            clipped.add(b, set(params))
+        grads = noisy_gradients(params, clipped.sums, noise_std=sigma * c, normaliser=normaliser,
+                                noise=noise)
     for p in params:
         p.grad = grads[p]
     return clipped.stats

@@ -38,7 +38,9 @@ def step_record(engine, delta: float | None = None) -> dict:
     """The last step's numbers: settings, epsilon (if ``delta`` is given) and clip statistics.
 
     ``clip_fraction`` is the share of the step's examples whose gradient norm exceeded
-    ``max_grad_norm`` (``nan`` for an empty batch).
+    ``max_grad_norm`` (``nan`` for an empty batch; automatic clipping: whose gradient it shrank).
+    Under adaptive clipping ``max_grad_norm`` and ``noise_std`` are the last step's (the bound
+    moves), and ``quantile_estimate`` is the step's released estimate of the share within it.
 
     Privacy:
         ``epsilon``, the noise and the settings are public. ``examples``, ``clip_fraction`` (and
@@ -49,15 +51,20 @@ def step_record(engine, delta: float | None = None) -> dict:
         raise PrivacyStateError("logging needs an engine with privacy settings; got an engine "
                                 "before make_private. Call engine.make_private(...) first.")
     s, stats = engine.settings, engine.last_step_stats
+    adaptive = engine.adaptive_clipping  # its bound moves: the one the last step used
+    bound = adaptive.bounds[-1] if adaptive is not None and adaptive.bounds else s.total_bound
     examples = stats.examples if stats is not None else 0
     record = dict(
         step=engine.steps,
         epsilon=engine.get_epsilon(delta) if delta is not None else math.nan,
         delta=delta if delta is not None else math.nan,
-        noise_multiplier=s.noise_multiplier, noise_std=s.noise_std, max_grad_norm=s.total_bound,
+        noise_multiplier=s.noise_multiplier, noise_std=s.gradient_noise_multiplier * bound,
+        max_grad_norm=bound,
         sample_rate=s.sample_rate, examples=examples,
         clip_fraction=stats.clipped / examples if examples else math.nan,
     )
+    if adaptive is not None:
+        record["quantile_estimate"] = adaptive.estimates[-1] if adaptive.estimates else math.nan
     return record
 
 
@@ -121,7 +128,7 @@ class PrivacyLogger:
         row["loss"] = math.nan if loss is None else float(loss)
         row.update(metrics)
         if self._columns is None:
-            self._columns = FIELDS + tuple(k for k in metrics if k not in FIELDS)
+            self._columns = FIELDS + tuple(k for k in row if k not in FIELDS)
         unknown = set(row) - set(self._columns)
         if unknown:
             raise ConfigError(

@@ -3,11 +3,16 @@
 Flat clipping scales example ``b``'s whole gradient by ``min(1, C / ||g_b||)``; per-layer
 clipping gives parameter ``k`` its own bound ``C_k`` (by default ``C / sqrt(K)``, so that the
 per-layer bounds compose to ``sqrt(sum C_k^2) = C``) and scales each parameter's gradient by
-``min(1, C_k / ||g_bk||)``.
+``min(1, C_k / ||g_bk||)``. Automatic clipping (AUTO-S: Bu, Wang, Zha and Karypis, NeurIPS 2023)
+scales every example to ``C g_b / (||g_b|| + gamma)``: no example is left as it is, so no bound
+has to be tuned; the learning rate absorbs the scale (an update is about ``lr * C`` per example
+whatever the gradients' size). Adaptive clipping (``privgrad.privatize.adaptive``) clips flat
+at a bound that moves every step.
 
 Privacy:
     The clipped sum ``sum_b w_b g_b`` changes by at most ``C`` (in L2) when one example is added
-    or removed, which is the sensitivity the Gaussian noise ``N(0, (sigma C)^2)`` is calibrated
+    or removed (automatic clipping: ``C ||g|| / (||g|| + gamma) < C``), which is the
+    sensitivity the Gaussian noise ``N(0, (sigma C)^2)`` is calibrated
     to. An example whose norm is not finite (NaN or inf loss or gradient) gets weight 0 and is
     reported in ``ClipResult.dropped``: its contribution is removed instead of turning the
     whole update into NaN (which would reveal that it was sampled).
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-CLIPPING = ("flat", "per_layer")
+CLIPPING = ("flat", "per_layer", "automatic", "adaptive")
 
 
 @dataclass
@@ -29,16 +34,20 @@ class ClipResult:
     """Weights of one backward pass's clipped sum.
 
     Attributes:
-        weights: ``(B,)`` (flat) or ``{parameter: (B,)}`` (per-layer) factors in ``[0, 1]``.
+        weights: ``(B,)`` (flat, automatic) or ``{parameter: (B,)}`` (per-layer) factors, in
+            ``[0, 1]`` except automatic clipping's ``C / (||g|| + gamma)``.
         keep: ``(B,)`` bool, False for examples dropped because a norm was not finite.
-        clipped: number of kept examples whose norm exceeded its bound.
+        clipped: number of kept examples whose contribution the clipping shrank.
         dropped: number of examples dropped.
+        within: number of examples whose norm is at most the bound (flat clipping; a dropped
+            example is not within): adaptive clipping's count.
     """
 
     weights: torch.Tensor | dict
     keep: torch.Tensor
     clipped: int
     dropped: int
+    within: int = 0
 
 
 def _factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
@@ -49,19 +58,34 @@ def _factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
     return (bound / norm).clamp_(max=1.0).nan_to_num_(nan=0.0)
 
 
-def flat_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,
-              batch_size: int, device=None) -> ClipResult:
-    """Weights ``min(1, C / ||g_b||)`` with ``||g_b||^2`` summed over all parameters."""
+def _total_norm(norms_sq: dict[nn.Parameter, torch.Tensor], batch_size: int, device) -> torch.Tensor:
+    """``||g_b||`` with ``||g_b||^2`` summed over all parameters (float64 if any part is)."""
     if norms_sq:
         values = list(norms_sq.values())
         dtype = torch.float64 if any(sq.dtype == torch.float64 for sq in values) else torch.float32
-        total = torch.stack([sq.to(dtype) for sq in values]).sum(0)
-    else:
-        total = torch.zeros(batch_size, device=device)
-    norm = total.sqrt()
+        return torch.stack([sq.to(dtype) for sq in values]).sum(0).sqrt()
+    return torch.zeros(batch_size, device=device)
+
+
+def flat_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,
+              batch_size: int, device=None) -> ClipResult:
+    """Weights ``min(1, C / ||g_b||)`` with ``||g_b||^2`` summed over all parameters."""
+    norm = _total_norm(norms_sq, batch_size, device)
     keep = torch.isfinite(norm)
     weights = _factor(norm, max_grad_norm)
-    clipped, dropped = torch.stack([((norm > max_grad_norm) & keep).sum(), (~keep).sum()]).tolist()
+    over = (norm > max_grad_norm) & keep
+    clipped, dropped, within = torch.stack([over.sum(), (~keep).sum(), (keep & ~over).sum()]).tolist()
+    return ClipResult(weights, keep, clipped, dropped, within)
+
+
+def automatic_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,
+                   gamma: float, batch_size: int, device=None) -> ClipResult:
+    """Weights ``C / (||g_b|| + gamma)`` (AUTO-S); 0 where the norm is not finite."""
+    norm = _total_norm(norms_sq, batch_size, device)
+    keep = torch.isfinite(norm)
+    weights = (max_grad_norm / (norm + gamma)).nan_to_num_(nan=0.0, posinf=0.0)
+    weights = torch.where(keep, weights, torch.zeros_like(weights))
+    clipped, dropped = torch.stack([((weights < 1) & keep).sum(), (~keep).sum()]).tolist()
     return ClipResult(weights, keep, clipped, dropped)
 
 
