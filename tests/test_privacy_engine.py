@@ -214,7 +214,7 @@ BAD = [
     (dict(noise_multiplier="1"), ConfigTypeError, "noise_multiplier must be a real number"),
     (dict(max_grad_norm=0.0), ConfigError, "max_grad_norm must be > 0 and finite; got max_grad_norm=0.0"),
     (dict(max_grad_norm=-1.0), ConfigError, "max_grad_norm must be > 0"),
-    (dict(clipping="layer"), ConfigError, "clipping must be one of 'flat', 'per_layer', 'automatic', 'adaptive'; got clipping='layer'"),
+    (dict(clipping="layer"), ConfigError, "clipping must be one of 'flat', 'per_layer', 'automatic', 'adaptive', 'per_layer_adaptive'; got clipping='layer'"),
     (dict(loss_reduction="avg"), ConfigError, "loss_reduction must be one of 'mean', 'sum'"),
     (dict(grad_sample_mode="fast"), ConfigError, "grad_sample_mode must be one of"),
     (dict(max_grad_norm=[1.0, 2.0]), ConfigError, "a list of bounds needs clipping='per_layer'"),

@@ -33,7 +33,7 @@ from privgrad.engine.rows import DrawnRows
 from privgrad.errors import ModelValidationError, PrivacyStateError
 from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
-from privgrad.privatize.adaptive import QuantileBound, default_count_noise
+from privgrad.privatize.adaptive import ADAPTIVE, QuantileBound, default_count_noise
 from privgrad.sampling import PoissonSampler
 from privgrad.sampling.plan import SamplingPlan
 from privgrad.sampling.plan import plan as sampling_plan
@@ -148,9 +148,10 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             max_grad_norm: C, the per-example L2 bound (per-layer clipping: a float split
                 equally, or one bound per trainable parameter in optimizer order).
             clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` (each example scaled to
-                ``C g / (||g|| + gamma)``: no bound to tune) or ``"adaptive"`` (the bound,
+                ``C g / (||g|| + gamma)``: no bound to tune), ``"adaptive"`` (the bound,
                 starting at ``max_grad_norm``, follows ``target_quantile`` of the norms, estimated
-                privately each step). docs/clipping.md says which to choose.
+                privately each step) or ``"per_layer_adaptive"`` (one such bound per parameter).
+                docs/clipping.md says which to choose.
             loss_reduction: ``"mean"`` (the loss averages the batch; the private gradient is
                 divided by the expected batch size) or ``"sum"``.
             poisson_sampling: replace the loader's sampling with Poisson sampling (what the
@@ -237,9 +238,10 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                 "accounting assumes Poisson sampling, so the reported epsilon does not describe "
                 "this training run.", PrivacyWarning, stacklevel=3)
         options = dict(args.clipping_options)
-        if args.clipping == "adaptive" and "count_noise_std" not in options:
+        if args.clipping in ADAPTIVE and "count_noise_std" not in options:
+            counts = len(args.max_grad_norm) if args.clipping == "per_layer_adaptive" else 1
             options["count_noise_std"] = default_count_noise(sampling.expected_batch_size,
-                                                             args.noise_multiplier)
+                                                             args.noise_multiplier, counts)
         settings = PrivacySettings(args.noise_multiplier, args.max_grad_norm, args.clipping,
                                    sampling.sample_rate, sampling.expected_batch_size,
                                    args.loss_reduction, poisson_sampling, **options)
@@ -265,8 +267,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         self._bounded = frozenset(bounds) if isinstance(bounds, dict) else frozenset()
         self._clipped = ClippedSum(bounds, sparse_sums=ranks is None and self.noise.fuses_sums,
                                    gamma=settings.gamma)
-        self.adaptive_clipping = None if settings.clipping != "adaptive" else QuantileBound(
-            bounds, settings.target_quantile, settings.quantile_lr, settings.count_noise_std)
+        self.adaptive_clipping = None if settings.clipping not in ADAPTIVE else QuantileBound(
+            tuple(bounds.values()) if isinstance(bounds, dict) else bounds,
+            settings.target_quantile, settings.quantile_lr, settings.count_noise_std)
         # Private training overwrites p.grad, so autograd need not form the parameter
         # gradients; but DDP's reducer and GradScaler.step expect them to exist.
         skip = grad_scaler is None and not isinstance(module, nn.parallel.DistributedDataParallel)
@@ -337,7 +340,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         """``C`` now: the bound the next step clips at (adaptive clipping: the moving bound;
         per-layer: the root-sum-of-squares of the bounds). ``None`` before ``make_private``."""
         if self.adaptive_clipping is not None:
-            return self.adaptive_clipping.bound
+            return self.adaptive_clipping.total
         return None if self.settings is None else self.settings.total_bound
 
     @property

@@ -18,8 +18,12 @@ from torch import nn
 
 from privgrad import _validate
 from privgrad.errors import ConfigError, ConfigTypeError
-from privgrad.privatize.adaptive import check_options, gradient_noise_multiplier
+from privgrad.privatize.adaptive import ADAPTIVE, check_options, gradient_noise_multiplier
 from privgrad.privatize.clipping import per_layer_bounds
+
+
+#: The clipping modes with one bound per parameter.
+PER_LAYER = ("per_layer", "per_layer_adaptive")
 
 
 class PrivacyWarning(UserWarning):
@@ -60,10 +64,11 @@ class PrivacySettings:
     @property
     def gradient_noise_multiplier(self) -> float:
         """The noise multiplier of the gradient: ``noise_multiplier``, except under adaptive
-        clipping, where the count's release takes its share (``privgrad.privatize.adaptive``)."""
-        if self.clipping != "adaptive":
+        clipping, where the counts' release takes its share (``privgrad.privatize.adaptive``)."""
+        if self.clipping not in ADAPTIVE:
             return self.noise_multiplier
-        return gradient_noise_multiplier(self.noise_multiplier, self.count_noise_std)
+        counts = len(self.max_grad_norm) if self.clipping == "per_layer_adaptive" else 1
+        return gradient_noise_multiplier(self.noise_multiplier, self.count_noise_std, counts)
 
     @property
     def normaliser(self) -> float:
@@ -77,7 +82,7 @@ class PrivacySettings:
             Per-layer bounds exist for these parameters only: a parameter trainable later has
             none and is refused (a fresh bound would raise the sensitivity above ``C``).
         """
-        if self.clipping != "per_layer":
+        if self.clipping not in PER_LAYER:
             return float(self.max_grad_norm)
         return per_layer_bounds(params, self.max_grad_norm)
 
@@ -191,9 +196,12 @@ def check_arguments(*, module, optimizer, noise_multiplier, max_grad_norm, clipp
             "none that requires grad. Unfreeze what you want to train (requires_grad_(True)) "
             "and build the optimizer over it.")
     bound = check_bound(max_grad_norm, clipping, len(params))
+    if clipping == "per_layer_adaptive":  # the bounds adapt one by one: each is recorded
+        bound = tuple(per_layer_bounds(params, bound).values())
     options = check_options(clipping=clipping, noise_multiplier=sigma, gamma=gamma,
                             target_quantile=target_quantile, quantile_lr=quantile_lr,
-                            count_noise_std=count_noise_std)
+                            count_noise_std=count_noise_std,
+                            counts=len(params) if clipping == "per_layer_adaptive" else 1)
     return Arguments(sigma, bound, clipping, loss_reduction, mode, check, params, options)
 
 
@@ -211,9 +219,10 @@ def privatised(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
 def check_bound(max_grad_norm, clipping: str, num_params: int):
     fix = "Pass the per-sample L2 clipping bound, e.g. 1.0."
     if isinstance(max_grad_norm, Sequence) and not isinstance(max_grad_norm, str):
-        if clipping != "per_layer":
+        if clipping not in PER_LAYER:
             raise _validate.fail("a list of bounds needs clipping='per_layer'", "max_grad_norm",
-                                 max_grad_norm, "Pass one float, or clipping='per_layer'.")
+                                 max_grad_norm, "Pass one float, or clipping='per_layer' (or "
+                                 "'per_layer_adaptive').")
         bounds = tuple(_validate.positive("max_grad_norm", c, fix) for c in max_grad_norm)
         if len(bounds) != num_params:
             raise _validate.fail(

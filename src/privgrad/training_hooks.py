@@ -20,6 +20,8 @@ Privacy:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from privgrad import settings as _settings
@@ -138,8 +140,11 @@ class TrainingHooks:
             self._undrawn += batch.batch_size
             return False
         self._undrawn = 0  # a pass on a drawn batch: what was set aside is discarded
-        if self.adaptive_clipping is not None and self._clipped.stats.backward_passes == 0:
-            self._clipped.bounds = self.adaptive_clipping.bound  # one bound per logical step
+        adaptive = self.adaptive_clipping
+        if adaptive is not None and self._clipped.stats.backward_passes == 0:
+            # one bound per logical step (per-layer: in the order the bounds were made)
+            now = adaptive.bound
+            self._clipped.bounds = dict(zip(self._clipped.bounds, now)) if adaptive.per_layer else now
         self._clipped.add(batch, set(params))
         return True
 
@@ -182,25 +187,31 @@ class TrainingHooks:
         # Data-parallel: reduce_sums adds the ranks' clipped sums up on rank 0, which alone draws
         # the noise, on that total, as one process would; every rank then gets rank 0's release.
         sums = dict(self._clipped.sums)
-        if adaptive is not None:  # adaptive clipping's count travels with the sums
+        used = self._clipped.bounds  # the bound(s) this step's sums were clipped at
+        if adaptive is not None:  # adaptive clipping's counts travel with the sums
             stats = self._clipped.stats
-            sums[COUNT] = torch.tensor([stats.within, stats.examples], dtype=torch.float64,
+            within = ([stats.within_by_param.get(p, stats.examples - stats.dropped) for p in used]
+                      if adaptive.per_layer else [stats.within])
+            sums[COUNT] = torch.tensor([*within, stats.examples], dtype=torch.float64,
                                        device=params[0].device)
+            used = tuple(used.values()) if adaptive.per_layer else used
         sums = self.reduce_sums(sums)
-        # adaptive: the noise of the bound this step's sums were clipped at
-        std = s.noise_std if adaptive is None else s.gradient_noise_multiplier * self._clipped.bounds
+        std = s.noise_std
+        if adaptive is not None:  # per-layer bounds compose to their root-sum-of-squares
+            std = s.gradient_noise_multiplier * (math.hypot(*used) if adaptive.per_layer else used)
         noise_std = std if self._distributed is None else self._distributed.noise_share(std)
         grads = noisy_gradients(params, sums, noise_std=noise_std,
                                 normaliser=self.normaliser(), noise=self.noise)
         if adaptive is not None:  # drawn where the gradient's noise is: once, after it
-            grads[COUNT] = (adaptive.release(*sums[COUNT], self.noise) if COUNT in sums else
-                            torch.zeros(1, dtype=torch.float64, device=params[0].device))
+            grads[COUNT] = (adaptive.release(sums[COUNT][:-1], sums[COUNT][-1], self.noise)
+                            if COUNT in sums else torch.zeros(
+                                adaptive.counts, dtype=torch.float64, device=params[0].device))
         if self._distributed is not None:
             grads = self._distributed.broadcast_release(grads)
         for p in params:
             p.grad = grads[p]
         if adaptive is not None:
-            adaptive.update(float(grads[COUNT]), s.expected_batch_size, self._clipped.bounds)
+            adaptive.update(grads[COUNT], s.expected_batch_size, used)
         self.accountant.compose(self._sampling.event(s.noise_multiplier))
         self.steps += 1
         self.last_step_stats = self._clipped.stats

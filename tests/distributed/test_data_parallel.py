@@ -63,15 +63,16 @@ def test_noise_is_drawn_once_by_rank_zero(two):
     assert max_difference(two[1]["noisy"]["params"], two[0]["noisy"]["params"]) == 0.0
 
 
-def test_adaptive_clipping_moves_the_bound_as_one_process(two):
-    """The ranks' counts are added up with the sums and rank 0 alone draws the count's noise:
-    every rank follows the single-process bound, and the parameters match it."""
-    reference = two[0]["adaptive_reference"]["bounds"]
-    assert len(reference) == STEPS and len(set(reference)) == STEPS  # it moved every step
+@pytest.mark.parametrize("run", ["adaptive", "per_layer_adaptive"])
+def test_adaptive_clipping_moves_the_bound_as_one_process(two, run):
+    """The ranks' counts are added up with the sums and rank 0 alone draws the counts' noise:
+    every rank follows the single-process bound(s), and the parameters match it."""
+    reference = two[0][run + "_reference"]["bounds"]
+    assert len(reference) == STEPS and len({str(b) for b in reference}) == STEPS  # moved each step
     for r in range(2):
-        np.testing.assert_allclose(two[r]["adaptive"]["bounds"], reference, rtol=1e-9)
-    assert max_difference(two[0]["adaptive"]["params"], two[0]["adaptive_reference"]["params"]) <= 1e-5
-    assert max_difference(two[1]["adaptive"]["params"], two[0]["adaptive"]["params"]) == 0.0
+        np.testing.assert_allclose(np.array(two[r][run]["bounds"]), np.array(reference), rtol=1e-9)
+    assert max_difference(two[0][run]["params"], two[0][run + "_reference"]["params"]) <= 1e-5
+    assert max_difference(two[1][run]["params"], two[0][run]["params"]) == 0.0
 
 
 @pytest.mark.parametrize("run", ["plain", "ddp", "noisy"])

@@ -305,6 +305,11 @@ def suite(rank: int, world_size: int) -> dict:
             "adaptive_reference": train(rank, distributed=False, sigma=1.0, seed=3,
                                         **ADAPTIVE) if first else None,
             "adaptive": train(rank, distributed=True, ddp=True, sigma=1.0, seed=3, **ADAPTIVE),
+            "per_layer_adaptive_reference": train(
+                rank, distributed=False, sigma=1.0, seed=3,
+                **{**ADAPTIVE, "clipping": "per_layer_adaptive"}) if first else None,
+            "per_layer_adaptive": train(rank, distributed=True, sigma=1.0, seed=3,
+                                        **{**ADAPTIVE, "clipping": "per_layer_adaptive"}),
             "collectives": count_collectives(rank),
             "ddp_traffic": ddp_traffic(rank),
             "refusals": refusals(rank),

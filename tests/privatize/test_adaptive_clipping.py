@@ -38,7 +38,8 @@ N, BATCH = 60, 12  # q = 0.2, m = 12
 
 
 class Recording(TorchGaussian):
-    """PyTorch's noise, recording the draws added to the count (a one-number ``add_noise``)."""
+    """PyTorch's noise, recording the draws added to the counts (the gradients' noise is drawn
+    by ``sample_many``, so every ``add_noise`` call is a count release)."""
 
     def __init__(self, *args, draws=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,8 +50,7 @@ class Recording(TorchGaussian):
 
     def add_noise(self, total, std):
         out = super().add_noise(total, std)
-        if total.numel() == 1:
-            self.draws.append((float(out - total), std))
+        self.draws.append(((out - total).tolist(), std))
         return out
 
 
@@ -76,13 +76,15 @@ def attach(net, noise=None, sigma=1.0, seed=1, max_grad_norm=0.05, **options):
     return engine, optimizer, dl
 
 
-def norms(net, dataset) -> torch.Tensor:
-    """Each example's gradient norm of its own summed loss, one example at a time."""
+def norms(net, dataset, per_param=False) -> torch.Tensor:
+    """Each example's gradient norm of its own summed loss, one example at a time: ``(N,)``, or
+    ``(N, parameters)`` per parameter."""
     out = []
     for x, y, _ in DataLoader(dataset, batch_size=1):
         loss = nn.functional.cross_entropy(net(x), y, reduction="sum")
         grads = torch.autograd.grad(loss, list(net.parameters()))
-        out.append(math.sqrt(sum(float(g.square().sum()) for g in grads)))
+        each = [math.sqrt(float(g.square().sum())) for g in grads]
+        out.append(each if per_param else math.sqrt(sum(n * n for n in each)))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -115,7 +117,7 @@ def test_the_bound_follows_the_quantile_update(mode):
     assert default_count_noise(400, 1.0) == 20.0
     assert [std for _, std in noise.draws] == [sigma_b] * 25
     bound, bounds, estimates = 0.05, [], []
-    for i, (draw, _) in zip(batches, noise.draws):
+    for i, ((draw,), _) in zip(batches, noise.draws):
         bounds.append(bound)
         within = int((reference_norms[i] <= bound).sum())
         estimate = (within - len(i) / 2 + draw) / BATCH + 0.5

@@ -11,7 +11,7 @@ Privacy:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ class StepStats:
     dropped: int = 0
     backward_passes: int = 0
     within: int = 0  # examples whose norm was at most the (flat) bound: adaptive clipping's count
+    #: per-layer bounds: that count per parameter (a parameter no example reached: all within)
+    within_by_param: dict = field(default_factory=dict)
 
 
 class ClippedSum:
@@ -96,7 +98,13 @@ class ClippedSum:
         self.stats.examples += batch.batch_size
         self.stats.clipped += result.clipped
         self.stats.dropped += result.dropped
-        self.stats.within += result.within
+        if isinstance(result.within, dict):
+            kept = batch.batch_size - result.dropped
+            for p in self.bounds:
+                self.stats.within_by_param[p] = (self.stats.within_by_param.get(p, 0)
+                                                 + result.within.get(p, kept))
+        else:
+            self.stats.within += result.within
         self.stats.backward_passes += 1
 
     def reset(self) -> None:

@@ -127,7 +127,7 @@ def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Par
         "max_grad_norm, e.g. 1.0.")
     c = _validate.positive("max_grad_norm", max_grad_norm, "Pass the per-sample L2 clipping "
                            "bound, e.g. 1.0.")
-    _validate.choice("clipping", clipping, [m for m in CLIPPING if m != "adaptive"])
+    _validate.choice("clipping", clipping, [m for m in CLIPPING if "adaptive" not in m])
     if clipping == "automatic":
         gamma = _validate.positive("gamma", gamma, "Pass a small stability constant, e.g. 0.01.")
     noise = check_source(noise) if noise is not None else TorchGaussian()

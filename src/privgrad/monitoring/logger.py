@@ -40,7 +40,8 @@ def step_record(engine, delta: float | None = None) -> dict:
     ``clip_fraction`` is the share of the step's examples whose gradient norm exceeded
     ``max_grad_norm`` (``nan`` for an empty batch; automatic clipping: whose gradient it shrank).
     Under adaptive clipping ``max_grad_norm`` and ``noise_std`` are the last step's (the bound
-    moves), and ``quantile_estimate`` is the step's released estimate of the share within it.
+    moves; per-layer: their root-sum-of-squares), and ``quantile_estimate`` is the step's released
+    estimate of the share within it (per-layer: the mean over the layers).
 
     Privacy:
         ``epsilon``, the noise and the settings are public. ``examples``, ``clip_fraction`` (and
@@ -52,7 +53,9 @@ def step_record(engine, delta: float | None = None) -> dict:
                                 "before make_private. Call engine.make_private(...) first.")
     s, stats = engine.settings, engine.last_step_stats
     adaptive = engine.adaptive_clipping  # its bound moves: the one the last step used
-    bound = adaptive.bounds[-1] if adaptive is not None and adaptive.bounds else s.total_bound
+    bound = s.total_bound
+    if adaptive is not None and adaptive.bounds:
+        bound = math.hypot(*adaptive.bounds[-1]) if adaptive.per_layer else adaptive.bounds[-1]
     examples = stats.examples if stats is not None else 0
     record = dict(
         step=engine.steps,
@@ -63,8 +66,9 @@ def step_record(engine, delta: float | None = None) -> dict:
         sample_rate=s.sample_rate, examples=examples,
         clip_fraction=stats.clipped / examples if examples else math.nan,
     )
-    if adaptive is not None:
-        record["quantile_estimate"] = adaptive.estimates[-1] if adaptive.estimates else math.nan
+    if adaptive is not None:  # per-layer: the mean of the layers' estimates
+        last = adaptive.estimates[-1] if adaptive.estimates else math.nan
+        record["quantile_estimate"] = (sum(last) / len(last)) if adaptive.per_layer and adaptive.estimates else last
     return record
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-CLIPPING = ("flat", "per_layer", "automatic", "adaptive")
+CLIPPING = ("flat", "per_layer", "automatic", "adaptive", "per_layer_adaptive")
 
 
 @dataclass
@@ -39,15 +39,15 @@ class ClipResult:
         keep: ``(B,)`` bool, False for examples dropped because a norm was not finite.
         clipped: number of kept examples whose contribution the clipping shrank.
         dropped: number of examples dropped.
-        within: number of examples whose norm is at most the bound (flat clipping; a dropped
-            example is not within): adaptive clipping's count.
+        within: number of examples whose norm is at most the bound (a dropped example is not
+            within): adaptive clipping's count; per-layer: ``{parameter: count}``.
     """
 
     weights: torch.Tensor | dict
     keep: torch.Tensor
     clipped: int
     dropped: int
-    within: int = 0
+    within: int | dict = 0
 
 
 def _factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
@@ -96,12 +96,14 @@ def per_layer_clip(norms_sq: dict[nn.Parameter, torch.Tensor], bounds: dict[nn.P
     keep = torch.ones(batch_size, dtype=torch.bool, device=device)
     for sq in norms_sq.values():
         keep = keep & torch.isfinite(sq)
-    weights, over = {}, torch.zeros_like(keep)
+    weights, over, within = {}, torch.zeros_like(keep), []
     for p, sq in norms_sq.items():
         norm = sq.sqrt()
         weights[p] = torch.where(keep, _factor(norm, bounds[p]), torch.zeros_like(norm))
         over = over | (norm > bounds[p])
-    return ClipResult(weights, keep, int((over & keep).sum()), int((~keep).sum()))
+        within.append(((norm <= bounds[p]) & keep).sum())
+    clipped, dropped, *counts = torch.stack([(over & keep).sum(), (~keep).sum(), *within]).tolist()
+    return ClipResult(weights, keep, clipped, dropped, dict(zip(norms_sq, counts)))
 
 
 def per_layer_bounds(params: list[nn.Parameter], max_grad_norm) -> dict[nn.Parameter, float]:
