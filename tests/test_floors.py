@@ -20,6 +20,10 @@ FORBIDDEN = {
     "sampling": ("privgrad.engine", "privgrad.privatize", "privgrad.layers",
                  "privgrad.privacy_engine"),
     "auditing": ("privgrad.privacy_engine", "privgrad.training_hooks"),
+    # correlated-noise strategies: pure maths on tensors, wired in by the engine
+    "mechanisms": ("privgrad.engine", "privgrad.layers", "privgrad.sampling", "privgrad.privatize",
+                   "privgrad.privacy_engine", "privgrad.training_hooks", "privgrad.validation",
+                   "privgrad.distributed"),
 }
 
 
