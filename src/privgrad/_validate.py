@@ -57,24 +57,28 @@ def unit_interval_right_closed(name: str, value: object, fix: str) -> float:
     return x
 
 
-def nonnegative_int(name: str, value: object, fix: str) -> int:
-    """``value`` as int, required an integer >= 0 (floats such as 3.0 are accepted)."""
+def _integer(name: str, value: object, fix: str) -> int:
+    """``value`` as int (floats such as 3.0 are accepted; bools are not)."""
     if isinstance(value, bool):
         raise ConfigTypeError(f"{name} must be an integer; got {name}={value!r}. {fix}")
     if isinstance(value, numbers.Integral):
-        n = int(value)
-    elif isinstance(value, numbers.Real) and float(value).is_integer():
-        n = int(value)
-    else:
-        raise ConfigTypeError(f"{name} must be an integer; got {name}={value!r}. {fix}")
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    raise ConfigTypeError(f"{name} must be an integer; got {name}={value!r}. {fix}")
+
+
+def nonnegative_int(name: str, value: object, fix: str) -> int:
+    """``value`` as int, required an integer >= 0 (floats such as 3.0 are accepted)."""
+    n = _integer(name, value, fix)
     if n < 0:
         raise fail(f"{name} must be >= 0", name, value, fix)
     return n
 
 
 def positive_int(name: str, value: object, fix: str) -> int:
-    """``value`` as int, required an integer >= 1."""
-    n = nonnegative_int(name, value, fix)
+    """``value`` as int, required an integer >= 1 (a negative value is told the same)."""
+    n = _integer(name, value, fix)
     if n < 1:
         raise fail(f"{name} must be >= 1", name, value, fix)
     return n

@@ -19,22 +19,12 @@ from __future__ import annotations
 
 from privgrad import _validate
 from privgrad.accounting.events import PoissonGaussian, Repeated
-from privgrad.errors import ConfigError
 
 __all__ = ["amplified_event", "check_num_bands", "check_steps", "positive_int", "rounds",
            "starts_round"]
 
 
-def positive_int(name: str, value: object, fix: str) -> int:
-    """``value`` as int >= 1, with the requirement ">= 1" in the message also for negatives
-    (``_validate.positive_int`` says ">= 0" for them)."""
-    try:
-        n = _validate.nonnegative_int(name, value, fix)
-    except ConfigError as e:
-        raise _validate.fail(f"{name} must be >= 1", name, value, fix) from e
-    if n < 1:
-        raise _validate.fail(f"{name} must be >= 1", name, value, fix)
-    return n
+positive_int = _validate.positive_int  # for strategies.py and streaming.py
 
 
 def check_steps(steps: object) -> int:
