@@ -246,3 +246,16 @@ def test_checkpoint_schedulers_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"got keywords=\['noise_scheduler'\]"):
         engine.save_checkpoint(path=tmp_path / "x.pt", module=model, optimizer=optimizer,
                                noise_scheduler=object())
+
+
+def test_opacus_adaptive_clipping_keywords_map_to_privgrads():
+    """AdaClipDPOptimizer's keywords: the quantile, the bound's step and the count's noise carry
+    over; the clamps, which privgrad's bound does not have, are named in a warning."""
+    with pytest.warns(UserWarning, match=r"not clamped; got \{'max_clipbound': 10.0, 'min_clipbound': 0.01\}"):
+        engine, model, _, (m, optimizer, loader) = private(
+            clipping="adaptive", target_unclipped_quantile=0.7, clipbound_learning_rate=0.3,
+            unclipped_num_std=2.0, max_clipbound=10.0, min_clipbound=0.01)
+    adaptive = engine.privgrad_engine.adaptive_clipping
+    assert (adaptive.target_quantile, adaptive.lr, adaptive.count_noise_std) == (0.7, 0.3, 2.0)
+    step(m, optimizer, next(iter(loader)))
+    assert len(adaptive.bounds) == 1 and engine.privgrad_engine.steps == 1

@@ -25,6 +25,7 @@ examples); a step whose rows are not the batch the private loader drew is refuse
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
@@ -56,6 +57,26 @@ def _privgrad_keywords(method) -> frozenset:
         named |= {name for name, p in inspect.signature(function).parameters.items()
                   if p.kind is not inspect.Parameter.VAR_KEYWORD}
     return frozenset(named) - _ADAPTED
+
+
+#: Opacus's keywords of clipping="adaptive" (AdaClipDPOptimizer) -> privgrad's.
+_ADAPTIVE = {"target_unclipped_quantile": "target_quantile",
+             "clipbound_learning_rate": "quantile_lr", "unclipped_num_std": "count_noise_std"}
+
+
+def _adaptive_keywords(kwargs: dict) -> dict:
+    """Opacus's adaptive-clipping keywords as privgrad's. The count's noise std carries over
+    (privgrad adds it to the *centred* count, whose sensitivity is 1/2 as the noise split
+    assumes; Opacus adds it to the uncentred one). ``max_clipbound``/``min_clipbound`` clamp
+    the bound in Opacus; privgrad's bound follows the quantile unclamped, which a warning says."""
+    out = {_ADAPTIVE.get(k, k): v for k, v in kwargs.items()
+           if k not in ("max_clipbound", "min_clipbound")}
+    clamps = {k: kwargs[k] for k in ("max_clipbound", "min_clipbound") if k in kwargs}
+    if clamps:
+        warnings.warn(f"privgrad's adaptive bound is not clamped; got {clamps}, which are unused "
+                      f"(the bound follows target_quantile; see docs/clipping.md).", UserWarning,
+                      stacklevel=4)
+    return out
 
 
 class PrivacyEngine:
@@ -146,6 +167,8 @@ class PrivacyEngine:
                 loss_reduction: str, **arguments):
         """Translate Opacus's keywords, call privgrad's ``method``, return Opacus's values."""
         mode, ghost, criterion = opacus.translate(loss_reduction)
+        if arguments.get("clipping") == "adaptive":
+            kwargs = _adaptive_keywords(kwargs)
         unknown = sorted(set(kwargs) - _privgrad_keywords(method))
         if unknown:
             raise _validate.fail(
