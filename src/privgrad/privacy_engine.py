@@ -150,8 +150,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` (each example scaled to
                 ``C g / (||g|| + gamma)``: no bound to tune), ``"adaptive"`` (the bound,
                 starting at ``max_grad_norm``, follows ``target_quantile`` of the norms, estimated
-                privately each step) or ``"per_layer_adaptive"`` (one such bound per parameter).
-                docs/clipping.md says which to choose.
+                privately each step; the release is then in units of the bound) or
+                ``"per_layer_adaptive"`` (one such bound per parameter). docs/clipping.md says
+                which to choose.
             loss_reduction: ``"mean"`` (the loss averages the batch; the private gradient is
                 divided by the expected batch size) or ``"sum"``.
             poisson_sampling: replace the loader's sampling with Poisson sampling (what the

@@ -196,12 +196,16 @@ class TrainingHooks:
                                        device=params[0].device)
             used = tuple(used.values()) if adaptive.per_layer else used
         sums = self.reduce_sums(sums)
-        std = s.noise_std
+        std, normaliser = s.noise_std, self.normaliser()
         if adaptive is not None:  # per-layer bounds compose to their root-sum-of-squares
-            std = s.gradient_noise_multiplier * (math.hypot(*used) if adaptive.per_layer else used)
+            bound = math.hypot(*used) if adaptive.per_layer else used
+            # In units of the bound (post-processing by a public number): the gradient's scale
+            # stays that of flat clipping at C = 1 while the bound moves, so SGD's step and
+            # Adam's second moment do not follow it (docs/clipping.md, measured).
+            std, normaliser = s.gradient_noise_multiplier * bound, normaliser * bound
         noise_std = std if self._distributed is None else self._distributed.noise_share(std)
-        grads = noisy_gradients(params, sums, noise_std=noise_std,
-                                normaliser=self.normaliser(), noise=self.noise)
+        grads = noisy_gradients(params, sums, noise_std=noise_std, normaliser=normaliser,
+                                noise=self.noise)
         if adaptive is not None:  # drawn where the gradient's noise is: once, after it
             grads[COUNT] = (adaptive.release(sums[COUNT][:-1], sums[COUNT][-1], self.noise)
                             if COUNT in sums else torch.zeros(

@@ -31,6 +31,7 @@ from privgrad.errors import ConfigError
 from privgrad.monitoring import PrivacyLogger
 from privgrad.privatize import TorchGaussian
 from privgrad.privatize.adaptive import default_count_noise, gradient_noise_multiplier
+from tests.helpers import drawn
 from tests.privacy.checks import ALPHA, assert_gaussian, forever
 
 MODES = ["auto", "ghost", "materialize"]
@@ -131,8 +132,8 @@ def test_the_bound_follows_the_quantile_update(mode):
 
 
 def test_the_gradient_noise_is_raised_to_keep_the_pair_at_z():
-    """Zero per-sample gradients: each step's noise is N(0, (z_grad C_t / m)^2), with C_t the
-    bound that step used."""
+    """Zero per-sample gradients: each step's noise is N(0, (z_grad C_t / m)^2) on the clipped
+    sum, released in units of the bound C_t the step used: N(0, (z_grad / m)^2)."""
     net = model()
     engine, optimizer, dl = attach(net, sigma=0.8, quantile_lr=0.5)
     z_grad = gradient_noise_multiplier(0.8, 0.8)  # the default count noise: max(m / 20, z)
@@ -144,10 +145,9 @@ def test_the_gradient_noise_is_raised_to_keep_the_pair_at_z():
     while steps < 300:
         for x, y, _ in dl:
             optimizer.zero_grad()
-            bound = engine.clipping_bound
             (net(x).sum() * 0.0).backward()
             optimizer.step()
-            rows.append(torch.cat([p.grad.flatten() for p in net.parameters()]).numpy() / bound)
+            rows.append(torch.cat([p.grad.flatten() for p in net.parameters()]).numpy())
             steps += 1
             if steps == 300:
                 break
@@ -180,9 +180,10 @@ def test_the_estimate_is_unbiased_with_the_predicted_variance():
 @pytest.mark.parametrize("weight", [1e4, 1e-8], ids=["clipped", "within"])
 def test_one_example_moves_each_release_by_its_sensitivity(weight):
     """Data sets D and D + x, same seeds, gradient noise 0, the same bound before each step (the
-    bound is public: it is computed from earlier releases). The gradient releases differ by at
-    most C_t, the estimates by exactly 1 / (2 m) (x, huge or tiny, moves the centred count by
-    -1/2 or +1/2), and by nothing when x was not sampled."""
+    bound is public: it is computed from earlier releases). The clipped sums differ by at most
+    C_t (the releases, in units of C_t, by at most 1), the estimates by exactly 1 / (2 m) (x,
+    huge or tiny, moves the centred count by -1/2 or +1/2), and by nothing when x was not
+    sampled."""
     full = data()
     runs = []
     for n in (N - 1, N):
@@ -212,9 +213,9 @@ def test_one_example_moves_each_release_by_its_sensitivity(weight):
             losses = nn.functional.cross_entropy(net(x), y, reduction="none")
             (losses * scale[i]).sum().backward()
             opt.step()
-            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]) * bound)
         present.append(N - 1 in i.tolist())
-        diff = float((grads[1] - grads[0]).norm())
+        diff = float((grads[1] - grads[0]).norm())  # of the clipped sums: releases times C_t
         gap = abs(eng_b.adaptive_clipping.estimates[-1] - eng_a.adaptive_clipping.estimates[-1])
         if present[-1]:  # loss_reduction="sum": the release is the clipped sum itself
             assert diff <= bound * (1 + 1e-6)
@@ -223,6 +224,27 @@ def test_one_example_moves_each_release_by_its_sensitivity(weight):
         else:
             assert diff == 0.0 and gap == 0.0
     assert any(present) and not all(present)
+
+
+def test_the_release_is_in_units_of_the_bound():
+    """Adaptive clipping divides the release by the bound it clipped at (post-processing by a
+    public number): one step's update equals flat clipping's at that bound, divided by it."""
+    net, flat_net = model(), model()
+    engine, optimizer, dl = attach(net, sigma=0.0, max_grad_norm=0.3, count_noise_std=1.0)
+    flat_optimizer = torch.optim.SGD(flat_net.parameters(), lr=0.0)
+    flat = PrivacyEngine(accountant="rdp")
+    flat.make_private(module=flat_net, optimizer=flat_optimizer,
+                      data_loader=DataLoader(data(), batch_size=BATCH), noise_multiplier=0.0,
+                      max_grad_norm=0.3)
+    x, y, _ = next(iter(dl))  # a batch the adaptive engine's loader drew
+    drawn(flat, len(x))       # and declared drawn to the flat one
+    for m, opt in ((net, optimizer), (flat_net, flat_optimizer)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    assert engine.adaptive_clipping.bounds == [0.3]
+    for p, q in zip(net.parameters(), flat_net.parameters()):
+        torch.testing.assert_close(p.grad, q.grad / 0.3, rtol=1e-12, atol=1e-15)
 
 
 def test_virtual_batches_count_the_logical_batch_once():

@@ -64,10 +64,9 @@ def test_the_gradient_noise_pays_for_k_counts():
     while steps < 300:
         for x, y, _ in dl:
             optimizer.zero_grad()
-            total = engine.clipping_bound
             (net(x).sum() * 0.0).backward()
-            optimizer.step()
-            rows.append(torch.cat([p.grad.flatten() for p in net.parameters()]).numpy() / total)
+            optimizer.step()  # released in units of the bounds' root-sum-of-squares
+            rows.append(torch.cat([p.grad.flatten() for p in net.parameters()]).numpy())
             steps += 1
             if steps == 300:
                 break
@@ -112,7 +111,7 @@ def test_one_example_moves_each_release_by_its_sensitivity(weight):
             opt.zero_grad()
             (nn.functional.cross_entropy(net(x), y, reduction="none") * scale[i]).sum().backward()
             opt.step()
-            grads.append([p.grad.clone() for p in net.parameters()])
+            grads.append([p.grad * math.hypot(*bounds) for p in net.parameters()])  # the sums
         present.append(N - 1 in i.tolist())
         gaps = np.abs(np.array(runs[1][2].adaptive_clipping.estimates[-1])
                       - np.array(runs[0][2].adaptive_clipping.estimates[-1]))

@@ -9,7 +9,9 @@ At step ``t`` with bound ``C_t`` the release is a pair:
   ``N(0, sigma_b^2)`` (sensitivity 1/2: adding or removing an example moves it by +-1/2).
 
 From the count, ``estimate = noisy count / m + 1/2`` (``m`` the expected batch size; unbiased
-under Poisson sampling) and ``C_{t+1} = C_t exp(-lr (estimate - target_quantile))``.
+under Poisson sampling) and ``C_{t+1} = C_t exp(-lr (estimate - target_quantile))``. The engine
+releases the gradient in units of ``C_t`` (divided by it: post-processing by a public number), so
+the optimizer sees the scale of flat clipping at ``C = 1`` however the bound moves.
 
 Privacy:
     Scaled by ``1 / (z_grad C_t)`` and ``1 / sigma_b``, the pair is a Gaussian mechanism with unit
