@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the fixed bounds C to try")
     p.add_argument("--adaptive-factors", type=float, nargs="+", default=[0.01, 100.0],
                    help="adaptive clipping starts at these multiples of the best grid C")
-    p.add_argument("--target-quantile", type=float, default=0.5)
+    p.add_argument("--target-quantile", type=float, default=0.5,
+                   help="the paper's median by default (privgrad's own default is 0.9)")
     p.add_argument("--quantile-lr", type=float, default=0.2)
     p.add_argument("--gamma", type=float, default=0.01, help="automatic clipping's constant")
     p.add_argument("--automatic-c", type=float, default=None, help="automatic clipping's C")

@@ -180,7 +180,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                 parameter gradients). Neither changes epsilon or the update.
             gamma: automatic clipping's stability constant (default 0.01).
             target_quantile: adaptive clipping: the share of examples the bound leaves
-                unclipped (default 0.5); ``quantile_lr`` its geometric step (default 0.2);
+                unclipped (default 0.9); ``quantile_lr`` its geometric step (default 0.2);
                 ``count_noise_std`` the noise on the count, in examples (default: the expected
                 batch size / 20). Epsilon is that of ``noise_multiplier``: the gradient's share
                 of the noise is raised to pay for the count.
