@@ -384,3 +384,56 @@ def test_the_default_quantile_is_the_measured_one():
                         max_grad_norm=1.0, clipping="adaptive")
     adaptive = engine.adaptive_clipping
     assert (adaptive.target_quantile, adaptive.lr) == (0.9, 0.2)
+
+
+# -- the loops careless users write -----------------------------------------------------------
+def test_an_empty_batch_still_releases_a_noisy_count():
+    """No examples: the count is 0 - 0/2 plus its full noise, the step is accounted, and the bound
+    moves by the noise alone (nothing about the empty sample leaks beyond the mechanism)."""
+    net = model()
+    noise = Recording()
+    engine, optimizer, _ = attach(net, noise=noise)
+    from tests.helpers import drawn
+    drawn(engine, 0)
+    optimizer.zero_grad()
+    empty = torch.zeros(0, 5, dtype=torch.float64)
+    nn.functional.cross_entropy(net(empty), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    optimizer.step()
+    ((draw,), std), = noise.draws
+    assert engine.steps == 1 and engine.accountant.steps == 1 and std == 1.0
+    assert engine.adaptive_clipping.estimates == [pytest.approx(draw / BATCH + 0.5, rel=1e-12)]
+
+
+def test_a_bound_set_by_hand_waits_for_the_next_logical_step():
+    """Inside a virtual batch the step keeps the bound its first chunk clipped at (the noise is
+    sized from it); a bound set mid-step applies from the next step; a bad bound is refused."""
+    net = model()
+    engine, optimizer, dl = attach(net, max_grad_norm=0.05)
+    with engine.virtual_batches(dl, 5) as chunks:
+        for k, (x, y, _) in enumerate(chunks):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            if k == 0:
+                engine.adaptive_clipping.bound = 7.0  # between the first and the last chunk
+            optimizer.step()
+            if engine.steps == 2:
+                break
+    assert engine.adaptive_clipping.bounds[0] == 0.05 and engine.adaptive_clipping.bounds[1] == 7.0
+    with pytest.raises(ConfigError, match=r"bound must be > 0 and finite; got bound=-1\.0"):
+        engine.adaptive_clipping.bound = -1.0
+
+
+def test_a_state_saved_before_these_settings_existed_still_loads(tmp_path):
+    """A flat run's state from before the clipping options were settings (no gamma,
+    target_quantile... keys) continues: a missing setting counts as its default, None."""
+    net = model()
+    engine, optimizer, dl = attach(net, clipping="flat", target_quantile=None, quantile_lr=None)
+    train(engine, optimizer, dl, net, 2)
+    state = engine.state_dict()
+    for key in ("gamma", "target_quantile", "quantile_lr", "count_noise_std"):
+        del state["settings"][key]
+    state.pop("adaptive_clipping")
+    again = model()
+    resumed, _, _ = attach(again, clipping="flat", target_quantile=None, quantile_lr=None)
+    resumed.load_state_dict(state)
+    assert resumed.steps == 2

@@ -150,3 +150,45 @@ def test_too_little_count_noise_for_k_counts_is_refused():
             module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
             data_loader=DataLoader(data(), batch_size=BATCH), noise_multiplier=1.0,
             max_grad_norm=1.0, clipping="per_layer_adaptive", count_noise_std=0.9)
+
+
+def test_a_parameter_unfrozen_later_is_refused_as_under_fixed_per_layer_bounds():
+    """Its bound would be new, raising the sensitivity above the bounds' C: nothing released."""
+    from privgrad.errors import PrivacyStateError
+
+    net = model()
+    net[0].weight.requires_grad_(False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine = PrivacyEngine()
+    _, _, dl = engine.make_private(module=net, optimizer=optimizer,
+                                   data_loader=DataLoader(data(), batch_size=BATCH),
+                                   noise_multiplier=1.0, max_grad_norm=1.0,
+                                   clipping="per_layer_adaptive")
+    assert engine.adaptive_clipping.counts == 3
+    net[0].weight.requires_grad_(True)
+    x, y, _ = next(iter(dl))
+    with pytest.raises(PrivacyStateError, match="per-layer clipping fixes one bound per parameter"):
+        nn.functional.cross_entropy(net(x), y).backward()
+    assert engine.steps == 0 and engine.adaptive_clipping.bounds == []
+
+
+def test_a_parameter_no_example_reached_counts_every_example_within():
+    """Its per-example norm is 0: within its bound for every kept example."""
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    unused = nn.Linear(2, 2).double()  # trainable, in the optimizer, never called
+    holder = nn.ModuleDict({"net": net, "unused": unused})
+    optimizer = torch.optim.SGD(holder.parameters(), lr=0.0)
+    engine = PrivacyEngine(accountant="rdp")
+    torch.manual_seed(1)
+    _, _, dl = engine.make_private(module=holder, optimizer=optimizer,
+                                   data_loader=DataLoader(data(), batch_size=BATCH),
+                                   noise_multiplier=0.0, max_grad_norm=1.0,
+                                   clipping="per_layer_adaptive", count_noise_std=1e-6,
+                                   loss_reduction="sum")
+    x, y, _ = next(iter(dl))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(holder["net"](x), y, reduction="sum").backward()
+    optimizer.step()
+    estimates = engine.adaptive_clipping.estimates[0]
+    n = len(x)
+    assert estimates[-2:] == pytest.approx(((n - n / 2) / BATCH + 0.5,) * 2, abs=1e-5)

@@ -120,12 +120,13 @@ class QuantileBound:
 
     def update(self, noisy_counts, expected_batch_size: float, used: float | tuple) -> None:
         """Record the step (the bound ``used`` and the estimate) and move each bound toward the
-        quantile, from the bound the step used."""
+        quantile, from the bound the step used; a bound set by hand during the step is kept."""
         noisy = torch.as_tensor(noisy_counts, dtype=torch.float64).reshape(-1).tolist()
         estimates = tuple(c / expected_batch_size + 0.5 for c in noisy)
         used = tuple(used) if self.per_layer else (float(used),)
-        self._values = tuple(c * math.exp(-self.lr * (e - self.target_quantile))
-                             for c, e in zip(used, estimates))
+        if self._values == used:
+            self._values = tuple(c * math.exp(-self.lr * (e - self.target_quantile))
+                                 for c, e in zip(used, estimates))
         self.bounds.append(used if self.per_layer else used[0])
         self.estimates.append(estimates if self.per_layer else estimates[0])
 
