@@ -186,14 +186,14 @@ class TrainingHooks:
         s, adaptive = self.settings, self.adaptive_clipping
         # Data-parallel: reduce_sums adds the ranks' clipped sums up on rank 0, which alone draws
         # the noise, on that total, as one process would; every rank then gets rank 0's release.
-        sums = dict(self._clipped.sums)
+        sums = self._clipped.sums
         used = self._clipped.bounds  # the bound(s) this step's sums were clipped at
         if adaptive is not None:  # adaptive clipping's counts travel with the sums
             stats = self._clipped.stats
             within = ([stats.within_by_param.get(p, stats.examples - stats.dropped) for p in used]
                       if adaptive.per_layer else [stats.within])
-            sums[COUNT] = torch.tensor([*within, stats.examples], dtype=torch.float64,
-                                       device=params[0].device)
+            sums = {**sums, COUNT: torch.tensor([*within, stats.examples], dtype=torch.float64,
+                                                device=params[0].device)}
             used = tuple(used.values()) if adaptive.per_layer else used
         sums = self.reduce_sums(sums)
         std, normaliser = s.noise_std, self.normaliser()

@@ -24,6 +24,7 @@ from privgrad.engine.capture import Recorder
 from privgrad.engine.clipped_sum import ClippedSum, StepStats
 from privgrad.layers import RuleRegistry
 from privgrad.privatize import CLIPPING, TorchGaussian, check_source, noisy_gradients
+from privgrad.privatize.adaptive import check_options
 from privgrad.privatize.clipping import per_layer_bounds
 
 
@@ -110,11 +111,11 @@ def per_sample_gradients(module: nn.Module, loss_fn, *, loss_reduction: str = "s
 
 def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Parameter], *,
                  noise_multiplier: float, max_grad_norm: float, clipping: str = "flat",
-                 normaliser: float = 1.0, noise=None, gamma: float = 0.01) -> StepStats:
+                 normaliser: float = 1.0, noise=None, gamma: float | None = None) -> StepStats:
     """Clip the recorded examples, add them up, add ``N(0, (sigma C)^2)`` once, divide by
     ``normaliser`` and write the result to ``p.grad`` for every parameter in ``params``.
-    ``clipping``: ``"flat"``, ``"per_layer"`` or ``"automatic"`` (with ``gamma``); adaptive
-    clipping keeps state across steps: use the engine.
+    ``clipping``: ``"flat"``, ``"per_layer"`` or ``"automatic"`` (with ``gamma``, default
+    0.01); adaptive clipping keeps state across steps: use the engine.
 
     Privacy:
         One call is one release of the subsampled Gaussian mechanism with the given
@@ -128,12 +129,11 @@ def private_step(batch: BackwardBatch | list[BackwardBatch], params: list[nn.Par
     c = _validate.positive("max_grad_norm", max_grad_norm, "Pass the per-sample L2 clipping "
                            "bound, e.g. 1.0.")
     _validate.choice("clipping", clipping, [m for m in CLIPPING if "adaptive" not in m])
-    if clipping == "automatic":
-        gamma = _validate.positive("gamma", gamma, "Pass a small stability constant, e.g. 0.01.")
+    gamma = check_options(clipping=clipping, noise_multiplier=sigma, gamma=gamma,
+                          target_quantile=None, quantile_lr=None, count_noise_std=None).get("gamma")
     noise = check_source(noise) if noise is not None else TorchGaussian()
     bounds = per_layer_bounds(params, c) if clipping == "per_layer" else c
-    clipped = ClippedSum(bounds, sparse_sums=noise.fuses_sums,
-                         gamma=gamma if clipping == "automatic" else None)
+    clipped = ClippedSum(bounds, sparse_sums=noise.fuses_sums, gamma=gamma)
     with torch.no_grad():  # as in optimizer.step(): the release is not part of any graph
         for b in batch if isinstance(batch, list) else [batch]:
             clipped.add(b, set(params))
