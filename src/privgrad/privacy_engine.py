@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from privgrad import _validate, attachment, run_state
+from privgrad import _validate, attachment, mechanism_run, run_state
 from privgrad import settings as _settings
 from privgrad.accounting import make_accountant
 from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
@@ -34,10 +33,8 @@ from privgrad.errors import ModelValidationError, PrivacyStateError
 from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
 from privgrad.privatize.adaptive import ADAPTIVE, QuantileBound, default_count_noise
-from privgrad.sampling import PoissonSampler
+from privgrad.sampling import PoissonSampler, os_bits
 from privgrad.sampling.plan import SamplingPlan
-from privgrad.sampling.plan import plan as sampling_plan
-from privgrad.sampling.virtual import VirtualBatches
 from privgrad.settings import PerformanceSettings, PrivacySettings, PrivacyWarning
 from privgrad.training_hooks import TrainingHooks
 from privgrad.validation import validate
@@ -50,7 +47,8 @@ _log = logging.getLogger("privgrad")
 
 _MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate",
                  "expected_batch_size", "grad_sample_mode", "rules", "distributed", "grad_scaler",
-                 "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std")
+                 "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std",
+                 "mechanism")
 
 
 class PrivacyEngine(TrainingHooks, run_state.RunState):
@@ -91,6 +89,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         self.dropped_examples = 0  # non-finite examples dropped so far (monitoring, not private)
         self.adaptive_clipping: QuantileBound | None = None  # clipping="adaptive": the bound
         self.layer_rules: dict[str, str] = {}  # module path -> rule serving it (a report)
+        self.mechanism = None  # the noise mechanism (privgrad.mechanisms), set by make_private
+        self._mechanism_run: mechanism_run.MechanismRun | None = None  # correlated noise only
         self._sampling: SamplingPlan | None = None
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -134,6 +134,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         target_quantile: float | None = None,
         quantile_lr: float | None = None,
         count_noise_std: float | None = None,
+        mechanism=None,
+        steps: int | None = None,
+        epochs: int | None = None,
         **unknown,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
@@ -184,6 +187,12 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                 ``count_noise_std`` the noise on the count, in examples (default: the expected
                 batch size / 20). Epsilon is that of ``noise_multiplier``: the gradient's share
                 of the noise is raised to pay for the count.
+            mechanism: the noise: [`DPSGD()`][privgrad.mechanisms.DPSGD] (default),
+                [`BandMF(num_bands=b)`][privgrad.mechanisms.BandMF] or
+                [`BLT(num_buffers=k)`][privgrad.mechanisms.BLT] (correlated noise, with cyclic
+                Poisson sampling; docs/correlated_noise.md).
+            steps: the run's planned number of optimizer steps (or ``epochs``): a correlated
+                mechanism builds its noise for them and refuses a step beyond.
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -204,10 +213,10 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             expected_batch_size=expected_batch_size, grad_sample_mode=grad_sample_mode,
             rules=rules, distributed=distributed, grad_scaler=grad_scaler, check=check,
             gamma=gamma, target_quantile=target_quantile, quantile_lr=quantile_lr,
-            count_noise_std=count_noise_std)
+            count_noise_std=count_noise_std, mechanism=mechanism, steps=steps, epochs=epochs)
 
-    def _attach(self, module, optimizer, data_loader, sampling: SamplingPlan | None, *,
-                poisson_sampling=True, sample_rate=None, expected_batch_size=None,
+    def _attach(self, module, optimizer, data_loader, planned=None, *, mechanism=None, steps=None,
+                epochs=None, poisson_sampling=True, sample_rate=None, expected_batch_size=None,
                 loss_reduction="mean", rules=None, distributed=None, grad_scaler=None,
                 **arguments):
         if self._module is not None:
@@ -220,11 +229,11 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         registry = rules if rules is not None else RuleRegistry.default()
         grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling)
-        if sampling is None:
-            sampling = sampling_plan(data_loader, poisson_sampling=poisson_sampling,
-                                     sample_rate=sample_rate,
-                                     expected_batch_size=expected_batch_size,
-                                     loss_reduction=args.loss_reduction)
+        mechanism, sampling, steps = planned or mechanism_run.plan(
+            data_loader, mechanism, steps, epochs, poisson_sampling=poisson_sampling,
+            sample_rate=sample_rate, expected_batch_size=expected_batch_size,
+            loss_reduction=args.loss_reduction)
+        correlated = mechanism_run.correlated(mechanism)
         _settings.check_ownership(module, optimizer)
         attachment.refuse_attached(module, optimizer)
         findings = validate(module, rules=registry)
@@ -245,7 +254,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                                                              args.noise_multiplier, counts)
         settings = PrivacySettings(args.noise_multiplier, args.max_grad_norm, args.clipping,
                                    sampling.sample_rate, sampling.expected_batch_size,
-                                   args.loss_reduction, poisson_sampling, **options)
+                                   args.loss_reduction, poisson_sampling, **options,
+                                   mechanism=mechanism_run.describe(mechanism),
+                                   planned_steps=steps if correlated else None)
         params = args.params
         if ranks is not None:  # the same configuration on every rank, or an error on every rank
             ranks.agree(privacy_fingerprint(
@@ -296,11 +307,16 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         # Seeds follow torch.manual_seed; the noise then has its own generator (privatize.noise)
         seed, noise_seed = (int(s) for s in torch.randint(0, 2**62, (2,), dtype=torch.int64))
         self.noise = self.noise.seeded(noise_seed)
+        self.mechanism = mechanism
+        self._mechanism_run = (mechanism_run.MechanismRun(mechanism, steps, params, self.noise)
+                               if correlated else None)
         if poisson_sampling:
-            if ranks is not None:
-                seed = ranks.broadcast_seed(seed)  # one global sample per step for the job
+            # cyclic sampling's groups: from the seed, or (secure mode) the operating system
+            group_key = int(os_bits(1)[0]) if self.secure_mode else seed
+            if ranks is not None:  # one global sample per step, one partition, for the job
+                seed, group_key = ranks.broadcast_seed(seed), ranks.broadcast_seed(group_key)
             self._sampler, drawn, data_loader = sampling.loader(
-                data_loader, seed=seed, secure=self.secure_mode, ranks=ranks)
+                data_loader, seed=seed, secure=self.secure_mode, ranks=ranks, group_key=group_key)
             self._sampler_seed = None if self.secure_mode else seed
             self._rows.drawn = drawn
         return module, optimizer, data_loader
@@ -314,16 +330,18 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         ``steps`` steps (give exactly one; per this engine's accountant)."""
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
-        sampling = sampling_plan(
-            data_loader, poisson_sampling=kwargs.get("poisson_sampling", True),
-            sample_rate=kwargs.get("sample_rate"),
-            expected_batch_size=kwargs.get("expected_batch_size"),
-            loss_reduction=kwargs.get("loss_reduction", "mean"))
-        sigma = _settings.calibrate(sampling, target_epsilon=target_epsilon,
-                                    target_delta=target_delta, epochs=epochs, steps=steps,
-                                    accountant=self.accountant.name)
+        mechanism, sampling, n = planned = mechanism_run.plan(
+            data_loader, kwargs.pop("mechanism", None), steps, epochs, required=True, **kwargs)
+        if mechanism_run.correlated(mechanism):
+            sigma = mechanism_run.calibrate(mechanism, sampling, n, target_epsilon=target_epsilon,
+                                            target_delta=target_delta,
+                                            accountant=self.accountant.name)
+        else:
+            sigma = _settings.calibrate(sampling, target_epsilon=target_epsilon,
+                                        target_delta=target_delta, epochs=epochs, steps=steps,
+                                        accountant=self.accountant.name)
         defaults = dict(clipping="flat", grad_sample_mode="auto", check="first_step")
-        return self._attach(module, optimizer, data_loader, sampling, noise_multiplier=sigma,
+        return self._attach(module, optimizer, data_loader, planned, noise_multiplier=sigma,
                             max_grad_norm=max_grad_norm, **{**defaults, **kwargs})
 
     @property
@@ -356,23 +374,6 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         if self._sampling is not None and self._sampling.dataset_size is not None:
             _settings.warn_large_delta(delta, self._sampling.dataset_size, "delta")
         return self.accountant.get_epsilon(delta=delta)
-
-    # -- virtual batches -------------------------------------------------------------------
-    @contextmanager
-    def virtual_batches(self, data_loader, max_physical_batch_size: int):
-        """Split each logical batch into physical chunks of at most ``max_physical_batch_size``.
-
-        Run the ordinary loop (forward, backward, ``optimizer.step()``) on every chunk: only the
-        last chunk of a logical batch releases a noisy update; the earlier steps make none.
-        Leaving the loop in the middle of a logical batch discards its clipped sums: nothing
-        of it is released and nothing is spent.
-        """
-        size = _validate.positive_int("max_physical_batch_size", max_physical_batch_size,
-                                      "Pass the largest batch that fits in memory, e.g. 64.")
-        try:
-            yield VirtualBatches(data_loader, size, self._set_release, self._abandon)
-        finally:
-            self._abandon()
 
     # -- detaching -------------------------------------------------------------------------
     def detach(self) -> None:

@@ -47,6 +47,10 @@ class PrivacySettings:
     target_quantile: float | None = None
     quantile_lr: float | None = None
     count_noise_std: float | None = None
+    #: a correlated-noise mechanism (``repr``) and the steps its noise is planned for; ``None``
+    #: for DP-SGD (``privgrad.mechanism_run``)
+    mechanism: str | None = None
+    planned_steps: int | None = None
 
     @property
     def total_bound(self) -> float:
