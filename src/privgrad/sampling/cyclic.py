@@ -59,12 +59,16 @@ _TAG = 0x67726F757073  # "groups": keeps the key's stream apart from any other u
 
 
 def cyclic_steps_per_epoch(sample_rate: float, num_groups: int) -> int:
-    """Steps in one epoch of cyclic sampling: ``b * round(1 / p)``.
+    """Steps in one epoch of cyclic sampling: ``round(b / p)``, Poisson sampling's
+    ``round(1 / q)`` for the overall rate ``q = p / b``.
 
-    Each group is visited ``round(1 / p)`` times, so each record is expected to take part
-    ``p * round(1 / p)`` (about one) times per epoch, and every epoch starts at group 0.
+    Each group is visited about ``1 / p`` times, so each record is expected to take part about
+    once per epoch, as under Poisson sampling at the same expected batch size. (A multiple of
+    ``b``, ``b * round(1 / p)``, would start every epoch at group 0 but, with ``p`` near 1/2 or
+    above, cut a quarter of the passes over the data: ``round(1 / 0.41) = 2`` visits make
+    0.82 expected participations.) The group of step ``t`` is ``t mod b`` across epochs.
     """
-    return num_groups * steps_per_epoch(sample_rate)
+    return steps_per_epoch(sample_rate / num_groups)
 
 
 def group_words(group_key: int, n: int) -> np.ndarray:
@@ -108,9 +112,8 @@ class CyclicPoissonSampler:
         bits: a source of uniform 64-bit words, ``bits(n, step) -> np.ndarray[uint64]``
             (``numpy_bits(seed)``, or ``os_bits`` in secure mode).
         group_key: the secret integer the groups are drawn from (see the module docstring).
-        steps: number of steps per pass over the sampler (default: ``b * round(1 / p)``, an
-            epoch in which each record is expected to take part about once; a multiple of
-            ``b`` keeps every epoch starting at group 0 and visiting each group equally often).
+        steps: number of steps per pass over the sampler (default: ``round(b / p)``, an
+            epoch in which each record is expected to take part about once).
 
     Attributes:
         step: number of steps sampled so far (with the seed and the key, the state a checkpoint
@@ -137,7 +140,7 @@ class CyclicPoissonSampler:
         self.steps = (cyclic_steps_per_epoch(self.sample_rate, self.num_groups) if steps is None
                       else _validate.positive_int(
                           "steps", steps,
-                          "Pass the number of steps per epoch, e.g. num_groups * round(1 / sample_rate)."))
+                          "Pass the number of steps per epoch, e.g. round(num_groups / sample_rate)."))
         self.bits = bits
         self.step = 0
         self._threshold = np.uint64(min(int(Fraction(self.sample_rate) * 2**64), 2**64 - 1))
