@@ -335,3 +335,18 @@ def test_bad_input_is_refused_before_anything_is_attached(kwargs, error, message
                             data_loader=DataLoader(data(), batch_size=BATCH),
                             noise_multiplier=1.0, max_grad_norm=1.0, **kwargs)
     assert engine.module is None
+
+
+def test_a_second_phase_on_the_returned_loader_keeps_the_data_sets_rate():
+    """The loader a BandMF phase returned samples at p = q b; a phase after it on that loader
+    starts again from q (not from p, which would multiply the rate by b twice)."""
+    model, optimizer, engine, dl = attach(BandMF(num_bands=4), steps=8)
+    train(model, optimizer, dl, 8)
+    engine.detach()
+    for mechanism, rate in ((None, BATCH / N), (BandMF(num_bands=2), 2 * BATCH / N)):
+        again = PrivacyEngine()
+        again.make_private(module=model, optimizer=optimizer, data_loader=dl,
+                           noise_multiplier=1.0, max_grad_norm=1.0, mechanism=mechanism, steps=8)
+        assert again.settings.sample_rate == pytest.approx(rate)
+        assert again.settings.expected_batch_size == BATCH
+        again.detach()

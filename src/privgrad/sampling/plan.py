@@ -52,6 +52,12 @@ class SamplingPlan:
     num_groups: int = 1
 
     @property
+    def base_rate(self) -> float:
+        """``q``: the share of the data set an average step draws (``sample_rate`` over the
+        groups)."""
+        return self.sample_rate / self.num_groups
+
+    @property
     def steps_per_epoch(self) -> int:
         return cyclic_steps_per_epoch(self.sample_rate, self.num_groups)
 
@@ -94,7 +100,7 @@ def plan(data_loader: DataLoader, *, poisson_sampling: bool = True, sample_rate=
     earlier = getattr(data_loader, "sampling", None)
     if isinstance(data_loader, PoissonLoader) and earlier is not None and None in (
             sample_rate, expected_batch_size):
-        sample_rate, expected_batch_size = earlier.sample_rate, earlier.expected_batch_size
+        sample_rate, expected_batch_size = earlier.base_rate, earlier.expected_batch_size
     n = _dataset_size(data_loader, poisson_sampling, sample_rate, expected_batch_size)
     q, expected = sampling_rate(data_loader, n, sample_rate, expected_batch_size,
                                 loss_reduction, poisson_sampling)
