@@ -5,7 +5,12 @@
 
 Both accept ``--accountant pld|rdp`` (default pld), ``--json`` (one object; an infinite epsilon,
 from ``--noise-multiplier 0``, is ``null``) and ``--plot FILE.png`` (epsilon against epochs for
-PLD and RDP; needs the ``plot`` extra; any format matplotlib writes, chosen by the suffix). A
+PLD and RDP; needs the ``plot`` extra; any format matplotlib writes, chosen by the suffix).
+``privgrad epsilon --report`` adds the privacy report (``privgrad.accounting.report``): epsilon
+at several deltas, the best membership attack's TPR at FPR 0.1%, 1% and 10%, its advantage, the
+Gaussian-DP mu and the trade-off curve (in ``--json``, ``"tradeoff"``: a list of
+``{"fpr": ..., "tpr": ...}`` points); with ``--plot`` it draws that curve beside the curves of
+no privacy and of perfect privacy instead of epsilon against epochs. A
 missing folder of the plot is created, as ``privgrad demo --out`` and ``PrivacyLogger`` create
 theirs; the path is checked before any accounting runs. Bad input exits with status 2 and a one-line error. The sample rate is
 ``batch_size / dataset_size`` (Poisson sampling with that expected batch size) and the step count
@@ -41,6 +46,8 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
     when.add_argument("--steps", type=int, help="training length in steps")
     if name == "epsilon":
         parser.add_argument("--noise-multiplier", type=float, required=True, help="noise std / max_grad_norm")
+        parser.add_argument("--report", action="store_true",
+                            help="also the best membership attack: trade-off curve, TPR at low FPR, advantage, GDP mu")
     else:
         parser.add_argument("--target-epsilon", type=float, required=True, help="the epsilon to reach")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
@@ -67,18 +74,31 @@ def run_for(name: str, args: argparse.Namespace) -> int:
     """Run subcommand ``name``; returns the exit status (2 on bad input)."""
     plot = _plot_path(args.plot) if args.plot else None  # fail before the accounting runs
     result = _epsilon(args) if name == "epsilon" else _noise(args)
+    report = _privacy_report(result) if getattr(args, "report", False) else None
     if plot is not None:
-        _plot(plot, result)
+        _plot(plot, result) if report is None else _plot_tradeoff(plot, report)
         result["plot"] = args.plot
     if args.json:  # JSON has no infinity: an unbounded epsilon is written as null
         plain = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in result.items()}
-        print(json.dumps(plain, sort_keys=True))
+        print(json.dumps({**plain, **(report.to_dict() if report else {})}, sort_keys=True))
     else:
         width = max(map(len, result))
         for key, value in result.items():
             shown = f"{value:.6g}" if isinstance(value, float) else value
             print(f"{key:<{width}}  {shown}")
+        if report is not None:
+            print(report.text())
     return 0
+
+
+def _privacy_report(result: dict):
+    from privgrad.accounting import make_accountant
+    from privgrad.accounting.report import privacy_report
+
+    acc = make_accountant(result["accountant"])
+    acc.step(noise_multiplier=result["noise_multiplier"], sample_rate=result["sample_rate"],
+             num_steps=result["steps"])
+    return privacy_report(acc, delta=result["delta"])
 
 
 def _epsilon(args: argparse.Namespace) -> dict:
@@ -162,6 +182,48 @@ def _plot(path: Path, result: dict) -> None:
     ax.set_title(f"noise_multiplier = {sigma:.4g}, sample_rate = {q:.4g}")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path, plt)
+
+
+def _plot_tradeoff(path: Path, report) -> None:
+    """The best attack's trade-off curve (left) and its TPR on log axes (right), beside the
+    curves of perfect privacy and of no privacy, and of Gaussian-DP with the report's mu."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from privgrad.accounting.tradeoff import gdp_tradeoff
+
+    fpr, fnr = (np.array(v) for v in zip(*report.curve))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    left.plot(fpr, 1 - fpr, color="tab:green", ls="--", label="perfect privacy (FNR = 1 - FPR)")
+    left.plot([0, 1], [0, 0], color="tab:red", ls="--", label="no privacy (FNR = 0)")
+    left.plot(fpr, fnr, color="tab:blue", lw=2, label=f"this run (epsilon {report.epsilon:.3g})")
+    left.set_xlabel("false-positive rate")
+    left.set_ylabel("false-negative rate of the best attack")
+    left.set_title("trade-off curve: the attack cannot go below it", fontsize=10)
+    pos = fpr > 0
+    right.loglog(fpr[pos], fpr[pos], color="tab:green", ls="--", label="perfect privacy (TPR = FPR)")
+    right.loglog(fpr[pos], np.ones(pos.sum()), color="tab:red", ls="--", label="no privacy (TPR = 1)")
+    right.loglog(fpr[pos], np.maximum(1 - fnr[pos], 1e-12), color="tab:blue", lw=2, label="this run")
+    if math.isfinite(report.mu) and report.mu > 0:
+        approx = "" if report.mu_exact else ", approx."
+        right.loglog(fpr[pos], 1 - gdp_tradeoff(report.mu, fpr[pos]), color="gray", ls=":",
+                     label=f"Gaussian-DP mu = {report.mu:.3g}{approx}")
+    right.set_xlabel("false-positive rate")
+    right.set_ylabel("true-positive rate of the best attack")
+    right.set_title("the same at low false-positive rates", fontsize=10)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"best membership attack after {report.steps} steps "
+                 f"(delta = {report.delta:g}: epsilon {report.epsilon:.3g})", fontsize=11)
+    _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> None:
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
