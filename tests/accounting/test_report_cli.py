@@ -69,6 +69,18 @@ def test_report_plot_draws_the_tradeoff_curve(run, tmp_path, monkeypatch):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(drawn) == 1
 
 
+def test_the_figure_touches_no_pyplot_state(tmp_path):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    fig = library_report().figure()
+    assert len(fig.axes) == 2 and plt.get_fignums() == before
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[:2] == ["perfect privacy (FNR = 1 - FPR)", "no privacy (FNR = 0)"]
+    fig.savefig(tmp_path / "curve.pdf")
+    assert (tmp_path / "curve.pdf").read_bytes()[:5] == b"%PDF-"
+
+
 def test_zero_noise_report_is_null_in_json(run):
     code, out, _ = run("epsilon", *BASE, "--noise-multiplier", "0", "--report", "--json")
     assert code == 0

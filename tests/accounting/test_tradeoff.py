@@ -165,3 +165,19 @@ def test_bad_fpr_and_mu_are_refused():
         curve.tpr(1.5)
     with pytest.raises(ConfigError, match="mu must be finite and >= 0; got mu=-1"):
         gdp_tradeoff(-1, 0.1)
+
+
+def test_the_report_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from privgrad.accounting import make_accountant\n"
+        "from privgrad.accounting.report import privacy_report\n"
+        "a = make_accountant(); a.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=10)\n"
+        "privacy_report(a, delta=1e-5).to_json()\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

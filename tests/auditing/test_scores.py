@@ -94,18 +94,33 @@ def test_fixed_guesses_are_used_as_given():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"in_scores": np.ones(900), "out_scores": np.zeros(100)},
-     r"in_scores and out_scores must come from canaries each included with probability 1/2 .*; "
-     r"got \(len\(in_scores\), len\(out_scores\)\)=\(900, 100\)\. Include each canary by a fair coin"),
+     (r"in_scores and out_scores must come from canaries each included with probability 1/2 .*; "
+      r"got \(len\(in_scores\), len\(out_scores\)\)=\(900, 100\)\. Include each canary by a fair coin")),
     ({"in_scores": [1.0, float("nan"), 2.0]},
      r"in_scores must be finite; got in_scores\[1\]=nan\. 1 score\(s\) are NaN or infinite; map them"),
     ({"out_scores": []}, r"out_scores must be a non-empty 1-D array; got out_scores.shape=\(0,\)"),
     ({"confidence": 1.5}, r"confidence must be in \(0, 1\); got confidence=1.5\. Pass e\.g\. 0\.95"),
     ({"confidence": 0.0}, r"confidence must be in \(0, 1\); got confidence=0.0"),
     ({"guesses": (5, 4)}, r"each guess pair must make between 1 and 8 guesses .*; got guesses=\(5, 4\)"),
-    ({"delta": 0}, r"delta must be > 0 for family='gaussian' .*; got delta=0\. Pass the delta of the "
-                   r"claim, e\.g\. 1e-5, or family='epsilon-delta'"),
+    ({"delta": 0}, (r"delta must be > 0 for family='gaussian' .*; got delta=0\. Pass the delta of "
+                    r"the claim, e\.g\. 1e-5, or family='epsilon-delta'")),
 ])
 def test_bad_input_names_the_value_and_the_fix(kwargs, match):
     args = {"in_scores": np.arange(4.0), "out_scores": np.arange(4.0), "delta": 1e-5} | kwargs
     with pytest.raises(ConfigError, match=match):
         audit_scores(**args)
+
+
+def test_the_score_auditor_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import privgrad.auditing.fdp, privgrad.auditing.intervals, privgrad.auditing.conformance\n"
+        "from privgrad.auditing import audit_scores\n"
+        "audit_scores(np.arange(50.0) + 10, np.arange(50.0), delta=1e-5, bootstrap=20)\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

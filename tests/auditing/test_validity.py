@@ -27,7 +27,11 @@ from privgrad.auditing.simulation import (
     lower_bounds,
     simulate_scores,
 )
-from privgrad.auditing.statistics import count_correct, make_guesses, one_run_lower_bound
+from privgrad.auditing.statistics import (
+    count_correct,
+    make_guesses,
+    one_run_lower_bound,
+)
 
 ALPHA, CONFIDENCE, DELTA = 1e-3, 0.95, 1e-5
 

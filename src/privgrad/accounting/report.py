@@ -107,6 +107,42 @@ class PrivacyReport:
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    def figure(self):
+        """The curve as a matplotlib ``Figure`` (needs the ``plot`` extra): FNR against FPR beside
+        the curves of perfect privacy (``FNR = 1 - FPR``) and of no privacy (``FNR = 0``), and the
+        TPR on log axes for the low-FPR end, with Gaussian-DP at ``mu``. No pyplot state is
+        touched; ``report.figure().savefig("curve.png")`` writes it."""
+        from matplotlib.figure import Figure
+
+        from privgrad.accounting.tradeoff import gdp_tradeoff
+
+        fpr, fnr = (np.array(v) for v in zip(*self.curve))
+        fig = Figure(figsize=(10, 4.5))
+        left, right = fig.subplots(1, 2)
+        left.plot(fpr, 1 - fpr, color="tab:green", ls="--", label="perfect privacy (FNR = 1 - FPR)")
+        left.plot([0, 1], [0, 0], color="tab:red", ls="--", label="no privacy (FNR = 0)")
+        left.plot(fpr, fnr, color="tab:blue", lw=2, label=f"this run (epsilon {self.epsilon:.3g})")
+        left.set(xlabel="false-positive rate", ylabel="false-negative rate of the best attack")
+        left.set_title("trade-off curve: no attack goes below it", fontsize=10)
+        pos = fpr > 0
+        x = fpr[pos]
+        right.loglog(x, x, color="tab:green", ls="--", label="perfect privacy (TPR = FPR)")
+        right.loglog(x, np.ones(x.size), color="tab:red", ls="--", label="no privacy (TPR = 1)")
+        right.loglog(x, np.maximum(1 - fnr[pos], 1e-12), color="tab:blue", lw=2, label="this run")
+        if math.isfinite(self.mu) and self.mu > 0:
+            approx = "" if self.mu_exact else ", approx."
+            right.loglog(x, 1 - gdp_tradeoff(self.mu, x), color="gray", ls=":",
+                         label=f"Gaussian-DP mu = {self.mu:.3g}{approx}")
+        right.set(xlabel="false-positive rate", ylabel="true-positive rate of the best attack")
+        right.set_title("the same at low false-positive rates", fontsize=10)
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"best membership attack after {self.steps} steps "
+                     f"(delta = {self.delta:g}: epsilon {self.epsilon:.3g})", fontsize=11)
+        fig.tight_layout()
+        return fig
+
     def text(self) -> str:
         """A human-readable rendering, one screen."""
         eps = "  ".join(f"{_num(e)} at {d:g}" for d, e in self.epsilons)

@@ -76,7 +76,10 @@ def run_for(name: str, args: argparse.Namespace) -> int:
     result = _epsilon(args) if name == "epsilon" else _noise(args)
     report = _privacy_report(result) if getattr(args, "report", False) else None
     if plot is not None:
-        _plot(plot, result) if report is None else _plot_tradeoff(plot, report)
+        if report is None:
+            _plot(plot, result)
+        else:
+            _plot_tradeoff(plot, report)
         result["plot"] = args.plot
     if args.json:  # JSON has no infinity: an unbounded epsilon is written as null
         plain = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in result.items()}
@@ -182,48 +185,6 @@ def _plot(path: Path, result: dict) -> None:
     ax.set_title(f"noise_multiplier = {sigma:.4g}, sample_rate = {q:.4g}")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path, plt)
-
-
-def _plot_tradeoff(path: Path, report) -> None:
-    """The best attack's trade-off curve (left) and its TPR on log axes (right), beside the
-    curves of perfect privacy and of no privacy, and of Gaussian-DP with the report's mu."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from privgrad.accounting.tradeoff import gdp_tradeoff
-
-    fpr, fnr = (np.array(v) for v in zip(*report.curve))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
-    left.plot(fpr, 1 - fpr, color="tab:green", ls="--", label="perfect privacy (FNR = 1 - FPR)")
-    left.plot([0, 1], [0, 0], color="tab:red", ls="--", label="no privacy (FNR = 0)")
-    left.plot(fpr, fnr, color="tab:blue", lw=2, label=f"this run (epsilon {report.epsilon:.3g})")
-    left.set_xlabel("false-positive rate")
-    left.set_ylabel("false-negative rate of the best attack")
-    left.set_title("trade-off curve: the attack cannot go below it", fontsize=10)
-    pos = fpr > 0
-    right.loglog(fpr[pos], fpr[pos], color="tab:green", ls="--", label="perfect privacy (TPR = FPR)")
-    right.loglog(fpr[pos], np.ones(pos.sum()), color="tab:red", ls="--", label="no privacy (TPR = 1)")
-    right.loglog(fpr[pos], np.maximum(1 - fnr[pos], 1e-12), color="tab:blue", lw=2, label="this run")
-    if math.isfinite(report.mu) and report.mu > 0:
-        approx = "" if report.mu_exact else ", approx."
-        right.loglog(fpr[pos], 1 - gdp_tradeoff(report.mu, fpr[pos]), color="gray", ls=":",
-                     label=f"Gaussian-DP mu = {report.mu:.3g}{approx}")
-    right.set_xlabel("false-positive rate")
-    right.set_ylabel("true-positive rate of the best attack")
-    right.set_title("the same at low false-positive rates", fontsize=10)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"best membership attack after {report.steps} steps "
-                 f"(delta = {report.delta:g}: epsilon {report.epsilon:.3g})", fontsize=11)
-    _save(fig, path, plt)
-
-
-def _save(fig, path: Path, plt) -> None:
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
@@ -233,3 +194,14 @@ def _save(fig, path: Path, plt) -> None:
             f"writable folder.") from e
     finally:
         plt.close(fig)
+
+
+def _plot_tradeoff(path: Path, report) -> None:
+    """The report's trade-off curve beside perfect privacy and no privacy
+    ([`PrivacyReport.figure()`][privgrad.accounting.report.PrivacyReport.figure])."""
+    try:
+        report.figure().savefig(path, dpi=120)
+    except OSError as e:
+        raise ConfigError(
+            f"plot must be writable; got plot={str(path)!r} ({e.strerror}). Pass a path in a "
+            f"writable folder.") from e
