@@ -153,6 +153,17 @@ def test_no_steps_is_perfect_privacy_and_no_noise_is_none():
     json.dumps(plain, allow_nan=False)
 
 
+@pytest.mark.parametrize("sigma", [1e-9, 0.05])
+def test_huge_leakage_gives_a_finite_pessimistic_report(sigma):
+    """exp(epsilon) overflows in dp_accounting (NaN deltas) or the PLD cannot be built at all."""
+    acc = accountant(sigma, 0.01, 1000)
+    acc.step(noise_multiplier=2.0, sample_rate=0.02, num_steps=10)
+    report = privacy_report(acc, delta=1e-5)
+    assert report.advantage > 0.99 and all(t == 1.0 for _, t in report.tpr_at_fpr)
+    assert not np.isnan(np.array(report.curve)).any()
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
 @pytest.mark.parametrize("delta", [0, 1.0, -1e-5, float("nan")])
 def test_bad_delta_names_the_value_and_the_fix(delta):
     with pytest.raises(ConfigError, match=r"delta must be in \(0, 1\); got delta="):

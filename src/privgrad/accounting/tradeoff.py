@@ -135,7 +135,8 @@ class TradeOffCurve:
             for start in range(0, flat.size, 256):  # bounded memory: 256 x grid at a time
                 x = flat[start:start + 256].reshape(-1, 1)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    upper = np.max(1.0 - d - np.exp(e) * x, axis=1, initial=0.0)
+                    grow = np.nan_to_num(np.exp(e) * x, nan=0.0)  # e^eps * 0 is 0, not NaN
+                    upper = np.max(1.0 - d - grow, axis=1, initial=0.0)
                     lower = np.max(np.exp(-e) * (1.0 - d - x), axis=1, initial=0.0)
                 out[start:start + 256] = np.maximum(upper, lower)
         out = np.clip(out, 0.0, 1.0 - flat).reshape(a.shape)
@@ -181,7 +182,7 @@ def tradeoff_curve(accountant: Accountant) -> TradeOffCurve:
         A pessimistic curve: no test does better than it says (module docstring).
     """
     from privgrad.accounting.events import history_event, is_nonprivate
-    from privgrad.accounting.pld import PLDAccountant
+    from privgrad.accounting.pld import LARGE_EPSILON, PLDAccountant
 
     history = accountant.history
     if not history:
@@ -201,6 +202,10 @@ def tradeoff_curve(accountant: Accountant) -> TradeOffCurve:
         # The truncated tail is counted as infinite loss: delta never falls below its mass.
         top = next((t for t in (float(dist.get_epsilon_for_delta(f)) for f in _FLOORS)
                     if math.isfinite(t)), 1e3)
-        eps = _grid(max(top, 1e-3))
+        eps = _grid(min(max(top, 1e-3), LARGE_EPSILON))
         deltas = np.asarray(dist.get_delta_for_epsilon(eps), dtype=np.float64)
-    return TradeOffCurve(eps, np.clip(deltas, 0.0, 1.0))
+    # Where exp(epsilon) overflows dp_accounting answers NaN; delta only falls with epsilon, so
+    # the last value before it is an upper bound there.
+    known = np.where(np.isnan(deltas), 0, np.arange(deltas.size))
+    deltas = deltas[np.maximum.accumulate(known)]
+    return TradeOffCurve(eps, np.clip(np.nan_to_num(deltas, nan=1.0), 0.0, 1.0))
