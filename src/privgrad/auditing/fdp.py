@@ -19,11 +19,14 @@ chance of a wrong one. Summing over the ``m`` canaries and using the concavity o
 
     r_{i+1} <= fbar(h_i),  that is  h_i >= fbar^-1(r_{i+1}),  and  r_i - r_{i+1} = i/(r-i) (h_i - h_{i+1}).
 
-If ``P[at least v correct] >= tau``, then ``r_v >= tau v / m`` and ``h_v >= tau (r - v) / m``
-in the least favourable case, and running the two relations down to ``i = 0`` gives lower
-bounds on ``r_0 + h_0``, which is exactly ``r / m`` (every guess is right or wrong). A lower
-bound above ``r / m`` is a contradiction: then ``P[at least v correct] < tau``, and the f-DP
-claim is rejected at level ``tau`` (their Algorithm 3, "audit with abstention").
+If ``P[at least v correct] >= tau``, then ``r_v + h_v = (r / m) P[at least v correct] >= tau r / m``
+with a share of at least ``v / r`` of it right; the paper shows that the two relations, run down
+to ``i = 0``, bound ``r_0 + h_0`` least when exactly mass ``tau`` sits at ``v`` right, so they
+start from ``r_v = tau v / m`` and ``h_v = tau (r - v) / m``. But ``r_0 + h_0`` is exactly
+``r / m`` (every guess is right or wrong): a lower bound above it is a contradiction, so
+``P[at least v correct] < tau`` and the f-DP claim is rejected at level ``tau`` (their
+Algorithm 3, "audit with abstention"). ``tests/auditing/test_fdp.py`` checks the resulting
+p-value against exact binomial tails of randomised response, the worst case of (epsilon, 0)-DP.
 
 The curve is taken from a one-parameter family, and the bound is the largest parameter the
 observation rejects at ``1 - confidence``, stated as an epsilon at ``delta``:
