@@ -356,3 +356,13 @@ def _verdict(bound: float, eps: float, band: Band | None, tests, alpha: float, c
 
 def _and_fdp(fdp: FDPBound | None) -> str:
     return "" if fdp is None else f" (f-DP {fdp.lower_bound:.2f})"
+
+
+def __getattr__(name: str):
+    # evaluate_scores and score_candidates moved to privgrad.auditing.scores (which imports this
+    # module): still importable from here for code written before.
+    if name in ("evaluate_scores", "score_candidates"):
+        from privgrad.auditing import scores
+
+        return getattr(scores, name)
+    raise AttributeError(f"module 'privgrad.auditing.report' has no attribute {name!r}")
