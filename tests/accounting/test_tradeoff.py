@@ -192,3 +192,15 @@ def test_the_report_imports_no_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_closed_form_check_catches_a_one_sided_curve():
+    """Mutant: the curve from one branch of the conjugate only (no symmetric part, as if only the
+    remove direction's epsilons >= 0 counted). The Gaussian check above must see it."""
+    from dp_accounting.pld import privacy_loss_distribution as dp_pld
+
+    pld = dp_pld.from_gaussian_mechanism(1.0, value_discretization_interval=1e-4)
+    eps = np.linspace(0, pld.get_epsilon_for_delta(1e-14), 4000)
+    d = np.asarray(pld.get_delta_for_epsilon(eps))
+    one_sided = np.array([max(0.0, np.max(1 - d - np.exp(eps) * a)) for a in FPRS])
+    assert np.max(np.abs((1 - one_sided) - closed_form_tpr(1.0, FPRS))) > 2e-3

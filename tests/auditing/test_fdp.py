@@ -103,3 +103,19 @@ def test_pure_dp_is_tested_with_the_epsilon_delta_family():
 def test_bad_input_names_the_value_and_the_fix(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_the_exact_check_catches_an_over_eager_recursion(monkeypatch):
+    """Mutant: the recursion starts as if every guess on the event were right (h_v = 0). The
+    p-value then drops below randomised response's exact tail, which the first test checks."""
+    from privgrad.auditing import fdp
+
+    original = fdp._refuted
+    monkeypatch.setattr(fdp, "_refuted", lambda m, r, v, inverse, tau: original(
+        m, r, v, inverse, tau * r / max(v, 1)) if v < r else original(m, r, v, inverse, tau))
+    fdp._bound.cache_clear()
+    m = r = 200
+    p = special.expit(1.0)
+    broken = [fdp.fdp_p_value(m, r, v, 1.0, 0.0, family="epsilon-delta") < stats.binom.sf(v - 1, r, p)
+              for v in range(int(r * p), r, 4)]
+    assert any(broken)
