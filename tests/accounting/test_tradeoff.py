@@ -76,6 +76,7 @@ def test_the_conjugate_of_dp_accountings_gaussian_pld_is_the_closed_form(sigma):
     np.testing.assert_allclose(curve.fnr(curve.fnr(FPRS)), FPRS, atol=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma,q,steps", [(1.1, 0.01, 1000), (5.5, 0.25, 400), (0.8, 0.05, 10)])
 def test_subsampled_curve_is_bracketed_by_dp_accountings_pld(sigma, q, steps):
     """Our (pessimistic) TPR is at least the optimistic PLD's, and at most the pessimistic PLD's
