@@ -243,6 +243,22 @@ class RunState:
         """
         load_state_dict(self, state)
 
+    def privacy_report(self, delta: float, *, deltas=None):
+        """What the steps so far allow the best membership attack to do: epsilon at several
+        deltas, the attack's trade-off curve, its TPR at FPR 0.1%, 1% and 10%, its advantage and
+        the Gaussian-DP ``mu`` (see
+        [`privacy_report()`][privgrad.accounting.report.privacy_report]); ``print(report.text())``.
+
+        Raises:
+            ConfigError: a delta outside (0, 1).
+
+        Privacy:
+            Reads the accountant only; pessimistic like the accountant's epsilon.
+        """
+        from privgrad.accounting.report import privacy_report
+
+        return privacy_report(self.accountant, delta=delta, deltas=deltas)
+
     def save_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler=None, extra=None) -> None:
         """Write model, optimizer, scheduler and [`state_dict()`][privgrad.PrivacyEngine.state_dict]
