@@ -256,7 +256,8 @@ class BufferedNoise(_Stream):
     def step(self, z: torch.Tensor | None = None) -> torch.Tensor:
         """The next correlated noise tensor ``w_t`` (shaped like the template)."""
         z = self._next_draw(z).to(self.work_dtype)
-        w = (z + torch.tensordot(self._out, self._buffers, dims=1)) * self.scale
-        self._buffers.mul_(self._decay).add_(z)
+        flat = self._buffers.view(self.buffers, -1)  # one matrix-vector product over the buffers
+        w = torch.mv(flat.t(), self._out).view(self.shape).add_(z).mul_(self.scale)
+        torch.addcmul(z, self._buffers, self._decay, out=self._buffers)  # u <- decay u + z
         self.step_index += 1
         return w.to(self.dtype)
