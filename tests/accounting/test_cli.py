@@ -197,3 +197,41 @@ def test_cli_module_never_imports_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_mechanism_is_accounted_as_the_engine_does(run):
+    """--mechanism bandmf:16: the noise the engine calibrates for that run, its rounds at 16 q,
+    and the error to compare with DP-SGD's (sigma^2 (n + 1) / 2 on the prefix sum)."""
+    import math
+
+    from privgrad.mechanism_run import calibrate
+    from privgrad.mechanisms import BandMF
+    from privgrad.sampling.plan import SamplingPlan
+
+    code, out, _ = run("noise", *BASE, "--target-epsilon", "3", "--mechanism", "bandmf:16", "--json")
+    got = json.loads(out)
+    q, steps = 256 / 60000, got["steps"]
+    plan = SamplingPlan(60000, 16 * q, 256.0, True, 16)
+    assert got["noise_multiplier"] == calibrate(BandMF(num_bands=16), plan, steps,
+                                                target_epsilon=3.0, target_delta=1e-5,
+                                                accountant="pld")
+    assert got["accounted_steps"] == math.ceil(steps / 16) and got["accounted_sample_rate"] == 16 * q
+    assert got["epsilon"] <= 3.0
+    code, out, _ = run("noise", *BASE, "--target-epsilon", "3", "--mechanism", "dpsgd", "--json")
+    dpsgd = json.loads(out)
+    assert dpsgd["noise_error"] == pytest.approx(dpsgd["noise_multiplier"] ** 2 * (steps + 1) / 2)
+    assert got["noise_error"] < dpsgd["noise_error"]  # BandMF's error is smaller here
+    _, plain, _ = run("noise", *BASE, "--target-epsilon", "3", "--json")
+    assert json.loads(plain)["noise_multiplier"] == dpsgd["noise_multiplier"]
+
+
+@pytest.mark.parametrize("name,message", [
+    ("bandmf", "mechanism must name a mechanism; got mechanism='bandmf'"),
+    ("dpftrl:3", "mechanism must name a mechanism; got mechanism='dpftrl:3'"),
+    ("blt:2:3:4", "got mechanism='blt:2:3:4'"),
+    ("bandmf:0", "num_bands must be >= 1; got num_bands=0"),
+    ("bandmf:5000", r"num_bands must be <= the number of steps \(2340\)"),
+])
+def test_bad_mechanism_names_the_choices(run, name, message):
+    code, _, err = run("epsilon", *BASE, "--noise-multiplier", "1", "--mechanism", name)
+    assert code == 2 and re.search(message, err), err

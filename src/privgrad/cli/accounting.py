@@ -16,7 +16,14 @@ theirs; the path is checked before any accounting runs. Bad input exits with sta
 ``batch_size / dataset_size`` (Poisson sampling with that expected batch size) and the step count
 is ``round(epochs * round(dataset_size / batch_size))``: an epoch is ``round(1 / q)`` steps, as the
 engine's Poisson loader counts them, so the epsilon printed here is the one a run of that many
-epochs spends. This module never imports torch.
+epochs spends.
+
+``--mechanism bandmf:16`` (or ``blt:4``, ``blt:4:31`` with ``min_sep`` 31; default ``dpsgd``)
+accounts a correlated-noise run as the engine does (``privgrad.mechanisms``: BandMF's rounds at
+the group rate ``b q``, BLT's single Gaussian mechanism) and adds the strategy's expected error
+on ``--workload`` and ``noise_error = sigma^2 * expected_error`` (the mean squared error of the
+iterates per coordinate, in units of ``max_grad_norm^2``): the number to compare between
+mechanisms at one epsilon. This module imports torch only for ``--mechanism``.
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
                             help="also the best membership attack: trade-off curve, TPR at low FPR, advantage, GDP mu")
     else:
         parser.add_argument("--target-epsilon", type=float, required=True, help="the epsilon to reach")
+    parser.add_argument("--mechanism", default=None,
+                        help="dpsgd, bandmf:<bands> or blt:<buffers>[:<min_sep>]: account it as the "
+                             "engine does and print its expected error (default: DP-SGD, no error)")
+    parser.add_argument("--workload", choices=("prefix_sum", "momentum"), default="prefix_sum",
+                        help="what --mechanism's expected error is measured on (momentum: beta 0.9)")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
     parser.add_argument("--accountant", choices=sorted(ACCOUNTANTS), default=DEFAULT_ACCOUNTANT)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -99,34 +111,68 @@ def _privacy_report(result: dict):
     from privgrad.accounting.report import privacy_report
 
     acc = make_accountant(result["accountant"])
-    acc.step(noise_multiplier=result["noise_multiplier"], sample_rate=result["sample_rate"],
-             num_steps=result["steps"])
+    acc.step(noise_multiplier=result["noise_multiplier"],
+             sample_rate=result.get("accounted_sample_rate", result["sample_rate"]),
+             num_steps=result.get("accounted_steps", result["steps"]))
     return privacy_report(acc, delta=result["delta"])
+
+
+def _mechanism(args: argparse.Namespace, q: float, steps: int):
+    """``(mechanism or None, accounted sample rate, accounted steps)`` for ``--mechanism``."""
+    if args.mechanism is None:
+        return None, q, steps
+    name = str(args.mechanism)
+    kind, *sizes = name.split(":")
+    fix = "Pass dpsgd, bandmf:<bands> (e.g. bandmf:16) or blt:<buffers>[:<min_sep>]."
+    most = {"dpsgd": 0, "bandmf": 1, "blt": 2}.get(kind, -1)
+    if most < 0 or len(sizes) != min(len(sizes), most) or (kind != "dpsgd" and not sizes) \
+            or not all(x.isdigit() for x in sizes):
+        raise _validate.fail("mechanism must name a mechanism", "mechanism", name, fix)
+    from privgrad.accounting.events import flatten
+    from privgrad.mechanisms import BLT, DPSGD, BandMF
+    from privgrad.sampling.plan import group_rate
+
+    options = {"workload": args.workload}
+    if kind == "dpsgd":
+        mechanism, groups = DPSGD(**options), 1
+    elif kind == "bandmf":
+        mechanism = BandMF(num_bands=int(sizes[0]), **options)
+        groups = mechanism.num_groups(steps)
+    else:
+        min_sep = int(sizes[1]) if len(sizes) > 1 else None
+        mechanism = BLT(num_buffers=int(sizes[0]), min_sep=min_sep, **options)
+        groups = mechanism.num_groups(steps)
+    (entry,) = flatten(mechanism.event(1.0, group_rate(q, groups, args.dataset_size), steps))
+    return mechanism, entry.sample_rate, entry.num_steps
 
 
 def _epsilon(args: argparse.Namespace) -> dict:
     from privgrad.accounting import epsilon_for
 
     q, steps = _schedule(args)
+    mechanism, rate, count = _mechanism(args, q, steps)
     epsilon = epsilon_for(
-        noise_multiplier=args.noise_multiplier, sample_rate=q, steps=steps, delta=args.delta, accountant=args.accountant
-    )
-    return _report(args, q, steps, args.noise_multiplier, epsilon)
+        noise_multiplier=args.noise_multiplier, sample_rate=rate, steps=count, delta=args.delta,
+        accountant=args.accountant)
+    return _report(args, q, steps, args.noise_multiplier, epsilon, mechanism, rate, count)
 
 
 def _noise(args: argparse.Namespace) -> dict:
     from privgrad.accounting import epsilon_for, get_noise_multiplier
 
     q, steps = _schedule(args)
+    mechanism, rate, count = _mechanism(args, q, steps)
     sigma = get_noise_multiplier(
-        target_epsilon=args.target_epsilon, target_delta=args.delta, sample_rate=q, steps=steps, accountant=args.accountant
-    )
-    epsilon = epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=args.delta, accountant=args.accountant)
-    return _report(args, q, steps, sigma, epsilon)
+        target_epsilon=args.target_epsilon, target_delta=args.delta, sample_rate=rate,
+        steps=count, accountant=args.accountant)
+    epsilon = epsilon_for(noise_multiplier=sigma, sample_rate=rate, steps=count,
+                          delta=args.delta, accountant=args.accountant)
+    return _report(args, q, steps, sigma, epsilon, mechanism, rate, count)
 
 
-def _report(args: argparse.Namespace, q: float, steps: int, sigma: float, epsilon: float) -> dict:
-    return {
+def _report(args: argparse.Namespace, q: float, steps: int, sigma: float, epsilon: float,
+            mechanism=None, rate=None, count=None) -> dict:
+    out = {
         "accountant": args.accountant,
         "sample_rate": q,
         "steps": steps,
@@ -135,6 +181,11 @@ def _report(args: argparse.Namespace, q: float, steps: int, sigma: float, epsilo
         "delta": args.delta,
         "epsilon": epsilon,
     }
+    if mechanism is not None:  # what the accountant records, and the error to compare
+        error = mechanism.expected_error(steps)
+        out.update(mechanism=str(args.mechanism), accounted_sample_rate=rate,
+                   accounted_steps=count, expected_error=error, noise_error=sigma**2 * error)
+    return out
 
 
 def _plot_path(plot: str) -> Path:
