@@ -67,3 +67,45 @@ def test_a_distributed_sampler_is_refused_by_make_private_with_epsilon_too():
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=DataLoader(data, batch_size=4, sampler=_sharded(data)),
             target_epsilon=3.0, target_delta=1e-5, epochs=1, max_grad_norm=1.0)
+
+
+FSDP2 = """
+import os, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, TensorDataset
+from privgrad import PrivacyEngine
+from privgrad.errors import ConfigError
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str({port}))
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+fully_shard(model[0])
+fully_shard(model)
+engine = PrivacyEngine()
+try:
+    engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        data_loader=DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4),
+                        noise_multiplier=1.0, max_grad_norm=1.0)
+except ConfigError as e:
+    print("refused:", e)
+print("attached:", engine.module is not None)
+dist.destroy_process_group()
+"""
+
+
+def test_an_fsdp2_model_is_refused_with_the_fix():
+    """Sharded (DTensor) parameters: a clear error naming DDP, not an operator missing a
+    sharding strategy deep inside the first broadcast (what torch raised before)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", FSDP2.format(port=port)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: privgrad trains whole (unsharded) parameters; got 4 sharded parameter(s)" \
+        in done.stdout and "issue 27" in done.stdout and "DistributedDataParallel" in done.stdout
+    assert "attached: False" in done.stdout
