@@ -35,8 +35,8 @@ from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
 from privgrad.privatize.adaptive import ADAPTIVE, QuantileBound, default_count_noise
 from privgrad.sampling import PoissonSampler
+from privgrad.sampling import users as units
 from privgrad.sampling.plan import SamplingPlan
-from privgrad.sampling.plan import plan as sampling_plan
 from privgrad.sampling.virtual import VirtualBatches
 from privgrad.settings import PerformanceSettings, PrivacySettings, PrivacyWarning
 from privgrad.training_hooks import TrainingHooks
@@ -50,7 +50,8 @@ _log = logging.getLogger("privgrad")
 
 _MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate",
                  "expected_batch_size", "grad_sample_mode", "rules", "distributed", "grad_scaler",
-                 "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std")
+                 "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std",
+                 "privacy_unit", "user_ids", "max_examples_per_user")
 
 
 class PrivacyEngine(TrainingHooks, run_state.RunState):
@@ -134,6 +135,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         target_quantile: float | None = None,
         quantile_lr: float | None = None,
         count_noise_std: float | None = None,
+        privacy_unit: str = "example",
+        user_ids: Sequence | None = None,
+        max_examples_per_user: int | None = None,
         **unknown,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
@@ -184,6 +188,10 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                 ``count_noise_std`` the noise on the count, in examples (default: the expected
                 batch size / 20). Epsilon is that of ``noise_multiplier``: the gradient's share
                 of the noise is raised to pay for the count.
+            privacy_unit: ``"example"`` (default) or ``"user"``: protect all the rows of one
+                person, given ``user_ids`` (one hashable id per example, in the data set's
+                order) and ``max_examples_per_user`` (``k``). ``q`` is then over users; the
+                loader's ``batch_size`` stays the expected rows per batch (docs/privacy.md).
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -204,12 +212,13 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             expected_batch_size=expected_batch_size, grad_sample_mode=grad_sample_mode,
             rules=rules, distributed=distributed, grad_scaler=grad_scaler, check=check,
             gamma=gamma, target_quantile=target_quantile, quantile_lr=quantile_lr,
-            count_noise_std=count_noise_std)
+            count_noise_std=count_noise_std, privacy_unit=privacy_unit, user_ids=user_ids,
+            max_examples_per_user=max_examples_per_user)
 
     def _attach(self, module, optimizer, data_loader, sampling: SamplingPlan | None, *,
                 poisson_sampling=True, sample_rate=None, expected_batch_size=None,
                 loss_reduction="mean", rules=None, distributed=None, grad_scaler=None,
-                **arguments):
+                privacy_unit="example", user_ids=None, max_examples_per_user=None, **arguments):
         if self._module is not None:
             raise PrivacyStateError(
                 "make_private was already called on this PrivacyEngine; got a second call. Use "
@@ -221,10 +230,11 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling)
         if sampling is None:
-            sampling = sampling_plan(data_loader, poisson_sampling=poisson_sampling,
-                                     sample_rate=sample_rate,
-                                     expected_batch_size=expected_batch_size,
-                                     loss_reduction=args.loss_reduction)
+            sampling = units.plan(data_loader, poisson_sampling=poisson_sampling,
+                                  sample_rate=sample_rate, expected_batch_size=expected_batch_size,
+                                  loss_reduction=args.loss_reduction, clipping=args.clipping,
+                                  privacy_unit=privacy_unit, user_ids=user_ids,
+                                  max_examples_per_user=max_examples_per_user)
         _settings.check_ownership(module, optimizer)
         attachment.refuse_attached(module, optimizer)
         findings = validate(module, rules=registry)
@@ -245,7 +255,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                                                              args.noise_multiplier, counts)
         settings = PrivacySettings(args.noise_multiplier, args.max_grad_norm, args.clipping,
                                    sampling.sample_rate, sampling.expected_batch_size,
-                                   args.loss_reduction, poisson_sampling, **options)
+                                   args.loss_reduction, poisson_sampling, **options,
+                                   **units.unit_settings(sampling))
         params = args.params
         if ranks is not None:  # the same configuration on every rank, or an error on every rank
             ranks.agree(privacy_fingerprint(
@@ -314,11 +325,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         ``steps`` steps (give exactly one; per this engine's accountant)."""
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
-        sampling = sampling_plan(
-            data_loader, poisson_sampling=kwargs.get("poisson_sampling", True),
-            sample_rate=kwargs.get("sample_rate"),
-            expected_batch_size=kwargs.get("expected_batch_size"),
-            loss_reduction=kwargs.get("loss_reduction", "mean"))
+        sampling = units.plan(data_loader, **{k: v for k, v in kwargs.items()
+                                              if k in units.PLAN_ARGUMENTS})
         sigma = _settings.calibrate(sampling, target_epsilon=target_epsilon,
                                     target_delta=target_delta, epochs=epochs, steps=steps,
                                     accountant=self.accountant.name)
@@ -353,8 +361,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0.0 before the first step)."""
         delta = _validate.open_unit("delta", delta, "Pass a delta well below 1/N, e.g. 1e-5.")
-        if self._sampling is not None and self._sampling.dataset_size is not None:
-            _settings.warn_large_delta(delta, self._sampling.dataset_size, "delta")
+        if self._sampling is not None and self._sampling.units is not None:
+            _settings.warn_large_delta(delta, self._sampling.units, "delta")
         return self.accountant.get_epsilon(delta=delta)
 
     # -- virtual batches -------------------------------------------------------------------

@@ -47,6 +47,11 @@ class PrivacySettings:
     target_quantile: float | None = None
     quantile_lr: float | None = None
     count_noise_std: float | None = None
+    #: what one unit of privacy is: "example", or "user" (all of a person's rows; the sampling
+    #: is over users and each sampled user's summed gradient is clipped to C)
+    privacy_unit: str = "example"
+    #: privacy_unit="user": the most examples one user contributes to a step (k)
+    max_examples_per_user: int | None = None
 
     @property
     def total_bound(self) -> float:
@@ -265,8 +270,8 @@ def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accounta
         raise _validate.fail(
             "exactly one of epochs and steps must be given", "(epochs, steps)",
             (epochs, steps), "Pass epochs=<training epochs> or steps=<optimizer steps>.")
-    if sampling.dataset_size is not None:
-        warn_large_delta(delta, sampling.dataset_size, "target_delta", stacklevel=4)
+    if sampling.units is not None:
+        warn_large_delta(delta, sampling.units, "target_delta", stacklevel=4)
     if steps is None:
         epochs = _validate.positive_int("epochs", epochs, "Pass the number of training epochs.")
         steps = epochs * sampling.steps_per_epoch

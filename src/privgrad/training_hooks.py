@@ -27,6 +27,7 @@ import torch
 from privgrad import settings as _settings
 from privgrad.engine.amp import float32_captures
 from privgrad.engine.batch import BackwardBatch, materialize_early
+from privgrad.engine.groups import check_release, pass_units
 from privgrad.engine.selfcheck import check_sums
 from privgrad.errors import PrivacyStateError
 from privgrad.privatize import noisy_gradients
@@ -125,11 +126,14 @@ class TrainingHooks:
         released; discarded by the next pass on a drawn batch)."""
         self._refuse_unbounded(params)
         loss_scale = self._amp.loss_scale() if self._amp is not None else 1.0
+        tags = {c.tag for c in captures}
+        units = pass_units(self._rows, tags, captures) if self.settings.privacy_unit == "user" \
+            else None
         batch = BackwardBatch(float32_captures(captures, loss_scale),  # AMP: float32, unscaled
                               mode=self.performance.grad_sample_mode,
                               scale_by_batch=self.settings.loss_reduction == "mean",
-                              paths=self._recorder.paths)
-        drawn = self._rows.add({c.tag for c in captures}, batch.batch_size)
+                              paths=self._recorder.paths, units=units)
+        drawn = self._rows.add(tags, batch.rows)
         if self._checking and self._recorder.checking:
             if check_sums(batch, params, self._names(), loss_scale=loss_scale,
                           loose=self._autocast):
@@ -137,7 +141,7 @@ class TrainingHooks:
                 self._checking = self.check == "every_step"
                 self._recorder.checking = self._checking
         if not drawn:
-            self._undrawn += batch.batch_size
+            self._undrawn += batch.rows
             return False
         self._undrawn = 0  # a pass on a drawn batch: what was set aside is discarded
         adaptive = self.adaptive_clipping
@@ -178,6 +182,8 @@ class TrainingHooks:
                 "run the model on it). Nothing was released.")
         _settings.check_ownership(self._module, optimizer)
         try:
+            if self.settings.privacy_unit == "user":
+                check_release(self._rows)
             self._rows.release()
         except PrivacyStateError:
             self._clipped.reset()  # refused: nothing released, nothing kept for the next step
