@@ -135,7 +135,7 @@ def test_per_user_clipping_matches_the_per_user_loop(case, mode):
         assert engine.last_step_stats.examples == 3  # three users
         for n, w in want.items():
             torch.testing.assert_close(got[n], w, rtol=1e-9, atol=1e-11,
-                                       msg=lambda m: f"{case.name}/{mode}/{when}/{n}: {m}")
+                                       msg=f"{case.name}/{mode}/{when}/{n}")
 
 
 @pytest.mark.parametrize("clipping", ["per_layer", "automatic"])
@@ -162,7 +162,7 @@ def test_a_user_of_many_huge_rows_contributes_at_most_c():
     model = case.model().double()
     optimizer, engine = attach(model)
     x, y = case.inputs(8, g)
-    x, y = x.double(), y
+    x = x.double()
     x[4:] = x[4]  # user 1: four copies of one record
     y[4:] = y[4]
     labels = [0, 0, 1, 1, 1, 1, 2, 3]
@@ -204,12 +204,12 @@ def test_a_physical_batch_that_splits_a_user_is_refused():
         module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x), batch_size=20),
         noise_multiplier=1.0, max_grad_norm=1.0, privacy_unit="user",
         user_ids=[i // 4 for i in range(40)], max_examples_per_user=4)
-    with pytest.raises(PrivacyStateError, match="splits a user's rows"):
-        with engine.virtual_batches(dl, max_physical_batch_size=3) as chunks:
-            for (xb,) in chunks:
-                optimizer.zero_grad()
-                model(xb).sum().backward()
-                optimizer.step()
+    with (pytest.raises(PrivacyStateError, match="splits a user's rows"),
+          engine.virtual_batches(dl, max_physical_batch_size=3) as chunks):
+        for (xb,) in chunks:
+            optimizer.zero_grad()
+            model(xb).sum().backward()
+            optimizer.step()
     assert engine.steps == 0
 
 

@@ -216,6 +216,13 @@ def user_plan(base: SamplingPlan, data_loader, *, user_ids, max_examples_per_use
                     max_examples_per_user=k, rows=rows)
 
 
+class _Shown(str):
+    """A value shown as is in an error message (not quoted)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def unit_settings(plan: SamplingPlan) -> dict:
     """The privacy settings a plan adds (``PrivacySettings`` fields)."""
     if isinstance(plan, UserPlan):
@@ -231,13 +238,14 @@ def resolve(plan: SamplingPlan, data_loader, *, privacy_unit="example", user_ids
     would report a per-row epsilon as if it protected people)."""
     unit = _validate.choice("privacy_unit", privacy_unit, UNITS)
     if unit == "example":
-        given = {name: value for name, value in (("user_ids", user_ids), (
-            "max_examples_per_user", max_examples_per_user)) if value is not None}
+        given = [(name, value) for name, value in (("user_ids", user_ids), (
+            "max_examples_per_user", max_examples_per_user)) if value is not None]
         if given:
-            name = sorted(given)[0]
+            name, value = given[0]
+            if name == "user_ids" and hasattr(value, "__len__"):
+                value = _Shown(f"<{type(value).__name__} of {len(value)} ids>")
             raise _validate.fail(
-                f"{name} needs privacy_unit='user'", name,
-                f"{type(given[name]).__name__} given",
+                f"{name} needs privacy_unit='user'", name, value,
                 "Pass privacy_unit='user' to protect users (with user_ids= and "
                 "max_examples_per_user=), or drop it for example-level privacy.")
         return plan
