@@ -51,7 +51,7 @@ _log = logging.getLogger("privgrad")
 _MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate",
                  "expected_batch_size", "grad_sample_mode", "rules", "distributed", "grad_scaler",
                  "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std",
-                 "privacy_unit", "user_ids", "max_examples_per_user")
+                 "privacy_unit", "user_ids", "max_examples_per_user", "max_batch_size")
 
 
 class PrivacyEngine(TrainingHooks, run_state.RunState):
@@ -138,6 +138,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         privacy_unit: str = "example",
         user_ids: Sequence | None = None,
         max_examples_per_user: int | None = None,
+        max_batch_size: int | None = None,
         **unknown,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
@@ -192,6 +193,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                 person, given ``user_ids`` (one hashable id per example, in the data set's
                 order) and ``max_examples_per_user`` (``k``). ``q`` is then over users; the
                 loader's ``batch_size`` stays the expected rows per batch (docs/privacy.md).
+            max_batch_size: ``M``: every Poisson batch is cut to at most ``M`` random examples
+                and padded to exactly ``M`` rows that the engine masks out (fixed shapes for
+                ``torch.compile``); accounted as truncated Poisson sampling (docs/privacy.md).
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -205,20 +209,15 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             clipping, a parameter trainable after this call (its bound is fixed now).
         """
         _settings.refuse_unknown(unknown, "make_private")
-        return self._attach(
-            module, optimizer, data_loader, None, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
-            poisson_sampling=poisson_sampling, sample_rate=sample_rate,
-            expected_batch_size=expected_batch_size, grad_sample_mode=grad_sample_mode,
-            rules=rules, distributed=distributed, grad_scaler=grad_scaler, check=check,
-            gamma=gamma, target_quantile=target_quantile, quantile_lr=quantile_lr,
-            count_noise_std=count_noise_std, privacy_unit=privacy_unit, user_ids=user_ids,
-            max_examples_per_user=max_examples_per_user)
+        arguments = {k: v for k, v in locals().items() if k in _MAKE_PRIVATE}  # (the keywords)
+        return self._attach(module, optimizer, data_loader, None, noise_multiplier=noise_multiplier,
+                            max_grad_norm=max_grad_norm, **arguments)
 
     def _attach(self, module, optimizer, data_loader, sampling: SamplingPlan | None, *,
                 poisson_sampling=True, sample_rate=None, expected_batch_size=None,
                 loss_reduction="mean", rules=None, distributed=None, grad_scaler=None,
-                privacy_unit="example", user_ids=None, max_examples_per_user=None, **arguments):
+                **arguments):
+        planned = {k: arguments.pop(k) for k in units.SAMPLING_ONLY if k in arguments}
         if self._module is not None:
             raise PrivacyStateError(
                 "make_private was already called on this PrivacyEngine; got a second call. Use "
@@ -233,8 +232,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             sampling = units.plan(data_loader, poisson_sampling=poisson_sampling,
                                   sample_rate=sample_rate, expected_batch_size=expected_batch_size,
                                   loss_reduction=args.loss_reduction, clipping=args.clipping,
-                                  privacy_unit=privacy_unit, user_ids=user_ids,
-                                  max_examples_per_user=max_examples_per_user)
+                                  **planned)
         _settings.check_ownership(module, optimizer)
         attachment.refuse_attached(module, optimizer)
         findings = validate(module, rules=registry)

@@ -52,6 +52,8 @@ class PrivacySettings:
     privacy_unit: str = "example"
     #: privacy_unit="user": the most examples one user contributes to a step (k)
     max_examples_per_user: int | None = None
+    #: truncated Poisson sampling: every batch cut and padded to this many rows (M)
+    max_batch_size: int | None = None
 
     @property
     def total_bound(self) -> float:

@@ -28,6 +28,7 @@ from privgrad import settings as _settings
 from privgrad.engine.amp import float32_captures
 from privgrad.engine.batch import BackwardBatch, materialize_early
 from privgrad.engine.groups import check_release, pass_units
+from privgrad.engine.padding import real_rows
 from privgrad.engine.selfcheck import check_sums
 from privgrad.errors import PrivacyStateError
 from privgrad.privatize import noisy_gradients
@@ -133,7 +134,15 @@ class TrainingHooks:
                               mode=self.performance.grad_sample_mode,
                               scale_by_batch=self.settings.loss_reduction == "mean",
                               paths=self._recorder.paths, units=units)
+        real = real_rows(self._rows, tags, captures) if self.settings.max_batch_size else None
         drawn = self._rows.add(tags, batch.rows)
+        if drawn and None in ((units, 1)[self.settings.privacy_unit != "user"],
+                              (real, 1)[not self.settings.max_batch_size]):
+            self._rows.reset()  # (never happens with privgrad's loader: a guard, not a path)
+            raise PrivacyStateError(
+                "the engine must know whose rows a user-level pass clips, and which rows of a "
+                "fixed-shape batch are padding; got a drawn batch without that record. Iterate "
+                "the loader make_private returned. Nothing was released.")
         if self._checking and self._recorder.checking:
             if check_sums(batch, params, self._names(), loss_scale=loss_scale,
                           loose=self._autocast):
@@ -149,7 +158,7 @@ class TrainingHooks:
             # one bound per logical step (per-layer: in the order the bounds were made)
             now = adaptive.bound
             self._clipped.bounds = dict(zip(self._clipped.bounds, now)) if adaptive.per_layer else now
-        self._clipped.add(batch, set(params))
+        self._clipped.add(batch, set(params), real=real)
         return True
 
     def _before_step(self, optimizer, args, kwargs):

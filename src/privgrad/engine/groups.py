@@ -167,32 +167,45 @@ def pass_units(rows, tags: set, captures: list[Capture]) -> Units | None:
 
     ``None`` where the pass is not on a batch the loader drew (such a pass is set aside and
     never released; ``DrawnRows`` decides). Raises if the pass splits a user with another pass
-    of the step, or is not the batch drawn last (a loop that reads ahead: the rows' users are
-    then unknown)."""
+    of the step, or if it cannot be told to be on the batch drawn last (``latest_batch()``)."""
+    found = latest_batch(rows, tags, captures, "units", len)
+    if found is None:
+        return None
+    step, offset, count = found
+    here = torch.as_tensor(step[offset:offset + count])
+    check_complete(here, torch.as_tensor(step), offset)
+    return Units.of(here)
+
+
+def latest_batch(rows, tags: set, captures: list[Capture], record: str, size_of):
+    """``(what the loader recorded of the batch, row offset of this pass, rows of this pass)``
+    for a pass on the batch the loader yielded last, or ``None`` if no drawn batch waits.
+
+    Under user-level privacy and fixed-shape batches the rows alone cannot say which batch a
+    pass ran on (a user's rows, or the real rows among the padding, differ between batches of
+    one size), so the pass must be on the batch yielded last and no other batch may wait: a
+    loop that reads ahead or skips a batch is refused. ``record``: the name of the loader
+    record's method (``units``, ``real_rows``); ``size_of(recorded) -> rows of the batch``."""
     sizes = {c.batch_size for c in captures}
     if len(tags) != 1 or len(sizes) != 1 or rows.drawn is None:
         return None
     tag, count = next(iter(tags)), sizes.pop()
-    units_of = getattr(rows.drawn, "units", None)
-    step = units_of(tag) if units_of is not None and tag is not None else None
-    if step is None:
-        return None
-    offset = rows.rows if rows.step_tag == tag else 0
+    record_of = getattr(rows.drawn, record, None)
+    recorded = record_of(tag) if record_of is not None and tag is not None else None
     pending = [number for number, _ in rows.drawn.pending]
-    if not pending:
+    if recorded is None or not pending:
         return None  # no drawn batch waits: the pass is set aside (engine.rows)
-    if pending != [tag] or offset + count > len(step):
+    offset = rows.rows if rows.step_tag == tag else 0
+    if pending != [tag] or offset + count > size_of(recorded):
         raise PrivacyStateError(
-            f"under privacy_unit='user' each step must train on the batch the loader yielded "
-            f"last, and on no other; got a backward pass of {count} rows while batches "
-            f"{pending} wait for a step (the latest holds {len(step)} rows). A loop that reads "
-            f"batches ahead or skips one leaves the engine unable to tell whose rows it clips "
-            f"(rows of one user could be clipped as two). Run forward, backward and "
-            f"optimizer.step() on every batch as it comes (an empty one too). Nothing was "
-            f"released.")
-    here = torch.as_tensor(step[offset:offset + count])
-    check_complete(here, torch.as_tensor(step), offset)
-    return Units.of(here)
+            f"under user-level privacy and fixed-shape batches each step must train on the "
+            f"batch the loader yielded last, and on no other; got a backward pass of {count} "
+            f"rows while batches {pending} wait for a step (the latest: {tag}). A loop that "
+            f"reads batches ahead or skips one leaves the engine unable to tell whose rows it "
+            f"clips (rows of one user could be clipped as two, padding taken for data). Run "
+            f"forward, backward and optimizer.step() on every batch as it comes (an empty one "
+            f"too). Nothing was released.")
+    return recorded, offset, count
 
 
 def check_release(rows) -> None:

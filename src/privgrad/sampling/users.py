@@ -227,7 +227,7 @@ def unit_settings(plan: SamplingPlan) -> dict:
     """The privacy settings a plan adds (``PrivacySettings`` fields)."""
     if isinstance(plan, UserPlan):
         return {"privacy_unit": "user", "max_examples_per_user": plan.max_examples_per_user}
-    return {}
+    return {"max_batch_size": getattr(plan, "max_batch_size", None)}
 
 
 def resolve(plan: SamplingPlan, data_loader, *, privacy_unit="example", user_ids=None,
@@ -264,20 +264,31 @@ def resolve(plan: SamplingPlan, data_loader, *, privacy_unit="example", user_ids
 
 
 #: The arguments of make_private that decide the sampling (``plan()`` takes them).
+#: Those of them that only the sampling takes (not the engine's settings checks).
+SAMPLING_ONLY = ("privacy_unit", "user_ids", "max_examples_per_user", "max_batch_size")
 PLAN_ARGUMENTS = ("poisson_sampling", "sample_rate", "expected_batch_size", "loss_reduction",
-                  "clipping", "privacy_unit", "user_ids", "max_examples_per_user")
+                  "clipping", *SAMPLING_ONLY)
 
 
 def plan(data_loader, *, poisson_sampling=True, sample_rate=None, expected_batch_size=None,
          loss_reduction="mean", clipping="flat", privacy_unit="example", user_ids=None,
-         max_examples_per_user=None) -> SamplingPlan:
-    """The run's [`SamplingPlan`][privgrad.sampling.plan.SamplingPlan] over examples or users
-    (``make_private``'s sampling arguments, validated once)."""
+         max_examples_per_user=None, max_batch_size=None) -> SamplingPlan:
+    """The run's [`SamplingPlan`][privgrad.sampling.plan.SamplingPlan] over examples or users,
+    maybe truncated (``make_private``'s sampling arguments, validated once)."""
     from privgrad.sampling.plan import plan as example_plan
+    from privgrad.sampling.truncated import truncated_plan
 
     base = example_plan(data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate,
                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
-    return resolve(base, data_loader, privacy_unit=privacy_unit, user_ids=user_ids,
-                   max_examples_per_user=max_examples_per_user, clipping=clipping,
-                   sample_rate=sample_rate, expected_batch_size=expected_batch_size,
-                   poisson_sampling=poisson_sampling)
+    chosen = resolve(base, data_loader, privacy_unit=privacy_unit, user_ids=user_ids,
+                     max_examples_per_user=max_examples_per_user, clipping=clipping,
+                     sample_rate=sample_rate, expected_batch_size=expected_batch_size,
+                     poisson_sampling=poisson_sampling)
+    if max_batch_size is None:
+        return chosen
+    if isinstance(chosen, UserPlan):
+        raise _validate.fail(
+            "max_batch_size works with privacy_unit='example' for now", "privacy_unit", "user",
+            "Drop max_batch_size (user-level batches keep their Poisson size), or use "
+            "privacy_unit='example'.")
+    return truncated_plan(chosen, max_batch_size)
