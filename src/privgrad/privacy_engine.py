@@ -28,6 +28,7 @@ from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprin
 from privgrad.engine.amp import ScalerLink, check_grad_scaler
 from privgrad.engine.capture import Recorder
 from privgrad.engine.clipped_sum import ClippedSum, StepStats
+from privgrad.engine.compiled import eager
 from privgrad.engine.guard import StateGuard
 from privgrad.engine.rows import DrawnRows
 from privgrad.errors import ModelValidationError, PrivacyStateError
@@ -296,8 +297,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         self._guard = StateGuard(module, writes_state, WRITER_TYPES,
                                  on_forward=self._forward_starts)
         self._guard.attach()
-        self._handles = [optimizer.register_step_pre_hook(self._before_step),
-                         optimizer.register_step_post_hook(self._after_step)]
+        self._handles = [optimizer.register_step_pre_hook(eager(self._before_step)),
+                         optimizer.register_step_post_hook(eager(self._after_step))]
         self._checking = True
         for p in params:  # the first private step overwrites them; the self-check needs None
             p.grad = None

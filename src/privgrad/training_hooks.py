@@ -27,6 +27,7 @@ import torch
 from privgrad import settings as _settings
 from privgrad.engine.amp import float32_captures
 from privgrad.engine.batch import BackwardBatch, materialize_early
+from privgrad.engine.compiled import eager
 from privgrad.engine.groups import check_release, pass_units
 from privgrad.engine.padding import real_rows
 from privgrad.engine.selfcheck import check_sums
@@ -112,7 +113,7 @@ class TrainingHooks:
             # Queued behind every callback of this backward pass: DDP's reducer copies its
             # buckets (the local gradient) back into p.grad in a callback of its own.
             torch.autograd.Variable._execution_engine.queue_callback(
-                lambda: self._hide_raw_gradients(params))
+                eager(lambda: self._hide_raw_gradients(params)))
 
     def _hide_raw_gradients(self, params) -> None:
         if self._amp is not None:
