@@ -70,12 +70,12 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             ``make_private``.
 
     Privacy:
-        The guarantee is (epsilon, delta)-DP under add/remove-one-example adjacency, for the
-        released sequence of noisy gradients, assuming Poisson sampling (the default loader),
-        that each example's loss depends on that example only (no batch statistics) and that
-        the data set's size is public unless ``sample_rate`` and ``expected_batch_size`` are
-        passed explicitly. docs/privacy.md says what the engine checks at run time and what it
-        cannot.
+        (epsilon, delta)-DP under add/remove-one-example adjacency (one user's rows with
+        ``privacy_unit="user"``) for the released noisy gradients, assuming Poisson sampling (the
+        default loader), that each example's loss depends on that example only (no batch
+        statistics) and that the data set's size is public unless ``sample_rate`` and
+        ``expected_batch_size`` are passed. docs/privacy.md says what the engine checks at run
+        time and what it cannot.
     """
 
     privgrad_hooks = True  # its module hooks are privgrad's own (see engine.capture)

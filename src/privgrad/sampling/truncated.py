@@ -83,7 +83,7 @@ class TruncatedSampler(PoissonSampler):
 
 
 class DrawnPadded(DrawnBatches):
-    """[`DrawnBatches`][privgrad.sampling.loader.DrawnBatches] that also records how many rows
+    """``DrawnBatches`` that also records how many rows
     of each batch yielded are real (``real_rows(number)``; the rest are padding)."""
 
     def __init__(self, sampler: TruncatedSampler):

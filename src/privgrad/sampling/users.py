@@ -2,8 +2,9 @@
 
 With ``privacy_unit="user"`` the unit of privacy is a person, not a row: neighbouring data sets
 differ by all the rows of one user. Each step includes each of the ``U`` users independently with
-probability ``q`` (the [`PoissonSampler`][privgrad.sampling.PoissonSampler] over users, so its
-guarantees carry over), and a sampled user with more than ``k`` rows contributes ``k`` of them,
+probability ``q`` (the [`PoissonSampler`][privgrad.sampling.poisson.PoissonSampler] over
+users, so its guarantees carry over), and a sampled user with more than ``k`` rows contributes
+``k`` of them,
 chosen uniformly at random without replacement, afresh at every step. The choice reads only how
 many rows the user has and random bits, never the data or a gradient. A batch lists each sampled
 user's rows together, users in index order.
@@ -85,7 +86,7 @@ class UserSampler(PoissonSampler):
         rows: the rows (record indices) of each user.
         sample_rate: ``q``, the probability that a user takes part in a step.
         max_examples_per_user: ``k``.
-        bits, steps: as for [`PoissonSampler`][privgrad.sampling.PoissonSampler].
+        bits, steps: as for [`PoissonSampler`][privgrad.sampling.poisson.PoissonSampler].
 
     Attributes:
         step: steps sampled so far (with the seed, what a resumed run needs).
@@ -116,7 +117,7 @@ class UserSampler(PoissonSampler):
 
 
 class DrawnUsers(DrawnBatches):
-    """[`DrawnBatches`][privgrad.sampling.loader.DrawnBatches] that also records the user of
+    """``DrawnBatches`` that also records the user of
     each row of every batch yielded (``units(number)``)."""
 
     def __init__(self, sampler: UserSampler):
