@@ -278,9 +278,10 @@ def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accounta
         epochs = _validate.positive_int("epochs", epochs, "Pass the number of training epochs.")
         steps = epochs * sampling.steps_per_epoch
     steps = _validate.positive_int("steps", steps, "Pass the number of optimizer steps.")
+    truncated = getattr(sampling, "max_batch_size", None) is not None  # its own event
     return get_noise_multiplier(target_epsilon=eps, target_delta=delta,
                                 sample_rate=sampling.sample_rate, steps=steps,
-                                accountant=accountant)
+                                accountant=accountant, event=sampling.event if truncated else None)
 
 
 def warn_large_delta(delta: float, n: int, name: str, stacklevel: int = 3) -> None:

@@ -224,3 +224,31 @@ def test_resume_of_a_truncated_run_replays_batches_and_accounting():
     for a, b in zip(full, first + rest):
         assert torch.equal(a, b)
     assert engine.accountant.history == (TruncatedEntry(1.0, 0.1, 6, 50, 9),)
+
+
+def test_calibration_with_fixed_shapes_meets_the_target_under_the_truncated_event():
+    """A careless make_private_with_epsilon(max_batch_size=M) must not calibrate for the
+    untruncated step and then spend more: the epsilon after the planned steps is <= target."""
+    from privgrad.accounting import epsilon_for
+
+    model = torch.nn.Linear(3, 1)
+    engine = PrivacyEngine()
+    with pytest.warns(TruncationWarning):
+        _, optimizer, dl = engine.make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(torch.randn(400, 3)), batch_size=20),
+            target_epsilon=2.0, target_delta=1e-5, max_grad_norm=1.0, epochs=2,
+            max_batch_size=22)
+    plain = epsilon_for(noise_multiplier=engine.settings.noise_multiplier, sample_rate=0.05,
+                        steps=40, delta=1e-5)
+    def epoch():
+        for (xb,) in dl:
+            optimizer.zero_grad()
+            model(xb).sum().backward()
+            optimizer.step()
+
+    for _ in range(2):
+        with pytest.warns(TruncationWarning, match="measured"):
+            epoch()
+    assert engine.steps == 40 and engine.get_epsilon(1e-5) <= 2.0
+    assert plain < 1.9  # the untruncated calibration would have overspent: this one is higher

@@ -86,7 +86,8 @@ class UserSampler(PoissonSampler):
         rows: the rows (record indices) of each user.
         sample_rate: ``q``, the probability that a user takes part in a step.
         max_examples_per_user: ``k``.
-        bits, steps: as for [`PoissonSampler`][privgrad.sampling.poisson.PoissonSampler].
+        bits: as for [`PoissonSampler`][privgrad.sampling.poisson.PoissonSampler].
+        steps: as for [`PoissonSampler`][privgrad.sampling.poisson.PoissonSampler].
 
     Attributes:
         step: steps sampled so far (with the seed, what a resumed run needs).
