@@ -377,7 +377,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         size = _validate.positive_int("max_physical_batch_size", max_physical_batch_size,
                                       "Pass the largest batch that fits in memory, e.g. 64.")
         try:
-            yield VirtualBatches(data_loader, size, self._set_release, self._abandon)
+            yield VirtualBatches(data_loader, size, self._set_release, self._abandon,
+                                 owners=units.owners_of(self._rows.drawn))
         finally:
             self._abandon()
 

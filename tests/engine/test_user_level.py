@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad import PrivacyEngine
 from privgrad.engine.groups import Units, dense_labels
-from privgrad.errors import PrivacyStateError
+from privgrad.errors import ConfigError, PrivacyStateError
 from tests.privacy import checks
 
 MODES = ["auto", "ghost", "materialize"]
@@ -195,7 +195,39 @@ def test_a_non_finite_row_drops_its_whole_user():
         torch.testing.assert_close(bad[n], clean[n], rtol=1e-12, atol=1e-14)
 
 
-def test_a_physical_batch_that_splits_a_user_is_refused():
+def test_virtual_batches_keep_each_user_in_one_chunk_and_equal_one_pass():
+    results = []
+    for physical in (None, 5):
+        torch.manual_seed(7)
+        x, y = torch.randn(60, 6, dtype=torch.float64), torch.randint(0, 3, (60,))
+        model = CASES["mlp"].model().double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = PrivacyEngine()
+        torch.manual_seed(8)
+        _, _, dl = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x, y),
+                                                                      batch_size=12),
+            noise_multiplier=0.0, max_grad_norm=0.05, loss_reduction="sum",
+            privacy_unit="user", user_ids=[i % 15 for i in range(60)], max_examples_per_user=3)
+        if physical is None:
+            for xb, yb in dl:
+                optimizer.zero_grad()
+                checks._cls(model(xb), yb).sum().backward()
+                optimizer.step()
+        else:
+            with engine.virtual_batches(dl, max_physical_batch_size=physical) as chunks:
+                for xb, yb in chunks:
+                    assert len(xb) <= physical
+                    optimizer.zero_grad()
+                    checks._cls(model(xb), yb).sum().backward()
+                    optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+        assert engine.steps == 4  # round(45 drawable rows / 12)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_physical_batch_smaller_than_a_user_is_refused():
     model = checks.CASES[0].model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = PrivacyEngine()
@@ -204,12 +236,30 @@ def test_a_physical_batch_that_splits_a_user_is_refused():
         module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x), batch_size=20),
         noise_multiplier=1.0, max_grad_norm=1.0, privacy_unit="user",
         user_ids=[i // 4 for i in range(40)], max_examples_per_user=4)
-    with (pytest.raises(PrivacyStateError, match="splits a user's rows"),
+    with (pytest.raises(ConfigError, match=r"max_physical_batch_size must hold one user's rows"),
           engine.virtual_batches(dl, max_physical_batch_size=3) as chunks):
         for (xb,) in chunks:
             optimizer.zero_grad()
             model(xb).sum().backward()
             optimizer.step()
+    assert engine.steps == 0
+
+
+def test_a_pass_that_splits_a_user_is_refused():
+    """Row 18's pattern at user level: a loop that splits the drawn batch itself."""
+    model = checks.CASES[0].model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine()
+    x = torch.randn(40, 6)
+    _, _, dl = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x), batch_size=20),
+        noise_multiplier=1.0, max_grad_norm=1.0, privacy_unit="user",
+        user_ids=[i // 4 for i in range(40)], max_examples_per_user=4, sample_rate=1.0,
+        expected_batch_size=40.0)
+    (xb,) = next(iter(dl))
+    optimizer.zero_grad()
+    with pytest.raises(PrivacyStateError, match="splits a user's rows"):
+        model(xb[:3]).sum().backward()
     assert engine.steps == 0
 
 

@@ -218,6 +218,14 @@ def user_plan(base: SamplingPlan, data_loader, *, user_ids, max_examples_per_use
                     max_examples_per_user=k, rows=rows)
 
 
+def owners_of(drawn):
+    """``() -> the user of each row of the batch just yielded`` for user-level loaders' records
+    (``DrawnUsers``), else ``None`` (for ``VirtualBatches``: chunks that never split a user)."""
+    if not isinstance(drawn, DrawnUsers):
+        return None
+    return lambda: drawn.units(drawn.delivered)
+
+
 class _Shown(str):
     """A value shown as is in an error message (not quoted)."""
 
