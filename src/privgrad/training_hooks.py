@@ -159,7 +159,10 @@ class TrainingHooks:
             # one bound per logical step (per-layer: in the order the bounds were made)
             now = adaptive.bound
             self._clipped.bounds = dict(zip(self._clipped.bounds, now)) if adaptive.per_layer else now
-        self._clipped.add(batch, set(params), real=real)
+        if real is None:
+            self._clipped.add(batch, set(params))
+        else:  # fixed shapes: padding rows dropped (engine.padding)
+            self._clipped.add(batch, set(params), real=real)
         return True
 
     def _before_step(self, optimizer, args, kwargs):
