@@ -64,6 +64,11 @@ OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 SIGMA, CLIP, LR = 1.0, 1.0, 0.01
 #: variants of privgrad with another clipping mode (benchmarks/clipping.py runs them)
 CLIPPING_VARIANTS = ("privgrad-automatic", "privgrad-adaptive")
+#: variants of privgrad with correlated noise (benchmarks/mechanisms.py runs them): the number of
+#: bands or buffers; each plans its noise for MECHANISM_STEPS steps
+MECHANISM_VARIANTS = {"privgrad-bandmf4": ("bandmf", 4), "privgrad-bandmf16": ("bandmf", 16),
+                      "privgrad-blt4": ("blt", 4)}
+MECHANISM_STEPS = 10_000
 
 
 # -- the five models of issue 4 (embedding models in two variants) ------------------------------
@@ -213,7 +218,9 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
     torch.manual_seed(0)
     model, x, y = build(name, batch, variant)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    data = torch.utils.data.TensorDataset(x.repeat(10, *([1] * (x.dim() - 1))), y.repeat(10))
+    copies = 32 if variant in MECHANISM_VARIANTS else 10  # cyclic sampling: b batches must fit
+    data = torch.utils.data.TensorDataset(x.repeat(copies, *([1] * (x.dim() - 1))),
+                                          y.repeat(copies))
     loader = torch.utils.data.DataLoader(data, batch_size=batch)
     criterion = nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -230,8 +237,16 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
         engine = PrivacyEngine()
         # privgrad-automatic / privgrad-adaptive: the clipping modes that need no tuned bound
         clipping = variant.split("-")[1] if variant in CLIPPING_VARIANTS else "flat"
+        mechanism = {}
+        if variant in MECHANISM_VARIANTS:
+            from privgrad.mechanisms import BLT, BandMF
+
+            kind, size = MECHANISM_VARIANTS[variant]
+            mechanism = dict(steps=MECHANISM_STEPS, mechanism=BandMF(num_bands=size) if kind ==
+                             "bandmf" else BLT(num_buffers=size, min_sep=16))
         engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                            noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping=clipping)
+                            noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping=clipping,
+                            **mechanism)
         extra["methods"] = None
         if variant == "privgrad-compile":  # torch.compile (inductor) of the private model
             forward = torch.compile(model)
@@ -291,7 +306,9 @@ def drawn_batch(engine, rows: int) -> None:
     does as it yields a batch): privgrad refuses rows its loader did not draw, and the benchmark
     times the step alone, without the loader's indexing and collation."""
     tracker = engine._rows.drawn
-    tracker.queue(rows)
+    sampler = engine._sampler
+    tracker.queue(rows, sampler.step)  # (correlated noise takes the noise row of this step)
+    sampler.step += 1
     tracker.deliver()
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from privgrad import _validate, attachment, run_state
+from privgrad import _validate, attachment, mechanism_run, run_state
 from privgrad import settings as _settings
 from privgrad.accounting import make_accountant
 from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
@@ -35,10 +34,9 @@ from privgrad.errors import ModelValidationError, PrivacyStateError
 from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
 from privgrad.privatize.adaptive import ADAPTIVE, QuantileBound, default_count_noise
-from privgrad.sampling import PoissonSampler
+from privgrad.sampling import PoissonSampler, os_bits
 from privgrad.sampling import users as units
 from privgrad.sampling.plan import SamplingPlan
-from privgrad.sampling.virtual import VirtualBatches
 from privgrad.settings import PerformanceSettings, PrivacySettings, PrivacyWarning
 from privgrad.training_hooks import TrainingHooks
 from privgrad.validation import validate
@@ -48,11 +46,11 @@ __all__ = ["PrivacyEngine", "PrivacySettings", "PerformanceSettings", "PrivacyWa
 
 _log = logging.getLogger("privgrad")
 
-
 _MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate",
                  "expected_batch_size", "grad_sample_mode", "rules", "distributed", "grad_scaler",
                  "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std",
-                 "privacy_unit", "user_ids", "max_examples_per_user", "max_batch_size")
+                 "mechanism", "privacy_unit", "user_ids", "max_examples_per_user",
+                 "max_batch_size")
 
 
 class PrivacyEngine(TrainingHooks, run_state.RunState):
@@ -93,6 +91,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         self.dropped_examples = 0  # non-finite examples dropped so far (monitoring, not private)
         self.adaptive_clipping: QuantileBound | None = None  # clipping="adaptive": the bound
         self.layer_rules: dict[str, str] = {}  # module path -> rule serving it (a report)
+        self.mechanism = None  # the noise mechanism (privgrad.mechanisms), set by make_private
+        self._mechanism_run: mechanism_run.MechanismRun | None = None  # correlated noise only
         self._sampling: SamplingPlan | None = None
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -136,6 +136,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         target_quantile: float | None = None,
         quantile_lr: float | None = None,
         count_noise_std: float | None = None,
+        mechanism=None,
+        steps: int | None = None,
+        epochs: int | None = None,
         privacy_unit: str = "example",
         user_ids: Sequence | None = None,
         max_examples_per_user: int | None = None,
@@ -190,13 +193,16 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                 ``count_noise_std`` the noise on the count, in examples (default: the expected
                 batch size / 20). Epsilon is that of ``noise_multiplier``: the gradient's share
                 of the noise is raised to pay for the count.
-            privacy_unit: ``"example"`` (default) or ``"user"``: protect all the rows of one
-                person, given ``user_ids`` (one hashable id per example, in the data set's
-                order) and ``max_examples_per_user`` (``k``). ``q`` is then over users; the
-                loader's ``batch_size`` stays the expected rows per batch (docs/privacy.md).
-            max_batch_size: ``M``: every Poisson batch is cut to at most ``M`` random examples
-                and padded to exactly ``M`` rows that the engine masks out (fixed shapes for
-                ``torch.compile``); accounted as truncated Poisson sampling (docs/privacy.md).
+            mechanism: the noise: [`DPSGD()`][privgrad.mechanisms.DPSGD] (default),
+                [`BandMF(num_bands=b)`][privgrad.mechanisms.BandMF] or
+                [`BLT(num_buffers=k)`][privgrad.mechanisms.BLT] (correlated noise, with cyclic
+                Poisson sampling; docs/correlated_noise.md).
+            steps: the run's planned number of optimizer steps (or ``epochs``): a correlated
+                mechanism builds its noise for them and refuses a step beyond.
+            privacy_unit: ``"example"`` (default) or ``"user"``: all the rows of one person
+                (``user_ids``: one id per example; at most ``max_examples_per_user`` rows per
+                user and step; ``q`` over users).
+            max_batch_size: ``M``: fixed-shape truncated Poisson batches. Both: docs/privacy.md.
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -212,13 +218,13 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         _settings.refuse_unknown(unknown, "make_private")
         arguments = {k: v for k, v in locals().items() if k in _MAKE_PRIVATE}  # (the keywords)
         return self._attach(module, optimizer, data_loader, None, noise_multiplier=noise_multiplier,
-                            max_grad_norm=max_grad_norm, **arguments)
+                            max_grad_norm=max_grad_norm, steps=steps, epochs=epochs, **arguments)
 
-    def _attach(self, module, optimizer, data_loader, sampling: SamplingPlan | None, *,
-                poisson_sampling=True, sample_rate=None, expected_batch_size=None,
+    def _attach(self, module, optimizer, data_loader, planned=None, *, mechanism=None, steps=None,
+                epochs=None, poisson_sampling=True, sample_rate=None, expected_batch_size=None,
                 loss_reduction="mean", rules=None, distributed=None, grad_scaler=None,
                 **arguments):
-        planned = {k: arguments.pop(k) for k in units.SAMPLING_ONLY if k in arguments}
+        per_unit = {k: arguments.pop(k) for k in units.SAMPLING_ONLY if k in arguments}
         if self._module is not None:
             raise PrivacyStateError(
                 "make_private was already called on this PrivacyEngine; got a second call. Use "
@@ -229,11 +235,12 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         registry = rules if rules is not None else RuleRegistry.default()
         grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling)
-        if sampling is None:
-            sampling = units.plan(data_loader, poisson_sampling=poisson_sampling,
-                                  sample_rate=sample_rate, expected_batch_size=expected_batch_size,
-                                  loss_reduction=args.loss_reduction, clipping=args.clipping,
-                                  **planned)
+        drawn = {"poisson_sampling": poisson_sampling, "sample_rate": sample_rate,
+                 "expected_batch_size": expected_batch_size}
+        mechanism, sampling, steps = planned or units.refine(mechanism_run.plan(
+            data_loader, mechanism, steps, epochs, **drawn, loss_reduction=args.loss_reduction),
+            data_loader, epochs, clipping=args.clipping, **drawn, **per_unit)
+        correlated = mechanism_run.correlated(mechanism)
         _settings.check_ownership(module, optimizer)
         attachment.refuse_attached(module, optimizer)
         findings = validate(module, rules=registry)
@@ -255,6 +262,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         settings = PrivacySettings(args.noise_multiplier, args.max_grad_norm, args.clipping,
                                    sampling.sample_rate, sampling.expected_batch_size,
                                    args.loss_reduction, poisson_sampling, **options,
+                                   mechanism=mechanism_run.describe(mechanism),
+                                   planned_steps=steps if correlated else None,
                                    **units.unit_settings(sampling))
         params = args.params
         if ranks is not None:  # the same configuration on every rank, or an error on every rank
@@ -306,11 +315,16 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         # Seeds follow torch.manual_seed; the noise then has its own generator (privatize.noise)
         seed, noise_seed = (int(s) for s in torch.randint(0, 2**62, (2,), dtype=torch.int64))
         self.noise = self.noise.seeded(noise_seed)
+        self.mechanism = mechanism
+        self._mechanism_run = (mechanism_run.MechanismRun(mechanism, steps, params, self.noise)
+                               if correlated else None)
         if poisson_sampling:
-            if ranks is not None:
-                seed = ranks.broadcast_seed(seed)  # one global sample per step for the job
+            # cyclic sampling's groups: from the seed, or (secure mode) the operating system
+            group_key = int(os_bits(1)[0]) if self.secure_mode else seed
+            if ranks is not None:  # one global sample per step, one partition, for the job
+                seed, group_key = ranks.broadcast_seed(seed), ranks.broadcast_seed(group_key)
             self._sampler, drawn, data_loader = sampling.loader(
-                data_loader, seed=seed, secure=self.secure_mode, ranks=ranks)
+                data_loader, seed=seed, secure=self.secure_mode, ranks=ranks, group_key=group_key)
             self._sampler_seed = None if self.secure_mode else seed
             self._rows.drawn = drawn
         return module, optimizer, data_loader
@@ -324,13 +338,18 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         ``steps`` steps (give exactly one; per this engine's accountant)."""
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
-        sampling = units.plan(data_loader, **{k: v for k, v in kwargs.items()
-                                              if k in units.PLAN_ARGUMENTS})
-        sigma = _settings.calibrate(sampling, target_epsilon=target_epsilon,
-                                    target_delta=target_delta, epochs=epochs, steps=steps,
-                                    accountant=self.accountant.name)
+        mechanism, sampling, n = planned = units.refine(mechanism_run.plan(data_loader, kwargs.pop(
+            "mechanism", None), steps, epochs, required=True, **kwargs), data_loader, epochs, **kwargs)
+        if mechanism_run.correlated(mechanism):
+            sigma = mechanism_run.calibrate(mechanism, sampling, n, target_epsilon=target_epsilon,
+                                            target_delta=target_delta,
+                                            accountant=self.accountant.name)
+        else:
+            sigma = _settings.calibrate(sampling, target_epsilon=target_epsilon,
+                                        target_delta=target_delta, epochs=epochs, steps=steps,
+                                        accountant=self.accountant.name)
         defaults = dict(clipping="flat", grad_sample_mode="auto", check="first_step")
-        return self._attach(module, optimizer, data_loader, sampling, noise_multiplier=sigma,
+        return self._attach(module, optimizer, data_loader, planned, noise_multiplier=sigma,
                             max_grad_norm=max_grad_norm, **{**defaults, **kwargs})
 
     @property
@@ -363,24 +382,6 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         if self._sampling is not None and self._sampling.units is not None:
             _settings.warn_large_delta(delta, self._sampling.units, "delta")
         return self.accountant.get_epsilon(delta=delta)
-
-    # -- virtual batches -------------------------------------------------------------------
-    @contextmanager
-    def virtual_batches(self, data_loader, max_physical_batch_size: int):
-        """Split each logical batch into physical chunks of at most ``max_physical_batch_size``.
-
-        Run the ordinary loop (forward, backward, ``optimizer.step()``) on every chunk: only the
-        last chunk of a logical batch releases a noisy update; the earlier steps make none.
-        Leaving the loop in the middle of a logical batch discards its clipped sums: nothing
-        of it is released and nothing is spent.
-        """
-        size = _validate.positive_int("max_physical_batch_size", max_physical_batch_size,
-                                      "Pass the largest batch that fits in memory, e.g. 64.")
-        try:
-            yield VirtualBatches(data_loader, size, self._set_release, self._abandon,
-                                 owners=units.owners_of(self._rows.drawn))
-        finally:
-            self._abandon()
 
     # -- detaching -------------------------------------------------------------------------
     def detach(self) -> None:

@@ -42,6 +42,7 @@ SAVED = {
     "settings": "settings", "steps": "steps", "dropped_examples": "dropped_examples",
     "_sampling": "dataset_size", "_sampler": "sampler", "_sampler_seed": "sampler",
     "_amp": "grad_scaler", "adaptive_clipping": "adaptive_clipping",
+    "_mechanism_run": "mechanism",
 }
 #: Attributes of a PrivacyEngine that are not saved, and why (a test fails on an attribute in
 #: neither table).
@@ -65,6 +66,7 @@ NOT_SAVED = {
     "_checked": "a resumed run checks its per-sample gradients again",
     "_bounded": "derived from the settings by make_private",
     "_autocast": "per forward pass",
+    "mechanism": "named in the settings (settings.mechanism); its noise state is saved",
 }
 
 
@@ -85,11 +87,14 @@ def state_dict(engine) -> dict:
         "sampler": None if sampler is None else {
             "seed": engine._sampler_seed, "step": sampler.step,
             "num_records": sampler.num_records, "sample_rate": sampler.sample_rate,
-            "steps": sampler.steps},
+            "steps": sampler.steps, "num_groups": getattr(sampler, "num_groups", 1),
+            "group_key": getattr(sampler, "group_key", None)},
         "noise": engine.noise.state_dict(),
         "grad_scaler": engine._amp.scaler.state_dict() if engine._amp is not None else None,
         "adaptive_clipping": (None if engine.adaptive_clipping is None
                               else engine.adaptive_clipping.state_dict()),
+        "mechanism": (None if engine._mechanism_run is None
+                      else engine._mechanism_run.state_dict()),
     }
 
 
@@ -137,7 +142,8 @@ def check(engine, state: dict) -> None:
         raise CheckpointError(f"the saved accountant state is invalid: {e}") from e
     saved, live = state.get("sampler"), here["sampler"]
     if (saved is None) != (live is None) or (saved is not None and any(
-            saved.get(k) != live[k] for k in ("num_records", "sample_rate", "steps"))):
+            saved.get(k, 1 if k == "num_groups" else None) != live[k]
+            for k in ("num_records", "sample_rate", "steps", "num_groups"))):
         raise CheckpointError(mismatch("Poisson sampler", saved, live))
     if (state.get("grad_scaler") is None) != (engine._amp is None):
         raise CheckpointError(mismatch("use of a grad_scaler", state.get("grad_scaler") is not None,
@@ -149,6 +155,14 @@ def check(engine, state: dict) -> None:
     noise = state.get("noise")
     if not isinstance(noise, dict) or (not engine.secure_mode and "generators" not in noise):
         raise CheckpointError(mismatch("noise source state", noise, here["noise"]))
+    run, saved_run = engine._mechanism_run, state.get("mechanism")
+    why = (None if run is None and saved_run is None else "a correlated-noise state where the "
+           "run has none" if run is None else run.check_state(saved_run))
+    if why is not None:
+        raise CheckpointError(
+            f"the saved state must come from a run with the same noise mechanism; got {why}. "
+            f"Call make_private with the mechanism and steps (or epochs) of the run that saved "
+            f"it, or start a new run.")
 
 
 def apply(engine, state: dict) -> None:
@@ -162,7 +176,11 @@ def apply(engine, state: dict) -> None:
         engine._sampler.bits = os_bits if seed is None else numpy_bits(int(seed))
         engine._sampler_seed = seed
         engine._sampler.step = int(sampler["step"])
+        if sampler.get("group_key") is not None:  # cyclic sampling: the saved run's groups
+            engine._sampler.rekey(int(sampler["group_key"]))
     engine.noise.load_state_dict(state["noise"])
+    if engine._mechanism_run is not None:
+        engine._mechanism_run.load_state_dict(state["mechanism"])
     if engine._amp is not None:
         engine._amp.scaler.load_state_dict(state["grad_scaler"])
     if engine.adaptive_clipping is not None:
@@ -226,6 +244,22 @@ class RunState:
                 unaccounted), or is in the middle of a step.
         """
         load_state_dict(self, state)
+
+    def privacy_report(self, delta: float, *, deltas=None):
+        """What the steps so far allow the best membership attack to do: epsilon at several
+        deltas, the attack's trade-off curve, its TPR at FPR 0.1%, 1% and 10%, its advantage and
+        the Gaussian-DP ``mu`` (see
+        [`privacy_report()`][privgrad.accounting.report.privacy_report]); ``print(report.text())``.
+
+        Raises:
+            ConfigError: a delta outside (0, 1).
+
+        Privacy:
+            Reads the accountant only; pessimistic like the accountant's epsilon.
+        """
+        from privgrad.accounting.report import privacy_report
+
+        return privacy_report(self.accountant, delta=delta, deltas=deltas)
 
     def save_checkpoint(self, path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler=None, extra=None) -> None:

@@ -47,6 +47,10 @@ class PrivacySettings:
     target_quantile: float | None = None
     quantile_lr: float | None = None
     count_noise_std: float | None = None
+    #: a correlated-noise mechanism (``repr``) and the steps its noise is planned for; ``None``
+    #: for DP-SGD (``privgrad.mechanism_run``)
+    mechanism: str | None = None
+    planned_steps: int | None = None
     #: what one unit of privacy is: "example", or "user" (all of a person's rows; the sampling
     #: is over users and each sampled user's summed gradient is clipped to C)
     privacy_unit: str = "example"

@@ -8,7 +8,8 @@ that runs at each forward pass, at the end of each backward pass and at each opt
   self-check on checked passes), then the clip factors and the clipped sums are formed, and the
   raw gradients are taken out of ``p.grad``.
 - **Optimizer step** (a step pre-hook): the release: the clipped sums (added across processes in
-  data-parallel training), the noise once, the normaliser, written to ``p.grad``; the accountant
+  data-parallel training), the noise once (correlated noise: the row of the batch's sampler
+  step, ``privgrad.mechanism_run``), the normaliser, written to ``p.grad``; the accountant
   records the sampling's event; adaptive clipping releases its count and moves the bound.
   Inside a virtual batch, every chunk but the last releases
   nothing.
@@ -21,9 +22,11 @@ Privacy:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
+from privgrad import _validate
 from privgrad import settings as _settings
 from privgrad.engine.amp import float32_captures
 from privgrad.engine.batch import BackwardBatch, materialize_early
@@ -33,6 +36,8 @@ from privgrad.engine.padding import real_rows
 from privgrad.engine.selfcheck import check_sums
 from privgrad.errors import PrivacyStateError
 from privgrad.privatize import noisy_gradients
+from privgrad.sampling.users import owners_of
+from privgrad.sampling.virtual import VirtualBatches
 
 __all__ = ["COUNT", "TrainingHooks"]
 
@@ -44,6 +49,23 @@ class TrainingHooks:
     """The hooks of a private run (a base of [`PrivacyEngine`][privgrad.PrivacyEngine], whose state
     they use; see the module docstring)."""
 
+    @contextmanager
+    def virtual_batches(self, data_loader, max_physical_batch_size: int):
+        """Split each logical batch into physical chunks of at most ``max_physical_batch_size``.
+
+        Run the ordinary loop (forward, backward, ``optimizer.step()``) on every chunk: only the
+        last chunk of a logical batch releases a noisy update; the earlier steps make none.
+        Leaving the loop in the middle of a logical batch discards its clipped sums: nothing
+        of it is released and nothing is spent.
+        """
+        size = _validate.positive_int("max_physical_batch_size", max_physical_batch_size,
+                                      "Pass the largest batch that fits in memory, e.g. 64.")
+        try:
+            yield VirtualBatches(data_loader, size, self._set_release, self._abandon,
+                                 owners=owners_of(self._rows.drawn))  # user-level: whole users
+        finally:
+            self._abandon()
+
     def _set_release(self, last_chunk: bool) -> None:
         self._release_now = last_chunk
 
@@ -52,7 +74,7 @@ class TrainingHooks:
         self._release_now = True
         if self._clipped is not None and self._clipped.stats.backward_passes:
             self._clipped.reset()
-            self._rows.reset()
+            self._rows.discard()
 
     def _forward_starts(self) -> None:
         """The outermost module call of a forward pass starts (the root or any submodule)."""
@@ -94,7 +116,7 @@ class TrainingHooks:
         self._guard.after_backward()
         if self._amp is not None and self._backward_since_step:
             self._amp.discard(self._clipped)  # GradScaler skipped the step: nothing released
-            self._rows.reset()
+            self._rows.discard()
             self._backward_since_step = False
         if self._backward_since_step:
             raise PrivacyStateError(
@@ -194,10 +216,12 @@ class TrainingHooks:
                 "budget for nothing. Call loss.backward() first (an empty Poisson batch too: "
                 "run the model on it). Nothing was released.")
         _settings.check_ownership(self._module, optimizer)
+        run = self._mechanism_run  # correlated noise (privgrad.mechanism_run), else None
         try:
             if self.settings.privacy_unit == "user":
                 check_release(self._rows)
-            self._rows.release()
+            number = self._rows.release(in_order=run is not None)
+            row = run.row(self._rows.drawn.step_of(number)) if run is not None else None
         except PrivacyStateError:
             self._clipped.reset()  # refused: nothing released, nothing kept for the next step
             self._rows.reset()
@@ -223,8 +247,11 @@ class TrainingHooks:
             # Adam's second moment do not follow it (docs/clipping.md, measured).
             std, normaliser = s.gradient_noise_multiplier * bound, normaliser * bound
         noise_std = std if self._distributed is None else self._distributed.noise_share(std)
-        grads = noisy_gradients(params, sums, noise_std=noise_std, normaliser=normaliser,
-                                noise=self.noise)
+        if run is not None:
+            grads = run.release(sums, row=row, noise_std=noise_std, normaliser=normaliser)
+        else:
+            grads = noisy_gradients(params, sums, noise_std=noise_std, normaliser=normaliser,
+                                    noise=self.noise)
         if adaptive is not None:  # drawn where the gradient's noise is: once, after it
             grads[COUNT] = (adaptive.release(sums[COUNT][:-1], sums[COUNT][-1], self.noise)
                             if COUNT in sums else torch.zeros(
@@ -235,7 +262,10 @@ class TrainingHooks:
             p.grad = grads[p]
         if adaptive is not None:
             adaptive.update(grads[COUNT], s.expected_batch_size, used)
-        self.accountant.compose(self._sampling.event(s.noise_multiplier))
+        if run is not None:  # once per round of the mechanism's reduction
+            run.account(self.accountant, row, s.noise_multiplier, self._sampling.sample_rate)
+        else:
+            self.accountant.compose(self._sampling.event(s.noise_multiplier))
         self.steps += 1
         self.last_step_stats = self._clipped.stats
         self.dropped_examples += self.last_step_stats.dropped

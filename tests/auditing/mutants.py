@@ -27,6 +27,12 @@ def clipping_off(monkeypatch) -> None:
         torch.isfinite(norm), torch.ones_like(norm), torch.zeros_like(norm)))
 
 
+def bound_sqrt2(monkeypatch) -> None:
+    """Flat clipping clips to sqrt(2) C instead of C (a sensitivity the accountant never saw)."""
+    original = clipping._factor
+    monkeypatch.setattr(clipping, "_factor", lambda norm, bound: original(norm, bound * 2**0.5))
+
+
 def shuffling(monkeypatch) -> None:
     """Fixed-size batches of a fresh permutation every epoch instead of Poisson sampling."""
 
@@ -41,4 +47,5 @@ def shuffling(monkeypatch) -> None:
     monkeypatch.setattr(PoissonSampler, "sample", sample)
 
 
-MUTANTS = {"noise_halved": noise_halved, "clipping_off": clipping_off, "shuffling": shuffling}
+MUTANTS = {"noise_halved": noise_halved, "clipping_off": clipping_off, "bound_sqrt2": bound_sqrt2,
+           "shuffling": shuffling}

@@ -46,6 +46,13 @@ def test_text_report_on_breast_cancer(run):
     assert "verdict: consistent" in out and "ceiling" in out
 
 
+def test_fixed_guesses_are_used_for_both_bounds(run):
+    code, out, _ = run("audit", *SMALL, "--epsilon", "4", "--guesses", "20", "--json")
+    data = json.loads(out)
+    assert data["guesses"] == [20, 20] and data["fdp"]["guesses"] == [20, 20]
+    assert data["fdp"]["lower_bound"] <= data["accountant_epsilon"]
+
+
 def test_black_box_json_report(run):
     code, out, _ = run("audit", *SMALL, "--black-box", "--epsilon", "4", "--json")
     data = json.loads(out)
@@ -61,6 +68,8 @@ def test_black_box_json_report(run):
      r"num_canaries must be < len\(records\) = 569; got num_canaries=1000"),
     (["--canaries", "0"], "num_canaries must be >= 1; got num_canaries=0"),
     (["--sample-rate", "1.5"], r"sample_rate must be in \(0, 1\]; got sample_rate=1.5"),
+    (["--canaries", "100", "--guesses", "51"],
+     r"2 \* guesses must be <= the number of canaries \(100\); got guesses=51\. Pass at most 50"),
 ])
 def test_bad_input_exits_2(run, argv, match):
     code, out, err = run("audit", *argv)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad import PrivacyEngine
 from privgrad.auditing import AuditSettings, InputCanaries, evaluate_scores, mislabeled_canaries
-from privgrad.auditing.report import score_candidates
+from privgrad.auditing.scores import score_candidates
 from privgrad.errors import ConfigError, PrivacyStateError
 
 FEATURES, CLASSES = 5, 3

@@ -63,6 +63,17 @@ def test_noise_is_drawn_once_by_rank_zero(two):
     assert max_difference(two[1]["noisy"]["params"], two[0]["noisy"]["params"]) == 0.0
 
 
+def test_correlated_noise_is_rank_zeros_and_equals_one_process(two):
+    """BandMF(2): the job's cyclic sample, rank 0's noise streams and the accountant's rounds
+    are those of one process with the same seed; every rank applies the same update."""
+    ref, job = two[0]["bandmf_reference"], two[0]["bandmf"]
+    union = [sorted(a + b) for a, b in zip(job["indices"], two[1]["bandmf"]["indices"])]
+    assert union == ref["indices"]
+    assert max_difference(job["params"], ref["params"]) <= 1e-5
+    assert max_difference(two[1]["bandmf"]["params"], job["params"]) == 0.0
+    assert job["epsilon"] == ref["epsilon"] == two[1]["bandmf"]["epsilon"]
+
+
 @pytest.mark.parametrize("run", ["adaptive", "per_layer_adaptive"])
 def test_adaptive_clipping_moves_the_bound_as_one_process(two, run):
     """The ranks' counts are added up with the sums and rank 0 alone draws the counts' noise:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privgrad import PrivacyEngine
 from privgrad.distributed import DataParallel
 from privgrad.errors import PrivgradError
+from privgrad.mechanisms import BandMF
 from privgrad.privatize.secure import lattice_spacing
 from tests.helpers import drawn
 
@@ -37,6 +38,9 @@ N, BATCH, STEPS = 64, 16, 8          # equivalence: q = 1/4, two epochs
 SIGMA, C = 1.3, 0.7                  # noise statistics: as tests/privacy/checks.py
 NOISE_STEPS, MUTANT_STEPS = 200, 20
 ADAPTIVE = {"clipping": "adaptive", "target_quantile": 0.7, "quantile_lr": 0.5}
+
+
+BANDMF = {"mechanism": BandMF(num_bands=2), "steps": STEPS}
 
 
 def data() -> TensorDataset:
@@ -310,6 +314,10 @@ def suite(rank: int, world_size: int) -> dict:
                 **{**ADAPTIVE, "clipping": "per_layer_adaptive"}) if first else None,
             "per_layer_adaptive": train(rank, distributed=True, sigma=1.0, seed=3,
                                         **{**ADAPTIVE, "clipping": "per_layer_adaptive"}),
+            # correlated noise: rank 0's streams, the job's cyclic sample (issue 22)
+            "bandmf_reference": train(rank, distributed=False, sigma=1.0, seed=3,
+                                      **BANDMF) if first else None,
+            "bandmf": train(rank, distributed=True, ddp=True, sigma=1.0, seed=3, **BANDMF),
             "collectives": count_collectives(rank),
             "ddp_traffic": ddp_traffic(rank),
             "refusals": refusals(rank),

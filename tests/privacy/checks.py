@@ -274,9 +274,11 @@ def check_clipping_bound(case: Case, mode: str, clipping: str = "flat") -> None:
             assert abs(math.sqrt(sum(c * c for c in bound.values())) - C) < 1e-12
 
 
-def check_add_one_sensitivity(case: Case, mode: str, steps: int = 25, clipping: str = "flat") -> None:
+def check_add_one_sensitivity(case: Case, mode: str, steps: int = 25, clipping: str = "flat",
+                              mechanism=None) -> None:
     """Row 4: data sets D and D + x, same seed, sigma = 0: each step's updates differ by at most
-    C, and by exactly 0 at the steps where x is not sampled."""
+    C, and by exactly 0 at the steps where x is not sampled (``mechanism``: a correlated-noise
+    mechanism, planned for ``steps``)."""
     g = torch.Generator().manual_seed(5)
     x_all, y_all = case.inputs(31, g)
     x_all = _cast(x_all)
@@ -295,7 +297,8 @@ def check_add_one_sensitivity(case: Case, mode: str, steps: int = 25, clipping: 
                                        data_loader=DataLoader(data, batch_size=6),
                                        noise_multiplier=0.0, max_grad_norm=C, loss_reduction="sum",
                                        sample_rate=0.2, expected_batch_size=6.0, grad_sample_mode=mode,
-                                       clipping=clipping)
+                                       clipping=clipping, mechanism=mechanism,
+                                       steps=steps if mechanism is not None else None)
         updates, members = [], []
         for _, (x, y, idx) in zip(range(steps), forever(dl)):
             updates.append(_update(model, optimizer, case, x, y, weights[idx]))

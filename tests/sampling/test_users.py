@@ -124,6 +124,16 @@ def test_bad_user_arguments_are_refused_with_the_value_and_the_fix(kwargs, error
         _make(**kwargs)
 
 
+def test_user_level_and_fixed_shapes_refuse_correlated_noise_for_now():
+    from privgrad.mechanisms import BandMF
+
+    with pytest.raises(ConfigError, match=r"privacy_unit='user' works with DP-SGD for now"):
+        _make(privacy_unit="user", user_ids=IDS, max_examples_per_user=2,
+              mechanism=BandMF(num_bands=2), epochs=2)
+    with pytest.raises(ConfigError, match=r"max_batch_size works with DP-SGD for now"):
+        _make(max_batch_size=6, mechanism=BandMF(num_bands=2), epochs=2)
+
+
 def test_user_ids_may_be_a_tensor_or_an_array():
     for ids in (torch.tensor(IDS), np.array(IDS), tuple(IDS)):
         engine, _ = _make(privacy_unit="user", user_ids=ids, max_examples_per_user=2)

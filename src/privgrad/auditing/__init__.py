@@ -3,12 +3,14 @@
 White-box gradient canaries (``canaries``, torch) go through privgrad's real Poisson sampler,
 clipping and noise; black-box input canaries (``input_canaries``, torch) are ordinary examples
 in the user's own loop, scored by their loss. The one-run lower bound of Steinke, Nasr and
-Jagielski (2023) and the conformance tests (``statistics``), the simulated band of a correct
-implementation (``simulation``) and the report with its verdict (``report``) run in NumPy. ``builtin`` is the
-audit behind ``privgrad audit``. See docs/auditing.md.
+Jagielski (2023) and the conformance tests (``statistics``, ``conformance``), the f-DP bound of
+Mahloujifar, Melis and Chaudhuri (2024, ``fdp``), the simulated band of a correct implementation
+(``simulation``), the report with its verdict (``report``) and the auditor of any attack's
+canary scores (``scores``, ``intervals``) run in NumPy. ``builtin`` is the audit behind
+``privgrad audit``. See docs/auditing.md.
 
 Names are imported lazily, so ``import privgrad.auditing.statistics`` (or ``simulation``,
-``report``) never imports torch.
+``report``, ``fdp``, ``scores``) never imports torch.
 
 >>> from privgrad import PrivacyEngine
 >>> from privgrad.auditing import run_builtin_audit, BuiltinAudit
@@ -33,7 +35,11 @@ _EXPORTS = {
     "AuditReport": "privgrad.auditing.report",
     "Observations": "privgrad.auditing.report",
     "evaluate": "privgrad.auditing.report",
-    "evaluate_scores": "privgrad.auditing.report",
+    "evaluate_scores": "privgrad.auditing.scores",
+    "audit_scores": "privgrad.auditing.scores",
+    "ScoreAudit": "privgrad.auditing.scores",
+    "FDPBound": "privgrad.auditing.report",
+    "fdp_lower_bound": "privgrad.auditing.fdp",
     "AuditSettings": "privgrad.auditing.simulation",
     "Band": "privgrad.auditing.simulation",
     "simulate_band": "privgrad.auditing.simulation",

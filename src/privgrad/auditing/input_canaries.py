@@ -44,7 +44,8 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 
 from privgrad import _validate
-from privgrad.auditing.report import AuditReport, evaluate_scores
+from privgrad.auditing.report import AuditReport
+from privgrad.auditing.scores import evaluate_scores
 from privgrad.auditing.simulation import AuditSettings
 from privgrad.errors import ConfigError, PrivacyStateError
 

@@ -4,19 +4,20 @@
 included, what the run released on each canary coordinate at each step, and which canaries each
 step's batch held) and puts side by side:
 
-- the accountant's epsilon and the audited lower bound (with its ceiling);
+- the accountant's epsilon and the audited lower bound (with its ceiling), and beside it the
+  f-DP bound of Mahloujifar, Melis and Chaudhuri (2024) on the same scores (``fdp``), with its
+  own guesses, ceiling and band;
 - the band of lower bounds a correct implementation produces at the same settings (simulated);
 - conformance tests on the canary coordinates: the noise is ``N(0, (sigma C)^2)`` per step, an
   included canary adds exactly ``C`` when sampled, canaries are sampled at rate ``q`` with
   ``Binomial(T, q)`` counts, and excluded canaries are never sampled.
 
-The verdict is ``"violation"`` when the bound exceeds the accountant's epsilon, falls outside the
-band, or a conformance test fails at ``alpha``; ``"consistent"`` otherwise.
+The verdict is ``"violation"`` when either bound exceeds the accountant's epsilon, the one-run
+bound falls outside its band or the f-DP bound above its band, or a conformance test fails at
+``alpha``; ``"consistent"`` otherwise.
 
-``evaluate_scores()`` makes the same report from any per-canary scores, such as the losses of
-black-box input canaries (``privgrad.auditing.input_canaries``). Nothing models such scores,
-so that report has no band and no conformance tests: only a bound above the accountant's
-epsilon is evidence of a violation.
+``privgrad.auditing.scores.evaluate_scores()`` makes the same report from any per-canary scores,
+such as the losses of black-box input canaries.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from privgrad import _validate
+from privgrad.auditing.conformance import conformance_tests
+from privgrad.auditing.fdp import fdp_p_value
 from privgrad.auditing.simulation import (
+    METHODS,
     AuditSettings,
     Band,
     GuessRule,
@@ -37,26 +41,17 @@ from privgrad.auditing.simulation import (
 )
 from privgrad.auditing.statistics import (
     TestResult,
-    binomial_test,
-    bonferroni_lower_bound,
-    ceiling,
     count_correct,
-    difference_test,
-    dispersion_test,
     make_guesses,
-    mean_test,
-    one_run_lower_bound,
     one_run_p_value,
-    variance_test,
 )
 
-__all__ = ["AuditReport", "Observations", "VERDICTS", "WHITE_BOX", "evaluate", "evaluate_scores",
-           "score_candidates"]
+__all__ = ["VERDICTS", "WHITE_BOX", "AuditReport", "FDPBound", "Observations", "conformance_tests",
+           "evaluate"]
 
 VERDICTS = ("consistent", "violation")
 WHITE_BOX = "white-box gradient"  # the ``canary_kind`` of ``evaluate()``'s reports
 _SUM_SCORE = "sum of the released values over all steps"
-_SCORE_FRACTIONS = (0.025, 0.05, 0.1)  # default guesses of evaluate_scores, per side
 
 
 @dataclass(frozen=True)
@@ -95,6 +90,32 @@ class Observations:
 
 
 @dataclass(frozen=True)
+class FDPBound:
+    """The f-DP lower bound (``privgrad.auditing.fdp``) on the report's canary scores.
+
+    Attributes:
+        lower_bound: epsilon at the report's delta whose Gaussian-DP curve the guesses reject
+            at the report's confidence.
+        p_value: p-value of the guesses under the Gaussian-DP curve with the accountant's
+            ``(epsilon, delta)``.
+        guesses: ``(num_positive, num_negative)`` used (fixed in advance by simulating this
+            bound, like the one-run bound's).
+        num_correct: correct guesses among them.
+        ceiling: the bound if every guess were right.
+        band: f-DP bounds of a correct implementation (``None`` where nothing models the scores).
+        family: the family of curves (``"gaussian"``).
+    """
+
+    lower_bound: float
+    p_value: float
+    guesses: tuple[int, int]
+    num_correct: int
+    ceiling: float
+    band: Band | None
+    family: str = "gaussian"
+
+
+@dataclass(frozen=True)
 class AuditReport:
     """The audit of one run: numbers, band, conformance tests and verdict.
 
@@ -117,6 +138,7 @@ class AuditReport:
         canary_kind: which canaries were audited: ``"white-box gradient"`` or, for example,
             ``"black-box input"``.
         score: how each canary was scored, in words.
+        fdp: the f-DP bound on the same scores (``None`` only in reports built by hand).
     """
 
     settings: AuditSettings
@@ -135,6 +157,7 @@ class AuditReport:
     evidence: tuple[str, ...]
     canary_kind: str = WHITE_BOX
     score: str = _SUM_SCORE
+    fdp: FDPBound | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (an infinite epsilon becomes ``None``)."""
@@ -166,6 +189,7 @@ class AuditReport:
             f"{self.lower_bound:.2f} ({s.confidence:.0%} confidence; p={self.p_value:.3g} "
             f"under the accountant's claim)",
             f"  band        {band}",
+            *([] if self.fdp is None else [_fdp_line(self.fdp, s.confidence)]),
             f"  ceiling     {self.ceiling:.2f}: the most {kp + kn} guesses can show; a bound below "
             f"the accountant's epsilon is not a privacy guarantee",
         ]
@@ -181,6 +205,13 @@ class AuditReport:
         return "\n".join(lines)
 
 
+def _fdp_line(f: FDPBound, confidence: float) -> str:
+    band = "" if f.band is None else f", band [{f.band.low:.2f}, {f.band.high:.2f}]"
+    return (f"  f-DP        lower bound {f.lower_bound:.2f} ({confidence:.0%}; Gaussian-DP curves, "
+            f"Mahloujifar et al. 2024): {f.guesses[0]} in + {f.guesses[1]} out, {f.num_correct} "
+            f"correct; p={f.p_value:.3g}; ceiling {f.ceiling:.2f}{band}")
+
+
 def _num(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.2f}"
 
@@ -193,35 +224,6 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def conformance_tests(obs: Observations, settings: AuditSettings) -> tuple[TestResult, ...]:
-    """The tests on the canary coordinates (see the module docstring)."""
-    c, sigma, q = settings.max_grad_norm, settings.noise_multiplier, settings.sample_rate
-    std = sigma * c
-    released = np.asarray(obs.released, dtype=np.float64)
-    included = np.asarray(obs.included, dtype=bool)
-    out_values = released[:, ~included]  # excluded canaries: pure noise at every step
-    tests = [
-        variance_test("noise_std", "per-step noise std = sigma*C", out_values, std),
-        mean_test("noise_mean", "per-step noise mean = 0", out_values, 0.0, std),
-    ]
-    if obs.sampled is None:
-        return tuple(tests)
-    sampled = np.asarray(obs.sampled, dtype=bool)
-    inc_values, inc_sampled = released[:, included], sampled[:, included]
-    counts = inc_sampled.sum(0)
-    tests += [
-        difference_test("contribution", "a sampled canary adds C", inc_values[inc_sampled],
-                        inc_values[~inc_sampled], c, std),
-        binomial_test("inclusion_rate", "included canaries sampled at rate q",
-                      int(counts.sum()), inc_sampled.size, q),
-        dispersion_test("inclusion_spread", "counts ~ Binomial(T, q): variance ratio 1",
-                        counts, obs.steps, q),
-        binomial_test("excluded_unsampled", "excluded canaries are never sampled",
-                      int(sampled[:, ~included].sum()), sampled[:, ~included].size, 0.0),
-    ]
-    return tuple(tests)
 
 
 def evaluate(obs: Observations, settings: AuditSettings, accountant_epsilon: float, *,
@@ -264,90 +266,43 @@ def evaluate(obs: Observations, settings: AuditSettings, accountant_epsilon: flo
         obs.scores(settings.max_grad_norm), obs.included, rule, settings, eps)
     band = simulate_band(settings, rule, rng, simulations=simulations, coverage=band_coverage)
     tests = conformance_tests(obs, settings)
-    verdict, evidence = _verdict(bound, eps, band, tests, alpha, settings.confidence)
+    fdp_rule = choose_guesses(settings, rng, method="f-DP") if guesses is None else rule
+    fdp = _fdp(obs.scores(settings.max_grad_norm), obs.included, fdp_rule, settings, eps,
+               simulate_band(settings, fdp_rule, rng, simulations=simulations,
+                             coverage=band_coverage, method="f-DP"))
+    verdict, evidence = _verdict(bound, eps, band, tests, alpha, settings.confidence, fdp)
     return AuditReport(settings, float(eps), bound, p_value, pair, rule.describe(), correct, top,
-                       band, tests, alpha, int(np.count_nonzero(obs.included)), verdict, evidence)
-
-
-def score_candidates(num_canaries: int) -> tuple[tuple[int, int], ...]:
-    """The default guesses of ``evaluate_scores()``: ``k`` in + ``k`` out for ``k`` of 2.5%,
-    5% and 10% of the canaries, the best taken with a Bonferroni correction."""
-    ks = sorted({max(1, round(f * num_canaries)) for f in _SCORE_FRACTIONS})
-    return tuple((k, k) for k in ks if 2 * k <= num_canaries) or ((1, 0),)
-
-
-def evaluate_scores(scores: np.ndarray, included: np.ndarray, settings: AuditSettings,
-                    accountant_epsilon: float, *,
-                    guesses: tuple[int, int] | list[tuple[int, int]] | None = None,
-                    canary_kind: str = "black-box input",
-                    score: str = "a score of your own") -> AuditReport:
-    """Audit one run from per-canary scores (higher: more likely included), e.g. losses.
-
-    The lower bound is the one of ``evaluate()``; there is no band and there are no
-    conformance tests, because no simulation describes what a correct run does to such scores.
-    The verdict is ``"violation"`` only when the bound exceeds ``accountant_epsilon``.
-
-    Args:
-        scores: ``(m,)`` one finite score per canary.
-        included: ``(m,)`` bool, whether each canary was in the training set.
-        settings: the run's public settings (``settings.num_canaries`` must be ``m``).
-        accountant_epsilon: the accountant's epsilon at ``settings.delta``.
-        guesses: ``(num_positive, num_negative)`` fixed in advance, or a list of such pairs for
-            the Bonferroni-corrected best of them; ``None`` (default) for
-            ``score_candidates()``.
-        canary_kind: which canaries were scored, for the report.
-        score: how they were scored, in words, for the report.
-
-    Returns:
-        An [`AuditReport`][privgrad.auditing.report.AuditReport] with ``band=None`` and no tests.
-
-    Privacy:
-        The bound is valid whenever the scores are a function of what the run released and of
-        randomness independent of the inclusion bits (never of the bits themselves). A
-        "consistent" verdict here is weak evidence: black-box scores usually leak far less than
-        the mechanism allows, so their bound sits far below the accountant's epsilon even for
-        some broken implementations.
-    """
-    m = settings.num_canaries
-    x, bits = np.asarray(scores, dtype=np.float64), np.asarray(included)
-    for name, value in (("scores", x), ("included", bits)):
-        if value.shape != (m,):
-            raise _validate.fail(f"{name} must have shape ({m},), one value per canary",
-                                 f"{name}.shape", value.shape,
-                                 "Pass one value per canary, or settings with that many canaries.")
-    if not np.all(np.isfinite(x)):
-        raise _validate.fail("scores must be finite", "number of non-finite scores",
-                             int(np.count_nonzero(~np.isfinite(x))),
-                             "Map a non-finite loss to a finite score before auditing.")
-    eps = _validate.positive("accountant_epsilon", accountant_epsilon,
-                             "Pass engine.get_epsilon(delta).", finite=False)
-    rule = (GuessRule(score_candidates(m), chosen_by="the default") if guesses is None
-            else _rule(guesses, settings, None))
-    bound, pair, correct, p_value, top = _lower_bound(x, bits.astype(bool), rule, settings, eps)
-    verdict, evidence = _verdict(bound, eps, None, (), 1e-3, settings.confidence)
-    return AuditReport(settings, float(eps), bound, p_value, pair, rule.describe(), correct, top,
-                       None, (), 1e-3, int(np.count_nonzero(bits)), verdict, evidence,
-                       canary_kind=str(canary_kind), score=str(score))
+                       band, tests, alpha, int(np.count_nonzero(obs.included)), verdict, evidence,
+                       fdp=fdp)
 
 
 def _lower_bound(scores: np.ndarray, included: np.ndarray, rule: GuessRule,
-                 settings: AuditSettings, eps: float) -> tuple[float, tuple[int, int], int, float,
-                                                               float]:
-    """``(bound, pair, correct, p_value, ceiling)`` of the scores under the guess rule."""
-    m, d, conf = settings.num_canaries, settings.delta, settings.confidence
-    included = np.asarray(included, dtype=bool)
-    if rule.bonferroni:
-        bound, pair, correct = bonferroni_lower_bound(scores, included, rule.candidates, d, conf)
-        factor = len(rule.candidates)
-    else:
-        pair = rule.candidates[0]
-        correct = count_correct(make_guesses(scores, *pair), included)
-        bound = one_run_lower_bound(m, sum(pair), correct, d, conf)
-        factor = 1
-    p_value = 1.0 if math.isinf(eps) else min(
-        1.0, factor * one_run_p_value(m, sum(pair), correct, min(eps, 50.0), d))
-    top = ceiling(m, sum(pair), d, 1 - (1 - conf) / factor)
+                 settings: AuditSettings, eps: float, method: str = "one-run"
+                 ) -> tuple[float, tuple[int, int], int, float, float]:
+    """``(bound, pair, correct, p_value, ceiling)`` of the scores under the guess rule, by
+    ``method``; several candidate pairs are each tested at a Bonferroni-corrected level."""
+    m, d, factor = settings.num_canaries, settings.delta, len(rule.candidates)
+    conf = 1.0 - (1.0 - settings.confidence) / factor
+    included, bound_of = np.asarray(included, dtype=bool), METHODS[method]
+    best = (-1.0, rule.candidates[0], 0)
+    for kp, kn in rule.candidates:
+        v = count_correct(make_guesses(scores, kp, kn), included)
+        found = bound_of(m, kp + kn, v, d, conf)
+        if found > best[0]:
+            best = (found, (int(kp), int(kn)), int(v))
+    bound, pair, correct = best
+    p_of = one_run_p_value if method == "one-run" else fdp_p_value
+    p_value = 1.0 if math.isinf(eps) else min(1.0, factor * p_of(m, sum(pair), correct,
+                                                                 min(eps, 50.0), d))
+    top = bound_of(m, sum(pair), sum(pair), d, conf)
     return float(bound), pair, int(correct), float(p_value), float(top)
+
+
+def _fdp(scores, included, rule: GuessRule, settings: AuditSettings, eps: float,
+         band: Band | None) -> FDPBound:
+    bound, pair, correct, p_value, top = _lower_bound(
+        np.asarray(scores, dtype=np.float64), included, rule, settings, eps, "f-DP")
+    return FDPBound(bound, p_value, pair, correct, top, band)
 
 
 def _rule(guesses, settings: AuditSettings, rng: np.random.Generator | None) -> GuessRule:
@@ -362,9 +317,16 @@ def _rule(guesses, settings: AuditSettings, rng: np.random.Generator | None) -> 
     return GuessRule(tuple((int(kp), int(kn)) for kp, kn in pairs), chosen_by="given")
 
 
-def _verdict(bound: float, eps: float, band: Band | None, tests, alpha: float, confidence: float
-             ) -> tuple[str, tuple[str, ...]]:
+def _verdict(bound: float, eps: float, band: Band | None, tests, alpha: float, confidence: float,
+             fdp: FDPBound | None = None) -> tuple[str, tuple[str, ...]]:
     bad = []
+    if fdp is not None and fdp.lower_bound > eps:
+        bad.append(f"the f-DP lower bound {fdp.lower_bound:.2f} exceeds the accountant's epsilon "
+                   f"{eps:.2f}: at {confidence:.0%} confidence the run is less private than a "
+                   f"Gaussian mechanism with that epsilon")
+    if fdp is not None and fdp.band is not None and fdp.lower_bound > fdp.band.high + 1e-9:
+        bad.append(f"the f-DP bound {fdp.lower_bound:.2f} is above its band [{fdp.band.low:.2f}, "
+                   f"{fdp.band.high:.2f}] of a correct implementation")
     if bound > eps:
         bad.append(f"the audited lower bound {bound:.2f} exceeds the accountant's epsilon "
                    f"{eps:.2f}: at {confidence:.0%} confidence the run is not as private as "
@@ -385,8 +347,22 @@ def _verdict(bound: float, eps: float, band: Band | None, tests, alpha: float, c
         return "violation", tuple(bad)
     if band is None:
         return "consistent", (
-            f"lower bound {bound:.2f} <= accountant epsilon {eps:.2f}; without a band or "
+            f"lower bound {bound:.2f}{_and_fdp(fdp)} <= accountant epsilon {eps:.2f}; without a band or "
             f"conformance tests this is all these canaries can check",)
     return "consistent", (
-        f"lower bound {bound:.2f} <= accountant epsilon {eps:.2f}, inside the band "
+        f"lower bound {bound:.2f}{_and_fdp(fdp)} <= accountant epsilon {eps:.2f}, inside the band "
         f"[{band.low:.2f}, {band.high:.2f}], and all {len(tests)} conformance tests pass",)
+
+
+def _and_fdp(fdp: FDPBound | None) -> str:
+    return "" if fdp is None else f" (f-DP {fdp.lower_bound:.2f})"
+
+
+def __getattr__(name: str):
+    # evaluate_scores and score_candidates moved to privgrad.auditing.scores (which imports this
+    # module): still importable from here for code written before.
+    if name in ("evaluate_scores", "score_candidates"):
+        from privgrad.auditing import scores
+
+        return getattr(scores, name)
+    raise AttributeError(f"module 'privgrad.auditing.report' has no attribute {name!r}")

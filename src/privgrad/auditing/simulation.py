@@ -26,15 +26,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from privgrad import _validate
+from privgrad.auditing.fdp import fdp_lower_bound
 from privgrad.auditing.statistics import (
-    bonferroni_lower_bound,
     count_correct,
     make_guesses,
     one_run_lower_bound,
 )
 
-__all__ = ["AuditSettings", "Band", "GuessRule", "choose_guesses", "default_candidates",
-           "lower_bounds", "simulate_band", "simulate_scores"]
+__all__ = ["METHODS", "AuditSettings", "Band", "GuessRule", "choose_guesses",
+           "default_candidates", "lower_bounds", "simulate_band", "simulate_scores"]
+
+#: How a lower bound is computed from ``(m, r, v, delta, confidence)``; the whole list.
+METHODS = {
+    "one-run": one_run_lower_bound,  # Steinke, Nasr & Jagielski 2023 (statistics.py)
+    "f-DP": fdp_lower_bound,  # Mahloujifar, Melis & Chaudhuri 2024, Gaussian family (fdp.py)
+}
 
 
 @dataclass(frozen=True)
@@ -124,19 +130,20 @@ def simulate_scores(settings: AuditSettings, simulations: int, rng: np.random.Ge
     return included, counts + noise
 
 
-def lower_bounds(scores: np.ndarray, included: np.ndarray, rule: GuessRule, settings: AuditSettings
-                 ) -> np.ndarray:
-    """The audited lower bound of every row of ``scores`` under ``rule``."""
+def lower_bounds(scores: np.ndarray, included: np.ndarray, rule: GuessRule, settings: AuditSettings,
+                 method: str = "one-run") -> np.ndarray:
+    """The audited lower bound of every row of ``scores`` under ``rule``, by ``method`` (a key of
+    ``METHODS``); the best of several candidates is tested at a Bonferroni-corrected level."""
+    bound = METHODS[_validate.choice("method", method, METHODS)]
     scores, included = np.atleast_2d(scores), np.atleast_2d(included)
-    if rule.bonferroni:
-        return np.array([bonferroni_lower_bound(s, i, rule.candidates, settings.delta,
-                                                settings.confidence)[0]
-                         for s, i in zip(scores, included)])
-    kp, kn = rule.candidates[0]
-    correct = np.atleast_1d(count_correct(make_guesses(scores, kp, kn), included))
-    m, r = settings.num_canaries, kp + kn
-    return np.array([one_run_lower_bound(m, r, int(v), settings.delta, settings.confidence)
-                     for v in correct])
+    m, n = settings.num_canaries, len(rule.candidates)
+    conf = 1.0 - (1.0 - settings.confidence) / n
+    best = np.full(scores.shape[0], -1.0)
+    for kp, kn in rule.candidates:
+        correct = np.atleast_1d(count_correct(make_guesses(scores, kp, kn), included))
+        found = np.array([bound(m, kp + kn, int(v), settings.delta, conf) for v in correct])
+        best = np.maximum(best, found)
+    return best
 
 
 def default_candidates(num_canaries: int) -> tuple[tuple[int, int], ...]:
@@ -148,8 +155,9 @@ def default_candidates(num_canaries: int) -> tuple[tuple[int, int], ...]:
 
 def choose_guesses(settings: AuditSettings, rng: np.random.Generator, *,
                    candidates: Sequence[tuple[int, int]] | None = None,
-                   simulations: int = 200) -> GuessRule:
-    """Fix the guess counts in advance: the candidate with the highest mean simulated bound.
+                   simulations: int = 200, method: str = "one-run") -> GuessRule:
+    """Fix the guess counts in advance: the candidate with the highest mean simulated bound
+    (computed by ``method``).
 
     Privacy:
         Uses the public settings and fresh randomness only, never the audited run, so the
@@ -160,15 +168,17 @@ def choose_guesses(settings: AuditSettings, rng: np.random.Generator, *,
     included, scores = simulate_scores(settings, simulations, rng)
     best, best_mean = candidates[0], -1.0
     for pair in candidates:
-        mean = float(lower_bounds(scores, included, GuessRule((pair,)), settings).mean())
+        mean = float(lower_bounds(scores, included, GuessRule((pair,)), settings, method).mean())
         if mean > best_mean:
             best, best_mean = pair, mean
     return GuessRule((tuple(int(k) for k in best),), chosen_by="chosen by simulation")
 
 
 def simulate_band(settings: AuditSettings, rule: GuessRule, rng: np.random.Generator, *,
-                  simulations: int = 2000, coverage: float = 0.998) -> Band:
-    """The central ``coverage`` interval of the bounds a correct implementation yields."""
+                  simulations: int = 2000, coverage: float = 0.998,
+                  method: str = "one-run") -> Band:
+    """The central ``coverage`` interval of the bounds (by ``method``) a correct implementation
+    yields."""
     simulations = _validate.positive_int("simulations", simulations, "Pass e.g. 1000.")
     coverage = _validate.open_unit("coverage", coverage, "Pass e.g. 0.99.")
     bounds = np.empty(simulations)
@@ -176,6 +186,6 @@ def simulate_band(settings: AuditSettings, rule: GuessRule, rng: np.random.Gener
     for start in range(0, simulations, chunk):
         n = min(chunk, simulations - start)
         included, scores = simulate_scores(settings, n, rng)
-        bounds[start:start + n] = lower_bounds(scores, included, rule, settings)
+        bounds[start:start + n] = lower_bounds(scores, included, rule, settings, method)
     lo, mid, hi = np.quantile(bounds, [(1 - coverage) / 2, 0.5, (1 + coverage) / 2])
     return Band(float(lo), float(mid), float(hi), coverage, simulations)

@@ -5,7 +5,12 @@
 
 Both accept ``--accountant pld|rdp`` (default pld), ``--json`` (one object; an infinite epsilon,
 from ``--noise-multiplier 0``, is ``null``) and ``--plot FILE.png`` (epsilon against epochs for
-PLD and RDP; needs the ``plot`` extra; any format matplotlib writes, chosen by the suffix). A
+PLD and RDP; needs the ``plot`` extra; any format matplotlib writes, chosen by the suffix).
+``privgrad epsilon --report`` adds the privacy report (``privgrad.accounting.report``): epsilon
+at several deltas, the best membership attack's TPR at FPR 0.1%, 1% and 10%, its advantage, the
+Gaussian-DP mu and the trade-off curve (in ``--json``, ``"tradeoff"``: a list of
+``{"fpr": ..., "tpr": ...}`` points); with ``--plot`` it draws that curve beside the curves of
+no privacy and of perfect privacy instead of epsilon against epochs. A
 missing folder of the plot is created, as ``privgrad demo --out`` and ``PrivacyLogger`` create
 theirs; the path is checked before any accounting runs. Bad input exits with status 2 and a one-line error. The sample rate is
 ``batch_size / dataset_size`` (Poisson sampling with that expected batch size) and the step count
@@ -41,6 +46,8 @@ def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
     when.add_argument("--steps", type=int, help="training length in steps")
     if name == "epsilon":
         parser.add_argument("--noise-multiplier", type=float, required=True, help="noise std / max_grad_norm")
+        parser.add_argument("--report", action="store_true",
+                            help="also the best membership attack: trade-off curve, TPR at low FPR, advantage, GDP mu")
     else:
         parser.add_argument("--target-epsilon", type=float, required=True, help="the epsilon to reach")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
@@ -67,18 +74,34 @@ def run_for(name: str, args: argparse.Namespace) -> int:
     """Run subcommand ``name``; returns the exit status (2 on bad input)."""
     plot = _plot_path(args.plot) if args.plot else None  # fail before the accounting runs
     result = _epsilon(args) if name == "epsilon" else _noise(args)
+    report = _privacy_report(result) if getattr(args, "report", False) else None
     if plot is not None:
-        _plot(plot, result)
+        if report is None:
+            _plot(plot, result)
+        else:
+            _plot_tradeoff(plot, report)
         result["plot"] = args.plot
     if args.json:  # JSON has no infinity: an unbounded epsilon is written as null
         plain = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in result.items()}
-        print(json.dumps(plain, sort_keys=True))
+        print(json.dumps({**plain, **(report.to_dict() if report else {})}, sort_keys=True))
     else:
         width = max(map(len, result))
         for key, value in result.items():
             shown = f"{value:.6g}" if isinstance(value, float) else value
             print(f"{key:<{width}}  {shown}")
+        if report is not None:
+            print(report.text())
     return 0
+
+
+def _privacy_report(result: dict):
+    from privgrad.accounting import make_accountant
+    from privgrad.accounting.report import privacy_report
+
+    acc = make_accountant(result["accountant"])
+    acc.step(noise_multiplier=result["noise_multiplier"], sample_rate=result["sample_rate"],
+             num_steps=result["steps"])
+    return privacy_report(acc, delta=result["delta"])
 
 
 def _epsilon(args: argparse.Namespace) -> dict:
@@ -171,3 +194,14 @@ def _plot(path: Path, result: dict) -> None:
             f"writable folder.") from e
     finally:
         plt.close(fig)
+
+
+def _plot_tradeoff(path: Path, report) -> None:
+    """The report's trade-off curve beside perfect privacy and no privacy
+    ([`PrivacyReport.figure()`][privgrad.accounting.report.PrivacyReport.figure])."""
+    try:
+        report.figure().savefig(path, dpi=120)
+    except OSError as e:
+        raise ConfigError(
+            f"plot must be writable; got plot={str(path)!r} ({e.strerror}). Pass a path in a "
+            f"writable folder.") from e

@@ -3,6 +3,7 @@
     privgrad audit                       # epsilon 4, 1,000 canaries, text report
     privgrad audit --epsilon 8 --canaries 5000 --json
     privgrad audit --black-box           # mislabeled records scored by loss instead
+    privgrad audit --canaries 5000 --guesses 500   # a budget whose bound exceeds epsilon when broken
 
 Trains logistic regression on scikit-learn's bundled digits with the real PrivacyEngine and
 white-box gradient canaries, then prints the report: the accountant's epsilon, the audited lower
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("digits", "breast_cancer"), default="digits")
     parser.add_argument("--simulations", type=int, default=2000, help="simulated runs for the band (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--guesses", type=int, default=None, metavar="K",
+                        help="guess K in + K out, fixed in advance (default: chosen by simulation)")
     parser.add_argument("--black-box", action="store_true",
                         help="mislabeled records scored by loss instead of gradient canaries")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -42,6 +45,15 @@ def run(args: argparse.Namespace) -> int:
     config = BuiltinAudit(epsilon=args.epsilon, num_canaries=args.canaries, delta=args.delta,
                           sample_rate=args.sample_rate, steps=args.steps, dataset=args.dataset,
                           seed=args.seed, simulations=args.simulations)
+    guesses = None
+    if args.guesses is not None:
+        from privgrad import _validate
+
+        k = _validate.positive_int("guesses", args.guesses, "Pass e.g. 500, or leave it out.")
+        if 2 * k > config.num_canaries:
+            raise _validate.fail(f"2 * guesses must be <= the number of canaries ({config.num_canaries})",
+                                 "guesses", k, f"Pass at most {config.num_canaries // 2}.")
+        guesses = (k, k)
     import torch
     from tqdm import tqdm
 
@@ -54,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=config.steps, disable=args.no_progress or args.json, unit="step",
                desc=f"private training with {kind} canaries", file=sys.stderr)
     try:
-        report = audit(PrivacyEngine(), config, on_step=lambda step: bar.update(step - bar.n))
+        report = audit(PrivacyEngine(), config, guesses=guesses,
+                       on_step=lambda step: bar.update(step - bar.n))
     finally:
         bar.close()
     print(report.to_json(sort_keys=True) if args.json else report.text())

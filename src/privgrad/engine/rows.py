@@ -86,15 +86,41 @@ class DrawnRows:
                 f"discriminator's optimizer does not step on it: it is set aside and discarded.) "
                 f"Nothing was released.")
 
-    def release(self) -> None:
-        """The step is about to release: its rows must be exactly one drawn batch."""
+    def release(self, in_order: bool = False) -> int | None:
+        """The step is about to release: its rows must be exactly one drawn batch (the oldest
+        pending one of that size: a loop that reads ahead steps its batches in order). Returns
+        the batch's number (``None`` without a Poisson loader).
+
+        ``in_order`` (correlated noise, where a batch's sampler step decides its noise row):
+        refuse when an older drawn batch was never stepped (the loop skipped it); the batches up
+        to this one are then done, so a loop that catches the error can go on."""
         if self.drawn is None:
-            return
+            return None
         candidates = self._candidates(self.step_tag)
         match = next((number for number, size in candidates if size == self.rows), None)
         if match is None:
             raise PrivacyStateError(self._mismatch(self.rows, candidates))
+        skipped = [number for number, _ in self.drawn.pending if number < match]
         self.drawn.released(match)
+        self.reset()
+        if in_order and skipped:
+            raise PrivacyStateError(
+                f"correlated noise needs every drawn batch stepped, in order; got a step on the "
+                f"loader's batch {match} while batch(es) {skipped[:3]} were drawn and never "
+                f"stepped. Each step's noise row is that of the sampler step that drew its batch, "
+                f"and a skipped batch that cannot be told apart from its successor would put a "
+                f"record's contributions closer than the bands allow. Run forward, backward and "
+                f"optimizer.step() on every batch the loader yields (leave a batch out by "
+                f"masking its loss to zero, not by skipping it). Nothing was released.")
+        return match
+
+    def discard(self) -> None:
+        """This logical step's clipped sums were thrown away (a virtual batch left early, a step
+        that GradScaler skips): its batch, the oldest pending one it can be, is done."""
+        if self.drawn is not None and self.step_tag is not None:
+            candidates = self._candidates(self.step_tag)
+            if candidates:
+                self.drawn.released(candidates[0][0])
         self.reset()
 
     def reset(self) -> None:

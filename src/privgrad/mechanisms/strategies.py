@@ -155,14 +155,29 @@ class BandMF:
         ``sample_rate`` is the probability of drawing a record of the step's group."""
         return amplified_event(noise_multiplier, sample_rate, steps, self.num_bands)
 
+    # what the engine needs to run it (see privgrad.mechanism_run)
+    def num_groups(self, steps: int) -> int:
+        """The cyclic sampler's groups: ``num_bands``."""
+        self._check(steps)
+        return self.num_bands
+
+    def round_of(self, step: int) -> int:
+        """The round of the reduction that sampler step ``step`` (from 0) belongs to."""
+        return step // self.num_bands
+
+    def round_event(self, noise_multiplier: float, sample_rate: float) -> PoissonGaussian:
+        """What one round costs: one Poisson-subsampled Gaussian step at the group's rate."""
+        return PoissonGaussian(noise_multiplier, sample_rate)
+
 
 @dataclass(frozen=True)
 class DPSGD:
     """Plain DP-SGD: independent noise every step (``C = I``); ``BandMF(num_bands=1)``.
 
     Args:
-        workload, momentum: only for ``expected_error`` (comparing with the other mechanisms on
-            the same workload); the noise does not depend on them.
+        workload: only for ``expected_error`` (comparing with the other mechanisms on the same
+            workload); the noise does not depend on it.
+        momentum: likewise.
 
     Privacy:
         Poisson sampling with ``sample_rate`` at every step; sensitivity 1 per step. ``noise``
@@ -202,6 +217,19 @@ class DPSGD:
         """``steps`` Poisson-subsampled Gaussian steps: DP-SGD's event."""
         return amplified_event(noise_multiplier, sample_rate, steps, 1)
 
+    def num_groups(self, steps: int) -> int:
+        """1: plain Poisson sampling."""
+        check_steps(steps)
+        return 1
+
+    def round_of(self, step: int) -> int:
+        """Every step is its own round."""
+        return step
+
+    def round_event(self, noise_multiplier: float, sample_rate: float) -> PoissonGaussian:
+        """One Poisson-subsampled Gaussian step."""
+        return PoissonGaussian(noise_multiplier, sample_rate)
+
 
 @dataclass(frozen=True)
 class BLT:
@@ -215,7 +243,8 @@ class BLT:
 
     Args:
         num_buffers: ``k`` >= 1.
-        workload, momentum: as for ``BandMF``.
+        workload: as for ``BandMF``.
+        momentum: as for ``BandMF``.
         min_sep: the participation pattern the sensitivity covers: a record takes part at most
             once every ``min_sep`` steps (``None``: at most once in the whole run).
 
@@ -283,6 +312,24 @@ class BLT:
         amplification is claimed; see the class docstring)."""
         check_steps(steps)
         return Repeated(PoissonGaussian(noise_multiplier, 1.0), 1)
+
+    def num_groups(self, steps: int) -> int:
+        """The cyclic sampler's groups: ``min_sep`` (a record's steps are ``min_sep`` apart),
+        or ``steps`` with ``min_sep=None`` (each record in at most one step of the run)."""
+        steps = check_steps(steps)
+        if self.min_sep is not None and self.min_sep > steps:
+            raise _validate.fail(
+                f"min_sep must be <= the number of steps ({steps})", "min_sep", self.min_sep,
+                f"Pass min_sep <= {steps}, or min_sep=None (one participation per record).")
+        return self.min_sep if self.min_sep is not None else steps
+
+    def round_of(self, step: int) -> int:
+        """One round: the event covers the whole run at once."""
+        return 0
+
+    def round_event(self, noise_multiplier: float, sample_rate: float) -> PoissonGaussian:
+        """The whole run: one Gaussian mechanism, no amplification (``sample_rate`` unused)."""
+        return PoissonGaussian(noise_multiplier, 1.0)
 
 
 #: The mechanisms by name (a literal table: what a checkpoint or a command line may name).

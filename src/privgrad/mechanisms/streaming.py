@@ -201,13 +201,13 @@ class BandedNoise(_Stream):
             self.step_index += 1
             return z
         lags = self.bands - 1
-        past = torch.tensordot(self._weights[t % lags], self._history, dims=1)
-        y = (z.to(self.work_dtype) - past) / self._c0
+        past = torch.tensordot(self._weights[t % lags], self._history, dims=1)  # one pass
+        y = past.sub_(z.to(self.work_dtype)).div_(-self._c0)  # (z - past) / c0, in place
         self._history[t % lags] = y
         first_short = self.steps - self.bands + 1
         norm = self._norm_full if t < first_short else self._norms_last[t - first_short]
         self.step_index += 1
-        return (y * norm).to(self.dtype)
+        return y.mul_(norm).to(self.dtype)
 
 
 class BufferedNoise(_Stream):

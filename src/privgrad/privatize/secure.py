@@ -254,6 +254,19 @@ class SecureGaussian:
             torch.mul(n.add_(j), spacing, out=out[part])
         return out.reshape(total.shape)
 
+    def standard_normal(self, like: torch.Tensor) -> torch.Tensor:
+        """Independent ``N(0, 1)`` draws shaped like ``like`` (float64, on its device), from the
+        CSPRNG: ``Z = Phi^{-1}(U)`` for the uniform ``U`` of two words, as ``lattice_offsets()``
+        computes it (within ``2**-45`` of the exact inverse). For the correlated-noise
+        mechanisms, whose noise is a linear combination of such draws
+        (``privgrad.privatize.correlated``)."""
+        n = like.numel()
+        words = self.random.words(2 * n, pin=like.is_cuda).to(like.device).view(2, -1)
+        a = torch.bitwise_and(words[0], _MASK63).to(torch.float64)
+        a.add_(words[1].to(torch.float64), alpha=2.0**-64).add_(0.5).mul_(2.0**-64)
+        z = torch.special.ndtri(a)  # Phi^{-1}(a) <= 0: the sign bit of the first word flips it
+        return torch.where(words[0] < 0, z, -z).reshape(like.shape)
+
     def sample(self, like: torch.Tensor, std: float) -> torch.Tensor:
         """Noise alone: lattice values shaped like ``like`` (float64). Adding it to a float sum
         afterwards loses the floating-point hardening; the engine uses ``add_noise()``."""

@@ -37,7 +37,8 @@ class DrawnBatches:
     The batch sampler queues each sample's size when the loader asks for its indices (perhaps
     ahead of time, for prefetching workers); the loader delivers them, in order, as it yields
     each batch. ``delivered`` counts the batches yielded so far (the number of the latest);
-    ``pending`` lists those yielded since the last ``released()`` one.
+    ``pending`` lists those yielded since the last ``released()`` one; ``step_of()`` gives the
+    sampler step that drew a pending batch (cyclic sampling: which group it holds).
 
     Not private: the sizes depend on the sample and are kept for the engine's checks only.
     """
@@ -46,11 +47,12 @@ class DrawnBatches:
 
     def __init__(self):
         self.delivered = 0
-        self._queued: deque[int] = deque()
+        self._queued: deque[tuple[int, int | None]] = deque()
         self._pending: deque[tuple[int, int]] = deque(maxlen=self.KEEP)
+        self._steps: deque[tuple[int, int | None]] = deque(maxlen=self.KEEP)
 
-    def queue(self, size: int) -> None:
-        self._queued.append(size)
+    def queue(self, size: int, step: int | None = None) -> None:
+        self._queued.append((size, step))
 
     def restart(self) -> None:
         """A new pass over the loader: sizes queued for the last one will not be delivered."""
@@ -58,7 +60,13 @@ class DrawnBatches:
 
     def deliver(self) -> None:
         self.delivered += 1
-        self._pending.append((self.delivered, self._queued.popleft()))
+        size, step = self._queued.popleft()
+        self._pending.append((self.delivered, size))
+        self._steps.append((self.delivered, step))
+
+    def step_of(self, number: int) -> int | None:
+        """The sampler step that drew batch ``number`` (``None`` if not known)."""
+        return next((step for n, step in self._steps if n == number), None)
 
     @property
     def pending(self):
@@ -83,7 +91,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for indices in self.sampler:
             if self.drawn is not None:
-                self.drawn.queue(len(indices))
+                self.drawn.queue(len(indices), self.sampler.step - 1)
             yield indices.tolist()
 
     def __len__(self) -> int:

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 
 from privgrad import _validate
 from privgrad.errors import ConfigError
+from privgrad.sampling.cyclic import CyclicPoissonSampler, cyclic_steps_per_epoch
 from privgrad.sampling.loader import DrawnBatches, PoissonLoader, check_loader, poisson_loader
-from privgrad.sampling.poisson import PoissonSampler, numpy_bits, os_bits, steps_per_epoch
+from privgrad.sampling.poisson import PoissonSampler, numpy_bits, os_bits
 
 __all__ = ["SamplingPlan", "plan", "sampling_rate"]
 
@@ -35,15 +36,26 @@ class SamplingPlan:
 
     Attributes:
         dataset_size: ``N`` (``None`` for a data set without a length when nothing needs it).
-        sample_rate: ``q``.
+        sample_rate: the inclusion probability of a record at a step that samples it: ``q``
+            (``B / N`` or the declared one), times ``num_groups`` under cyclic sampling.
         expected_batch_size: ``q N`` or the declared one: the normaliser of a mean loss.
         poisson: whether privgrad's Poisson loader replaces the loader's sampling.
+        num_groups: ``b``: 1 for Poisson sampling; more for cyclic Poisson sampling
+            ([`CyclicPoissonSampler`][privgrad.sampling.cyclic.CyclicPoissonSampler]), which the
+            correlated-noise mechanisms need (step ``t`` samples group ``t mod b``).
     """
 
     dataset_size: int | None
     sample_rate: float
     expected_batch_size: float
     poisson: bool
+    num_groups: int = 1
+
+    @property
+    def base_rate(self) -> float:
+        """``q``: the share of the data set an average step draws (``sample_rate`` over the
+        groups)."""
+        return self.sample_rate / self.num_groups
 
     #: what one unit of privacy is: an example (a user: ``privgrad.sampling.users``)
     privacy_unit = "example"
@@ -55,21 +67,29 @@ class SamplingPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.sample_rate)
+        return cyclic_steps_per_epoch(self.sample_rate, self.num_groups)
 
     def event(self, noise_multiplier: float):
-        """The privacy event of one step: the Poisson-subsampled Gaussian mechanism."""
+        """The privacy event of one step (of one round, under cyclic sampling): the
+        Poisson-subsampled Gaussian mechanism."""
         from privgrad.accounting.events import PoissonGaussian  # (accounting is imported lazily)
 
         return PoissonGaussian(noise_multiplier, self.sample_rate)
 
-    def loader(self, data_loader: DataLoader, *, seed: int, secure: bool, ranks=None):
+    def loader(self, data_loader: DataLoader, *, seed: int, secure: bool, ranks=None,
+               group_key: int | None = None):
         """``(sampler, drawn, loader)``: the Poisson sampler (``bits`` from ``seed``, or the OS
-        in secure mode), the record of what the loader yields, and the loader itself (for
-        data-parallel ``ranks``, over this rank's share of each sample)."""
+        in secure mode; cyclic over ``group_key``'s groups when ``num_groups > 1``), the record
+        of what the loader yields, and the loader itself (for data-parallel ``ranks``, over this
+        rank's share of each sample)."""
         bits = os_bits if secure else numpy_bits(seed)
-        sampler = PoissonSampler(self.dataset_size, self.sample_rate, bits=bits,
-                                 steps=self.steps_per_epoch)
+        if self.num_groups > 1:
+            sampler = CyclicPoissonSampler(self.dataset_size, self.sample_rate, self.num_groups,
+                                           bits=bits, group_key=group_key,
+                                           steps=self.steps_per_epoch)
+        else:
+            sampler = PoissonSampler(self.dataset_size, self.sample_rate, bits=bits,
+                                     steps=self.steps_per_epoch)
         drawn = DrawnBatches()
         shard = ranks.shard(sampler) if ranks is not None else sampler
         loader = poisson_loader(data_loader, shard, drawn)
@@ -78,19 +98,37 @@ class SamplingPlan:
 
 
 def plan(data_loader: DataLoader, *, poisson_sampling: bool = True, sample_rate=None,
-         expected_batch_size=None, loss_reduction: str = "mean") -> SamplingPlan:
+         expected_batch_size=None, loss_reduction: str = "mean",
+         num_groups: int = 1) -> SamplingPlan:
     """Validate the loader and the sampling arguments once; see the module docstring. A loader
     privgrad returned before (a second run on the same data) keeps its data set's size, ``q``
-    and expected batch size unless ``sample_rate`` and ``expected_batch_size`` are given."""
+    and expected batch size unless ``sample_rate`` and ``expected_batch_size`` are given.
+    ``num_groups > 1`` plans cyclic Poisson sampling at ``q * num_groups`` within each group."""
     check_loader(data_loader, poisson_sampling)
     earlier = getattr(data_loader, "sampling", None)
     if isinstance(data_loader, PoissonLoader) and earlier is not None and None in (
             sample_rate, expected_batch_size):
-        sample_rate, expected_batch_size = earlier.sample_rate, earlier.expected_batch_size
+        sample_rate, expected_batch_size = earlier.base_rate, earlier.expected_batch_size
     n = _dataset_size(data_loader, poisson_sampling, sample_rate, expected_batch_size)
     q, expected = sampling_rate(data_loader, n, sample_rate, expected_batch_size,
                                 loss_reduction, poisson_sampling)
-    return SamplingPlan(n, q, expected, poisson_sampling)
+    if num_groups > 1:
+        q = group_rate(q, num_groups, n)
+    return SamplingPlan(n, q, expected, poisson_sampling, num_groups)
+
+
+def group_rate(q: float, num_groups: int, n: int | None) -> float:
+    """``p = q b``: cyclic sampling draws each step from one of ``b`` groups, so a record of
+    the step's group is drawn with ``b`` times the rate that keeps the expected batch size."""
+    p = q * num_groups
+    if p > 1.0 + 1e-12:
+        most = int(1.0 / q) if q > 0 else num_groups
+        raise _validate.fail(
+            f"cyclic sampling with num_groups groups draws each step from about N / num_groups "
+            f"records (N = {n}), so the expected batch size must fit in one group: "
+            f"sample_rate * num_groups = {p:.4g} must be <= 1", "num_groups", num_groups,
+            f"Pass num_bands (BandMF) or min_sep (BLT) <= {most}, or use a smaller batch_size.")
+    return min(p, 1.0)
 
 
 def _dataset_size(data_loader: DataLoader, poisson_sampling: bool, sample_rate,

@@ -92,8 +92,8 @@ class DrawnPadded(DrawnBatches):
         self._queued_real: deque[int] = deque()
         self._real: dict[int, int] = {}
 
-    def queue(self, size: int) -> None:
-        super().queue(size)
+    def queue(self, size: int, step: int | None = None) -> None:
+        super().queue(size, step)
         self._queued_real.append(self.sampler.real.popleft())
 
     def restart(self) -> None:
@@ -128,7 +128,7 @@ class TruncatedPlan(SamplingPlan):
         return TruncatedPoissonGaussian(noise_multiplier, self.sample_rate, self.dataset_size,
                                         self.max_batch_size)
 
-    def loader(self, data_loader, *, seed: int, secure: bool, ranks=None):
+    def loader(self, data_loader, *, seed: int, secure: bool, ranks=None, group_key=None):
         """``(sampler, drawn, loader)``, every batch of ``max_batch_size`` rows."""
         if ranks is not None:
             raise _validate.fail(

@@ -127,8 +127,8 @@ class DrawnUsers(DrawnBatches):
         self._queued_units: deque[np.ndarray] = deque()
         self._units: dict[int, np.ndarray] = {}
 
-    def queue(self, size: int) -> None:
-        super().queue(size)
+    def queue(self, size: int, step: int | None = None) -> None:
+        super().queue(size, step)
         self._queued_units.append(self.sampler.units.popleft())
 
     def restart(self) -> None:
@@ -171,7 +171,7 @@ class UserPlan(SamplingPlan):
         """The number of privacy units: users."""
         return self.num_users
 
-    def loader(self, data_loader, *, seed: int, secure: bool, ranks=None):
+    def loader(self, data_loader, *, seed: int, secure: bool, ranks=None, group_key=None):
         """``(sampler, drawn, loader)`` as for the example-level plan, over users."""
         if ranks is not None:
             raise ConfigError(
@@ -273,32 +273,36 @@ def resolve(plan: SamplingPlan, data_loader, *, privacy_unit="example", user_ids
                      expected_batch_size=expected_batch_size, poisson_sampling=poisson_sampling)
 
 
-#: The arguments of make_private that decide the sampling (``plan()`` takes them).
-#: Those of them that only the sampling takes (not the engine's settings checks).
+#: The arguments of make_private that only the sampling takes (``refine()``).
 SAMPLING_ONLY = ("privacy_unit", "user_ids", "max_examples_per_user", "max_batch_size")
-PLAN_ARGUMENTS = ("poisson_sampling", "sample_rate", "expected_batch_size", "loss_reduction",
-                  "clipping", *SAMPLING_ONLY)
 
 
-def plan(data_loader, *, poisson_sampling=True, sample_rate=None, expected_batch_size=None,
-         loss_reduction="mean", clipping="flat", privacy_unit="example", user_ids=None,
-         max_examples_per_user=None, max_batch_size=None) -> SamplingPlan:
-    """The run's [`SamplingPlan`][privgrad.sampling.plan.SamplingPlan] over examples or users,
-    maybe truncated (``make_private``'s sampling arguments, validated once)."""
-    from privgrad.sampling.plan import plan as example_plan
+def refine(planned: tuple, data_loader, epochs=None, *, clipping="flat", sample_rate=None,
+           expected_batch_size=None, poisson_sampling=True, privacy_unit="example",
+           user_ids=None, max_examples_per_user=None, max_batch_size=None, **_) -> tuple:
+    """``(mechanism, plan, planned steps)`` (``privgrad.mechanism_run.plan()``'s) over users
+    and/or truncated, as ``make_private``'s arguments ask (validated once). The steps of
+    ``epochs`` epochs follow the new plan's epoch."""
     from privgrad.sampling.truncated import truncated_plan
 
-    base = example_plan(data_loader, poisson_sampling=poisson_sampling, sample_rate=sample_rate,
-                        expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+    mechanism, base, steps = planned
+    if base.num_groups > 1 and (privacy_unit == "user" or max_batch_size is not None):
+        what = "max_batch_size" if privacy_unit != "user" else "privacy_unit='user'"
+        raise _validate.fail(
+            f"{what} works with DP-SGD for now", "mechanism", mechanism,
+            f"Drop mechanism= (DP-SGD), or drop {what}: cyclic sampling over users and "
+            f"truncated correlated-noise steps are not accounted yet.")
     chosen = resolve(base, data_loader, privacy_unit=privacy_unit, user_ids=user_ids,
                      max_examples_per_user=max_examples_per_user, clipping=clipping,
                      sample_rate=sample_rate, expected_batch_size=expected_batch_size,
                      poisson_sampling=poisson_sampling)
-    if max_batch_size is None:
-        return chosen
-    if isinstance(chosen, UserPlan):
-        raise _validate.fail(
-            "max_batch_size works with privacy_unit='example' for now", "privacy_unit", "user",
-            "Drop max_batch_size (user-level batches keep their Poisson size), or use "
-            "privacy_unit='example'.")
-    return truncated_plan(chosen, max_batch_size)
+    if max_batch_size is not None:
+        if isinstance(chosen, UserPlan):
+            raise _validate.fail(
+                "max_batch_size works with privacy_unit='example' for now", "privacy_unit",
+                "user", "Drop max_batch_size (user-level batches keep their Poisson size), or "
+                "use privacy_unit='example'.")
+        chosen = truncated_plan(chosen, max_batch_size)
+    if chosen is base:
+        return planned
+    return mechanism, chosen, (steps if epochs is None else epochs * chosen.steps_per_epoch)

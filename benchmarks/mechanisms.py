@@ -1,0 +1,106 @@
+"""What correlated noise costs: privgrad's step with DP-SGD, BandMF (4 and 16 bands) and BLT (4
+buffers) on the six reference models of ``step_time.py``, measured side by side in one run.
+
+    python benchmarks/mechanisms.py                       # batch 64, every model, 5 rounds
+    python benchmarks/mechanisms.py --models mlp,cnn --batch 256 --rounds 9
+
+Each round runs the variants back to back, each in a fresh process (``step_time.run``: the same
+fixed batch, warm-up and timing); the ratios are medians of the per-round ratios to DP-SGD. The
+line above the table times, in-process, what correlated noise adds to a step for a
+one-million-parameter model: the release with BandMF's and BLT's streaming generators against
+DP-SGD's ``noisy_gradients`` (independent draws), and the buffers' memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import step_time  # (the reference models and the timed worker)
+
+VARIANTS = ("privgrad", *step_time.MECHANISM_VARIANTS)
+
+
+def own_costs(size: int = 1_000_000, repeats: int = 50) -> dict[str, tuple[float, float]]:
+    """``{name: (ms per release, extra MiB)}`` of one release of a ``size``-parameter model."""
+    from privgrad.mechanism_run import MechanismRun
+    from privgrad.mechanisms import BLT, BandMF
+    from privgrad.privatize import TorchGaussian, noisy_gradients
+
+    params = [torch.nn.Parameter(torch.zeros(size))]
+    sums = {params[0]: torch.randn(size)}
+    out = {}
+    source = TorchGaussian(seed=0)
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    out["dp-sgd"] = (timed(lambda: noisy_gradients(params, sums, noise_std=1.0, normaliser=64.0,
+                                                   noise=source)), 0.0)
+    for name, mechanism in (("bandmf 4", BandMF(num_bands=4)), ("bandmf 16", BandMF(num_bands=16)),
+                            ("blt 4", BLT(num_buffers=4, min_sep=16))):
+        run = MechanismRun(mechanism, 10 * repeats + 10, params, TorchGaussian(seed=0))
+        row = iter(range(10 * repeats + 10))
+        ms = timed(lambda run=run, row=row: run.release(sums, row=next(row), noise_std=1.0,
+                                                        normaliser=64.0))
+        buffers = sum(t.numel() * t.element_size() for s in run.noise.streams.values()
+                      for t in (s._state(),))
+        out[name] = (ms, buffers / 2**20)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(step_time.MODELS))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per run")
+    ap.add_argument("--min-steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--timeout", type=float, default=900.0)
+    args = ap.parse_args()
+    args.malloc_tuned, args.omp_spin = False, None  # step_time.run reads them
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+          f"batch {args.batch}, {args.rounds} rounds\n")
+    costs = own_costs()
+    print("release of a 1M-parameter model, in-process: " + "; ".join(
+        f"{k} {ms:.2f} ms" + (f" (+{mib:.0f} MiB)" if mib else "") for k, (ms, mib) in costs.items())
+        + "\n")
+    names = [v.removeprefix("privgrad-") for v in VARIANTS[1:]]
+    print("| model | DP-SGD ms | " + " | ".join(f"{n} ms" for n in names) + " | "
+          + " | ".join(f"{n} / DP-SGD" for n in names) + " |")
+    print("|---" * (2 + 2 * len(names)) + "|")
+    for name in args.models.split(","):
+        rounds = []
+        for _ in range(args.rounds):
+            runs = {v: step_time.run(name, args.batch, v, args) for v in VARIANTS}
+            if all("ms" in r for r in runs.values()):
+                rounds.append({v: r["ms"] for v, r in runs.items()})
+            else:
+                errors = {v: r.get("error") for v, r in runs.items() if "ms" not in r}
+                print(f"| {name} | error: {errors} |" + "|" * (2 * len(names)))
+                break
+        if not rounds:
+            continue
+        ms = {v: statistics.median(r[v] for r in rounds) for v in VARIANTS}
+        ratio = {v: statistics.median(r[v] / r["privgrad"] for r in rounds) for v in VARIANTS[1:]}
+        print(f"| {name} | {ms['privgrad']:.1f} | "
+              + " | ".join(f"{ms[v]:.1f}" for v in VARIANTS[1:]) + " | "
+              + " | ".join(f"{ratio[v]:.3f}" for v in VARIANTS[1:]) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
