@@ -27,6 +27,7 @@ from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprin
 from privgrad.engine.amp import ScalerLink, check_grad_scaler
 from privgrad.engine.capture import Recorder
 from privgrad.engine.clipped_sum import ClippedSum, StepStats
+from privgrad.engine.compiled import eager
 from privgrad.engine.guard import StateGuard
 from privgrad.engine.rows import DrawnRows
 from privgrad.errors import ModelValidationError, PrivacyStateError
@@ -34,6 +35,7 @@ from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
 from privgrad.privatize.adaptive import ADAPTIVE, QuantileBound, default_count_noise
 from privgrad.sampling import PoissonSampler, os_bits
+from privgrad.sampling import users as units
 from privgrad.sampling.plan import SamplingPlan
 from privgrad.settings import PerformanceSettings, PrivacySettings, PrivacyWarning
 from privgrad.training_hooks import TrainingHooks
@@ -44,11 +46,11 @@ __all__ = ["PrivacyEngine", "PrivacySettings", "PerformanceSettings", "PrivacyWa
 
 _log = logging.getLogger("privgrad")
 
-
 _MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate",
                  "expected_batch_size", "grad_sample_mode", "rules", "distributed", "grad_scaler",
                  "check", "gamma", "target_quantile", "quantile_lr", "count_noise_std",
-                 "mechanism")
+                 "mechanism", "privacy_unit", "user_ids", "max_examples_per_user",
+                 "max_batch_size")
 
 
 class PrivacyEngine(TrainingHooks, run_state.RunState):
@@ -66,12 +68,12 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             ``make_private``.
 
     Privacy:
-        The guarantee is (epsilon, delta)-DP under add/remove-one-example adjacency, for the
-        released sequence of noisy gradients, assuming Poisson sampling (the default loader),
-        that each example's loss depends on that example only (no batch statistics) and that
-        the data set's size is public unless ``sample_rate`` and ``expected_batch_size`` are
-        passed explicitly. docs/privacy.md says what the engine checks at run time and what it
-        cannot.
+        (epsilon, delta)-DP under add/remove-one-example adjacency (one user's rows with
+        ``privacy_unit="user"``) for the released noisy gradients, assuming Poisson sampling (the
+        default loader), that each example's loss depends on that example only (no batch
+        statistics) and that the data set's size is public unless ``sample_rate`` and
+        ``expected_batch_size`` are passed. docs/privacy.md says what the engine checks at run
+        time and what it cannot.
     """
 
     privgrad_hooks = True  # its module hooks are privgrad's own (see engine.capture)
@@ -137,6 +139,10 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         mechanism=None,
         steps: int | None = None,
         epochs: int | None = None,
+        privacy_unit: str = "example",
+        user_ids: Sequence | None = None,
+        max_examples_per_user: int | None = None,
+        max_batch_size: int | None = None,
         **unknown,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Attach DP-SGD to the user's model and optimizer; return them and a Poisson loader.
@@ -193,6 +199,10 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                 Poisson sampling; docs/correlated_noise.md).
             steps: the run's planned number of optimizer steps (or ``epochs``): a correlated
                 mechanism builds its noise for them and refuses a step beyond.
+            privacy_unit: ``"example"`` (default) or ``"user"``: all the rows of one person
+                (``user_ids``: one id per example; at most ``max_examples_per_user`` rows per
+                user and step; ``q`` over users).
+            max_batch_size: ``M``: fixed-shape truncated Poisson batches. Both: docs/privacy.md.
 
         Returns:
             ``(module, optimizer, data_loader)``, always three values.
@@ -206,19 +216,15 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             clipping, a parameter trainable after this call (its bound is fixed now).
         """
         _settings.refuse_unknown(unknown, "make_private")
-        return self._attach(
-            module, optimizer, data_loader, None, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
-            poisson_sampling=poisson_sampling, sample_rate=sample_rate,
-            expected_batch_size=expected_batch_size, grad_sample_mode=grad_sample_mode,
-            rules=rules, distributed=distributed, grad_scaler=grad_scaler, check=check,
-            gamma=gamma, target_quantile=target_quantile, quantile_lr=quantile_lr,
-            count_noise_std=count_noise_std, mechanism=mechanism, steps=steps, epochs=epochs)
+        arguments = {k: v for k, v in locals().items() if k in _MAKE_PRIVATE}  # (the keywords)
+        return self._attach(module, optimizer, data_loader, None, noise_multiplier=noise_multiplier,
+                            max_grad_norm=max_grad_norm, steps=steps, epochs=epochs, **arguments)
 
     def _attach(self, module, optimizer, data_loader, planned=None, *, mechanism=None, steps=None,
                 epochs=None, poisson_sampling=True, sample_rate=None, expected_batch_size=None,
                 loss_reduction="mean", rules=None, distributed=None, grad_scaler=None,
                 **arguments):
+        per_unit = {k: arguments.pop(k) for k in units.SAMPLING_ONLY if k in arguments}
         if self._module is not None:
             raise PrivacyStateError(
                 "make_private was already called on this PrivacyEngine; got a second call. Use "
@@ -229,10 +235,11 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         registry = rules if rules is not None else RuleRegistry.default()
         grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling)
-        mechanism, sampling, steps = planned or mechanism_run.plan(
-            data_loader, mechanism, steps, epochs, poisson_sampling=poisson_sampling,
-            sample_rate=sample_rate, expected_batch_size=expected_batch_size,
-            loss_reduction=args.loss_reduction)
+        drawn = {"poisson_sampling": poisson_sampling, "sample_rate": sample_rate,
+                 "expected_batch_size": expected_batch_size}
+        mechanism, sampling, steps = planned or units.refine(mechanism_run.plan(
+            data_loader, mechanism, steps, epochs, **drawn, loss_reduction=args.loss_reduction),
+            data_loader, epochs, clipping=args.clipping, **drawn, **per_unit)
         correlated = mechanism_run.correlated(mechanism)
         _settings.check_ownership(module, optimizer)
         attachment.refuse_attached(module, optimizer)
@@ -256,7 +263,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                                    sampling.sample_rate, sampling.expected_batch_size,
                                    args.loss_reduction, poisson_sampling, **options,
                                    mechanism=mechanism_run.describe(mechanism),
-                                   planned_steps=steps if correlated else None)
+                                   planned_steps=steps if correlated else None,
+                                   **units.unit_settings(sampling))
         params = args.params
         if ranks is not None:  # the same configuration on every rank, or an error on every rank
             ranks.agree(privacy_fingerprint(
@@ -298,8 +306,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         self._guard = StateGuard(module, writes_state, WRITER_TYPES,
                                  on_forward=self._forward_starts)
         self._guard.attach()
-        self._handles = [optimizer.register_step_pre_hook(self._before_step),
-                         optimizer.register_step_post_hook(self._after_step)]
+        self._handles = [optimizer.register_step_pre_hook(eager(self._before_step)),
+                         optimizer.register_step_post_hook(eager(self._after_step))]
         self._checking = True
         for p in params:  # the first private step overwrites them; the self-check needs None
             p.grad = None
@@ -330,8 +338,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         ``steps`` steps (give exactly one; per this engine's accountant)."""
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
-        mechanism, sampling, n = planned = mechanism_run.plan(
-            data_loader, kwargs.pop("mechanism", None), steps, epochs, required=True, **kwargs)
+        mechanism, sampling, n = planned = units.refine(mechanism_run.plan(data_loader, kwargs.pop(
+            "mechanism", None), steps, epochs, required=True, **kwargs), data_loader, epochs, **kwargs)
         if mechanism_run.correlated(mechanism):
             sigma = mechanism_run.calibrate(mechanism, sampling, n, target_epsilon=target_epsilon,
                                             target_delta=target_delta,
@@ -371,8 +379,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0.0 before the first step)."""
         delta = _validate.open_unit("delta", delta, "Pass a delta well below 1/N, e.g. 1e-5.")
-        if self._sampling is not None and self._sampling.dataset_size is not None:
-            _settings.warn_large_delta(delta, self._sampling.dataset_size, "delta")
+        if self._sampling is not None and self._sampling.units is not None:
+            _settings.warn_large_delta(delta, self._sampling.units, "delta")
         return self.accountant.get_epsilon(delta=delta)
 
     # -- detaching -------------------------------------------------------------------------

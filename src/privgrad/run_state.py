@@ -120,7 +120,9 @@ def check(engine, state: dict) -> None:
     here = state_dict(engine)
     saved_settings = state.get("settings")
     if isinstance(saved_settings, dict):  # a setting added since the state was saved: its default
-        state = {**state, "settings": {**{k: None for k in here["settings"]}, **saved_settings}}
+        defaults = {f.name: f.default for f in dataclasses.fields(engine.settings)}
+        state = {**state, "settings": {**{k: defaults.get(k) for k in here["settings"]},
+                                       **saved_settings}}
     for key in ("settings", "secure_mode", "dataset_size", "parameters"):
         if state.get(key) != here[key]:
             if key == "settings" and isinstance(state.get(key), dict):

@@ -51,6 +51,13 @@ class PrivacySettings:
     #: for DP-SGD (``privgrad.mechanism_run``)
     mechanism: str | None = None
     planned_steps: int | None = None
+    #: what one unit of privacy is: "example", or "user" (all of a person's rows; the sampling
+    #: is over users and each sampled user's summed gradient is clipped to C)
+    privacy_unit: str = "example"
+    #: privacy_unit="user": the most examples one user contributes to a step (k)
+    max_examples_per_user: int | None = None
+    #: truncated Poisson sampling: every batch cut and padded to this many rows (M)
+    max_batch_size: int | None = None
 
     @property
     def total_bound(self) -> float:
@@ -277,15 +284,16 @@ def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accounta
         raise _validate.fail(
             "exactly one of epochs and steps must be given", "(epochs, steps)",
             (epochs, steps), "Pass epochs=<training epochs> or steps=<optimizer steps>.")
-    if sampling.dataset_size is not None:
-        warn_large_delta(delta, sampling.dataset_size, "target_delta", stacklevel=4)
+    if sampling.units is not None:
+        warn_large_delta(delta, sampling.units, "target_delta", stacklevel=4)
     if steps is None:
         epochs = _validate.positive_int("epochs", epochs, "Pass the number of training epochs.")
         steps = epochs * sampling.steps_per_epoch
     steps = _validate.positive_int("steps", steps, "Pass the number of optimizer steps.")
+    truncated = getattr(sampling, "max_batch_size", None) is not None  # its own event
     return get_noise_multiplier(target_epsilon=eps, target_delta=delta,
                                 sample_rate=sampling.sample_rate, steps=steps,
-                                accountant=accountant)
+                                accountant=accountant, event=sampling.event if truncated else None)
 
 
 def warn_large_delta(delta: float, n: int, name: str, stacklevel: int = 3) -> None:

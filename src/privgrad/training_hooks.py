@@ -30,9 +30,13 @@ from privgrad import _validate
 from privgrad import settings as _settings
 from privgrad.engine.amp import float32_captures
 from privgrad.engine.batch import BackwardBatch, materialize_early
+from privgrad.engine.compiled import eager
+from privgrad.engine.groups import check_release, pass_units
+from privgrad.engine.padding import real_rows
 from privgrad.engine.selfcheck import check_sums
 from privgrad.errors import PrivacyStateError
 from privgrad.privatize import noisy_gradients
+from privgrad.sampling.users import owners_of
 from privgrad.sampling.virtual import VirtualBatches
 
 __all__ = ["COUNT", "TrainingHooks"]
@@ -57,7 +61,8 @@ class TrainingHooks:
         size = _validate.positive_int("max_physical_batch_size", max_physical_batch_size,
                                       "Pass the largest batch that fits in memory, e.g. 64.")
         try:
-            yield VirtualBatches(data_loader, size, self._set_release, self._abandon)
+            yield VirtualBatches(data_loader, size, self._set_release, self._abandon,
+                                 owners=owners_of(self._rows.drawn))  # user-level: whole users
         finally:
             self._abandon()
 
@@ -130,7 +135,7 @@ class TrainingHooks:
             # Queued behind every callback of this backward pass: DDP's reducer copies its
             # buckets (the local gradient) back into p.grad in a callback of its own.
             torch.autograd.Variable._execution_engine.queue_callback(
-                lambda: self._hide_raw_gradients(params))
+                eager(lambda: self._hide_raw_gradients(params)))
 
     def _hide_raw_gradients(self, params) -> None:
         if self._amp is not None:
@@ -145,11 +150,22 @@ class TrainingHooks:
         released; discarded by the next pass on a drawn batch)."""
         self._refuse_unbounded(params)
         loss_scale = self._amp.loss_scale() if self._amp is not None else 1.0
+        tags = {c.tag for c in captures}
+        units = pass_units(self._rows, tags, captures) if self.settings.privacy_unit == "user" \
+            else None
         batch = BackwardBatch(float32_captures(captures, loss_scale),  # AMP: float32, unscaled
                               mode=self.performance.grad_sample_mode,
                               scale_by_batch=self.settings.loss_reduction == "mean",
-                              paths=self._recorder.paths)
-        drawn = self._rows.add({c.tag for c in captures}, batch.batch_size)
+                              paths=self._recorder.paths, units=units)
+        real = real_rows(self._rows, tags, captures) if self.settings.max_batch_size else None
+        drawn = self._rows.add(tags, batch.rows)
+        if drawn and None in ((units, 1)[self.settings.privacy_unit != "user"],
+                              (real, 1)[not self.settings.max_batch_size]):
+            self._rows.reset()  # (never happens with privgrad's loader: a guard, not a path)
+            raise PrivacyStateError(
+                "the engine must know whose rows a user-level pass clips, and which rows of a "
+                "fixed-shape batch are padding; got a drawn batch without that record. Iterate "
+                "the loader make_private returned. Nothing was released.")
         if self._checking and self._recorder.checking:
             if check_sums(batch, params, self._names(), loss_scale=loss_scale,
                           loose=self._autocast):
@@ -157,7 +173,7 @@ class TrainingHooks:
                 self._checking = self.check == "every_step"
                 self._recorder.checking = self._checking
         if not drawn:
-            self._undrawn += batch.batch_size
+            self._undrawn += batch.rows
             return False
         self._undrawn = 0  # a pass on a drawn batch: what was set aside is discarded
         adaptive = self.adaptive_clipping
@@ -165,7 +181,10 @@ class TrainingHooks:
             # one bound per logical step (per-layer: in the order the bounds were made)
             now = adaptive.bound
             self._clipped.bounds = dict(zip(self._clipped.bounds, now)) if adaptive.per_layer else now
-        self._clipped.add(batch, set(params))
+        if real is None:
+            self._clipped.add(batch, set(params))
+        else:  # fixed shapes: padding rows dropped (engine.padding)
+            self._clipped.add(batch, set(params), real=real)
         return True
 
     def _before_step(self, optimizer, args, kwargs):
@@ -199,6 +218,8 @@ class TrainingHooks:
         _settings.check_ownership(self._module, optimizer)
         run = self._mechanism_run  # correlated noise (privgrad.mechanism_run), else None
         try:
+            if self.settings.privacy_unit == "user":
+                check_release(self._rows)
             number = self._rows.release(in_order=run is not None)
             row = run.row(self._rows.drawn.step_of(number)) if run is not None else None
         except PrivacyStateError:

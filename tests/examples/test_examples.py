@@ -151,3 +151,16 @@ def test_ddp_example_under_torchrun_matches_one_process(tmp_path):
     for key in one:
         # the same Poisson samples and noise; only the order of the float sums differs
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_adult_users(adult_dir, tmp_path):
+    users = load_example("adult_users")
+    m = users.main(["--data-dir", str(adult_dir), "--epochs", "2", "--batch-size", "8",
+                    "--rows-per-user", "5", "--k", "2", "--user-epsilons", "2",
+                    "--out", str(tmp_path)])
+    example, user = m["runs"]
+    assert m["users"] in (24, 25) and m["heaviest_user_rows"] == 5  # 2 keys, chunks of 5
+    assert example["unit"] == "example" and user["unit"] == "user" and user["k"] == 2
+    assert 0 < example["epsilon"] <= 1.0 and 0 < user["epsilon"] <= 2.0
+    seen = m["example_level_epsilon_of_a_user_with_n_rows"]
+    assert seen[1] == pytest.approx(example["epsilon"], rel=0.05) and seen[5] > 2 * seen[1]

@@ -15,10 +15,12 @@ from privgrad.accounting.events import (
     Composed,
     Event,
     HistoryEntry,
+    TruncatedEntry,
     check_noise_multiplier,
     check_sample_rate,
     flatten,
     history_event,
+    same_step,
 )
 from privgrad.errors import CheckpointError, ConfigError
 
@@ -89,7 +91,7 @@ class Accountant:
     def _append(self, entry: HistoryEntry) -> None:
         if entry.num_steps == 0:
             return
-        if self._history and self._history[-1][:2] == entry[:2]:
+        if self._history and same_step(self._history[-1], entry):
             last = self._history[-1]
             self._history[-1] = last._replace(num_steps=last.num_steps + entry.num_steps)
         else:
@@ -176,7 +178,7 @@ class Accountant:
         return {
             "accountant": self.name,
             "format": STATE_FORMAT,
-            "history": [[e.noise_multiplier, e.sample_rate, e.num_steps] for e in self._history],
+            "history": [list(e) for e in self._history],  # truncated steps: + [N, M]
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -218,15 +220,20 @@ def _parse_state(state: object, expected: str) -> list[HistoryEntry]:
         raise CheckpointError(f"history must be a list; got history={state['history']!r}. {fix}")
     entries = []
     for i, raw in enumerate(state["history"]):
-        if not isinstance(raw, (list, tuple)) or len(raw) != 3:
+        if not isinstance(raw, (list, tuple)) or len(raw) not in (3, 5):
             raise CheckpointError(
-                f"history[{i}] must be [noise_multiplier, sample_rate, num_steps]; got history[{i}]={raw!r}. {fix}"
+                f"history[{i}] must be [noise_multiplier, sample_rate, num_steps] (truncated steps: "
+                f"+ [dataset_size, max_batch_size]); got history[{i}]={raw!r}. {fix}"
             )
         try:
             sigma = check_noise_multiplier(raw[0])
             q = check_sample_rate(raw[1])
             n = _validate.nonnegative_int("num_steps", raw[2], fix)
+            if len(raw) == 5:
+                truncation = tuple(_validate.positive_int(k, v, fix) for k, v in zip(
+                    ("dataset_size", "max_batch_size"), raw[3:]))
         except (ConfigError, TypeError) as e:
             raise CheckpointError(f"history[{i}] is invalid: {e}") from e
-        entries.append(HistoryEntry(sigma, q, n))
+        entries.append(HistoryEntry(sigma, q, n) if len(raw) == 3 else
+                       TruncatedEntry(sigma, q, n, *truncation))
     return entries

@@ -12,7 +12,11 @@ from functools import lru_cache
 
 from privgrad import _validate
 from privgrad.accounting.accountant import check_delta
-from privgrad.accounting.events import check_noise_multiplier, check_sample_rate
+from privgrad.accounting.events import (
+    Repeated,
+    check_noise_multiplier,
+    check_sample_rate,
+)
 from privgrad.accounting.kinds import ACCOUNTANTS, DEFAULT_ACCOUNTANT, make_accountant
 from privgrad.errors import PrivacyBudgetError
 
@@ -52,6 +56,7 @@ def get_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = DEFAULT_ACCOUNTANT,
+    event=None,
 ) -> float:
     """The smallest noise multiplier whose epsilon after ``steps`` steps meets the target.
 
@@ -61,6 +66,9 @@ def get_noise_multiplier(
         sample_rate: Poisson sample rate of every step, in (0, 1].
         steps: number of steps, an integer >= 1.
         accountant: ``"pld"`` (default) or ``"rdp"``.
+        event: ``noise_multiplier -> event`` of one step, for steps that are not the plain
+            Poisson-subsampled Gaussian (truncated sampling's ``SamplingPlan.event``); default
+            ``PoissonGaussian(noise_multiplier, sample_rate)``.
 
     Returns:
         ``noise_multiplier`` with ``epsilon <= target_epsilon`` as computed by ``accountant``,
@@ -86,6 +94,10 @@ def get_noise_multiplier(
 
     @lru_cache(maxsize=None)
     def eps(sigma: float) -> float:
+        if event is not None:
+            acc = make_accountant(name)
+            acc.compose(Repeated(event(sigma), steps))
+            return acc.get_epsilon(delta)
         return epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=name)
 
     if eps(MAX_NOISE_MULTIPLIER) > target:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PoissonGaussian",
+    "TruncatedPoissonGaussian",
+    "TruncatedEntry",
     "Repeated",
     "Composed",
     "Event",
@@ -78,6 +80,33 @@ class PoissonGaussian:
 
 
 @dataclass(frozen=True)
+class TruncatedPoissonGaussian:
+    """One DP-SGD step on a truncated Poisson sample: each of ``dataset_size`` records is
+    sampled with probability ``sample_rate``, a sample larger than ``max_batch_size`` is cut to
+    a uniformly random subset of that size, and the Gaussian mechanism runs on the rest
+    (``dp_accounting``'s ``TruncatedSubsampledGaussianDpEvent``; arXiv 2508.15089).
+
+    Privacy:
+        Add/remove-one neighbours. Truncation can swap a record for another, so the event is
+        accounted as a mixture of the untruncated step and a replace-one step of twice the
+        sensitivity, weighted by the chance of truncation (``privgrad.accounting.truncated``).
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    dataset_size: int
+    max_batch_size: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "noise_multiplier", check_noise_multiplier(self.noise_multiplier))
+        object.__setattr__(self, "sample_rate", check_sample_rate(self.sample_rate))
+        object.__setattr__(self, "dataset_size", _validate.positive_int(
+            "dataset_size", self.dataset_size, "Pass the number of records sampled from."))
+        object.__setattr__(self, "max_batch_size", _validate.positive_int(
+            "max_batch_size", self.max_batch_size, "Pass the batch size samples are cut to."))
+
+
+@dataclass(frozen=True)
 class Repeated:
     """``event`` applied ``count`` times in a row (``count`` >= 0)."""
 
@@ -108,11 +137,11 @@ class Composed:
         object.__setattr__(self, "events", events)
 
 
-Event = Union[PoissonGaussian, Repeated, Composed]
+Event = Union[PoissonGaussian, TruncatedPoissonGaussian, Repeated, Composed]
 
 
 def _check_event(name: str, event: object) -> None:
-    if not isinstance(event, (PoissonGaussian, Repeated, Composed)):
+    if not isinstance(event, (PoissonGaussian, TruncatedPoissonGaussian, Repeated, Composed)):
         raise ConfigTypeError(
             f"{name} must be a PoissonGaussian, Repeated or Composed event; got {name}={event!r}. "
             "Build events from privgrad.accounting.events."
@@ -127,14 +156,38 @@ class HistoryEntry(NamedTuple):
     num_steps: int
 
 
+class TruncatedEntry(NamedTuple):
+    """A run of ``num_steps`` identical truncated steps
+    ([`TruncatedPoissonGaussian`][privgrad.accounting.events.TruncatedPoissonGaussian])."""
+
+    noise_multiplier: float
+    sample_rate: float
+    num_steps: int
+    dataset_size: int
+    max_batch_size: int
+
+
+def same_step(a, b) -> bool:
+    """Whether two history entries describe the same step (they may then be merged)."""
+    return type(a) is type(b) and a._replace(num_steps=0) == b._replace(num_steps=0)
+
+
+def _entry(event, times: int):
+    if isinstance(event, TruncatedPoissonGaussian):
+        return TruncatedEntry(event.noise_multiplier, event.sample_rate, times,
+                              event.dataset_size, event.max_batch_size)
+    return HistoryEntry(event.noise_multiplier, event.sample_rate, times)
+
+
 def _flatten_into(event: Event, times: int, out: list[HistoryEntry]) -> None:
-    if isinstance(event, PoissonGaussian):
+    if isinstance(event, (PoissonGaussian, TruncatedPoissonGaussian)):
         if times == 0:
             return
-        if out and out[-1][:2] == (event.noise_multiplier, event.sample_rate):
+        entry = _entry(event, times)
+        if out and same_step(out[-1], entry):
             out[-1] = out[-1]._replace(num_steps=out[-1].num_steps + times)
         else:
-            out.append(HistoryEntry(event.noise_multiplier, event.sample_rate, times))
+            out.append(entry)
     elif isinstance(event, Repeated):
         _flatten_into(event.event, times * event.count, out)
     else:
@@ -160,6 +213,14 @@ def _poisson_gaussian_to_dp(event: PoissonGaussian) -> dp_accounting.DpEvent:
     return dp_accounting.PoissonSampledDpEvent(event.sample_rate, gaussian)
 
 
+def _truncated_to_dp(event: TruncatedPoissonGaussian) -> dp_accounting.DpEvent:
+    import dp_accounting
+
+    return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=event.dataset_size, sampling_probability=event.sample_rate,
+        truncated_batch_size=event.max_batch_size, noise_multiplier=event.noise_multiplier)
+
+
 def _repeated_to_dp(event: Repeated) -> dp_accounting.DpEvent:
     import dp_accounting
 
@@ -175,6 +236,7 @@ def _composed_to_dp(event: Composed) -> dp_accounting.DpEvent:
 # event type -> converter; the whole list of what dp_accounting receives from us.
 _TO_DP_EVENT = {
     PoissonGaussian: _poisson_gaussian_to_dp,
+    TruncatedPoissonGaussian: _truncated_to_dp,
     Repeated: _repeated_to_dp,
     Composed: _composed_to_dp,
 }
@@ -188,7 +250,14 @@ def to_dp_event(event: Event) -> dp_accounting.DpEvent:
 
 def history_event(history: tuple[HistoryEntry, ...]) -> Composed:
     """A history (as recorded by an accountant) turned back into an event."""
-    return Composed(tuple(Repeated(PoissonGaussian(s, q), n) for s, q, n in history))
+    return Composed(tuple(Repeated(_event_of(e), e.num_steps) for e in history))
+
+
+def _event_of(entry):
+    if isinstance(entry, TruncatedEntry):
+        return TruncatedPoissonGaussian(entry.noise_multiplier, entry.sample_rate,
+                                        entry.dataset_size, entry.max_batch_size)
+    return PoissonGaussian(entry.noise_multiplier, entry.sample_rate)
 
 
 def is_nonprivate(noise_multiplier: float) -> bool:

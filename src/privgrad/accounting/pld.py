@@ -24,8 +24,9 @@ import numpy as np
 
 from privgrad import _validate
 from privgrad.accounting.accountant import Accountant
-from privgrad.accounting.events import HistoryEntry, history_event
+from privgrad.accounting.events import HistoryEntry, TruncatedEntry, history_event
 from privgrad.accounting.rdp import RDPAccountant
+from privgrad.accounting.truncated import truncated_pld
 from privgrad.errors import ConfigTypeError
 
 if TYPE_CHECKING:
@@ -71,12 +72,12 @@ def choose_interval(history: tuple[HistoryEntry, ...] | list[HistoryEntry]) -> f
         Any interval gives an upper bound on epsilon (the rounding is pessimistic); the choice
         only decides how tight it is.
     """
-    scales = [loss_scale(s, q) for s, q, n in history if n > 0 and s > 0]
+    scales = [loss_scale(s, q) for s, q, n, *_ in history if n > 0 and s > 0]
     if not scales:
         return 1e-4
     interval = min(scales) / POINTS_PER_SCALE
     # The composed loss is roughly Gaussian with variance sum(n s^2) and mean half of that.
-    variance = sum(n * loss_scale(s, q) ** 2 for s, q, n in history if n > 0 and s > 0)
+    variance = sum(n * loss_scale(s, q) ** 2 for s, q, n, *_ in history if n > 0 and s > 0)
     spread = variance / 2 + 40 * math.sqrt(variance) + 40 * max(scales)
     return max(interval, spread / MAX_GRID_POINTS)
 
@@ -216,8 +217,9 @@ class PLDAccountant(Accountant):
                 return None
             composed = None
             try:
-                for sigma, q, n in self._accounted:
-                    part = _run(sigma, q, n, interval)
+                for e in self._accounted:
+                    part = (truncated_pld(*e[:2], *e[3:], e.num_steps, interval)
+                            if isinstance(e, TruncatedEntry) else _run(*e, interval))
                     composed = part if composed is None else composed.compose(part)
             except OverflowError:
                 self._unbuildable = True
@@ -226,13 +228,14 @@ class PLDAccountant(Accountant):
         return self._pld
 
     def _compute_epsilon(self, delta: float) -> float:
-        if all(q == 1.0 for _, q, _ in self._accounted):
+        if all(e.sample_rate == 1.0 and not isinstance(e, TruncatedEntry) for e in self._accounted):
             # No subsampling anywhere: the composition is exactly one Gaussian mechanism with
             # 1/sigma^2 = sum(n / sigma_i^2), and its epsilon has a closed form (Balle & Wang
             # 2018); the tiny slack covers the root finder's tolerance.
             import dp_accounting
 
-            sigma = 1.0 / math.sqrt(sum(n / s**2 for s, _, n in self._accounted))
+            sigma = 1.0 / math.sqrt(sum(e.num_steps / e.noise_multiplier**2
+                                        for e in self._accounted))
             with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # tiny sigma
                 return float(dp_accounting.get_epsilon_gaussian(sigma, delta)) + 1e-9
         pld = self._distribution()

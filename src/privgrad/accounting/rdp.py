@@ -22,6 +22,8 @@ from functools import lru_cache
 import numpy as np
 
 from privgrad.accounting.accountant import Accountant
+from privgrad.accounting.events import TruncatedEntry
+from privgrad.accounting.truncated import truncated_rdp
 
 __all__ = ["RDPAccountant", "DEFAULT_ORDERS", "rdp_per_step"]
 
@@ -195,9 +197,13 @@ class RDPAccountant(Accountant):
 
     def _append(self, entry) -> None:
         if entry.num_steps > 0 and entry.noise_multiplier > 0:
-            curve = rdp_per_step(
-                noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate, orders=self._orders
-            )
+            if isinstance(entry, TruncatedEntry):  # max_batch_size (privgrad.accounting.truncated)
+                curve = truncated_rdp(entry.noise_multiplier, entry.sample_rate, entry.dataset_size,
+                                      entry.max_batch_size, self._orders)
+            else:
+                curve = rdp_per_step(
+                    noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate,
+                    orders=self._orders)
             self._rdp = self._rdp + entry.num_steps * curve
         super()._append(entry)
 

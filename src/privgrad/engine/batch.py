@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from privgrad._precision import accumulation_dtype
+from privgrad.engine.groups import Units, by_unit
 from privgrad.errors import PrivacyStateError
 from privgrad.layers import Capture, speed_hooks
 
@@ -92,14 +93,19 @@ class BackwardBatch:
             loss (the batch size for a mean-reduced loss, 1 for a summed one).
         paths: module -> path, for error messages.
 
+        units: under user-level privacy, the user of each row (``privgrad.engine.groups``):
+            norms, weights and sums are then per user.
+
     Attributes:
-        batch_size: number of examples in the pass.
+        batch_size: number of examples in the pass (user-level: of users).
+        rows: number of rows (examples) in the pass.
         norms_sq: ``{parameter: (batch_size,)}`` squared per-sample gradient norms (float32 or
             wider).
         methods: ``{module path: "ghost" | "materialize"}`` chosen for each call (for reports).
     """
 
-    def __init__(self, captures: list[Capture], *, mode: str, scale_by_batch: bool, paths: dict):
+    def __init__(self, captures: list[Capture], *, mode: str, scale_by_batch: bool, paths: dict,
+                 units: Units | None = None):
         sizes = {c.batch_size for c in captures}
         if len(sizes) > 1:
             seen = ", ".join(f"{paths.get(c.module, '?')}: {c.batch_size}" for c in captures)
@@ -109,8 +115,11 @@ class BackwardBatch:
                 f"example position embeddings computed with a batch dimension of 1) mixes the "
                 f"examples' gradients: give its input the batch dimension (expand it to the batch "
                 f"size) or freeze the layer.")
-        self.batch_size = sizes.pop() if sizes else 0
-        self.scale = float(self.batch_size) if scale_by_batch else 1.0
+        self.rows = sizes.pop() if sizes else 0
+        self.scale = float(self.rows) if scale_by_batch else 1.0  # the loss averages rows
+        if units is not None:  # user-level: the users are the batch (engine.groups)
+            captures = by_unit(captures, units, _params_of)
+        self.batch_size = units.count if units is not None else self.rows
         self.methods: dict[str, str] = {}
         self.norms_sq: dict[nn.Parameter, torch.Tensor] = {}
         self._grads: dict[nn.Parameter, torch.Tensor] = {}  # materialised, not yet scaled

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from privgrad.engine.compiled import eager, unwrapped
 from privgrad.engine.outputs import input_only, joint, unviewed
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import Capture, LayerRule, RuleRegistry, speed_hooks, workspace
@@ -136,18 +137,19 @@ class Recorder:
     # -- wiring ------------------------------------------------------------------------------
     def attach(self) -> None:
         """Hook every module that owns parameters (trainable now or possibly later)."""
+        self._grad_hook, self._backward_end = eager(self._grad_hook), eager(self._backward_end)
         for m in {m for m in self.paths if any(True for _ in m.parameters(recurse=False))}:
             rule = self.registry.dedicated(m)
             graphless = rule is not None and speed_hooks(rule).forward_without_graph(m)
             if graphless:
-                self._handles.append(m.register_forward_pre_hook(self._graphless_starts,
+                self._handles.append(m.register_forward_pre_hook(eager(self._graphless_starts),
                                                                  with_kwargs=True))
             # always_call: a graph-free forward that raises still gets grad mode back
-            self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True,
+            self._handles.append(m.register_forward_hook(eager(self._forward_hook), with_kwargs=True,
                                                          always_call=graphless))
             if rule is not None and rule.serves_children:
                 self._children[m] = rule.serves_children
-        self._handles.append(self.module.register_forward_pre_hook(self._forward_starts))
+        self._handles.append(self.module.register_forward_pre_hook(eager(self._forward_starts)))
 
     def _forward_starts(self, module: nn.Module, args: tuple) -> None:
         self._forward_batch = None
@@ -365,7 +367,7 @@ class Recorder:
 
 def _privgrads(hook) -> bool:
     """Whether a module hook is a method of one of privgrad's own hook owners."""
-    return getattr(getattr(hook, "__self__", None), "privgrad_hooks", False)
+    return getattr(getattr(unwrapped(hook), "__self__", None), "privgrad_hooks", False)
 
 
 def _only_privgrad_hooks(module: nn.Module) -> bool:

@@ -60,10 +60,17 @@ class ClippedSum:
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.stats = StepStats()
 
-    def add(self, batch: BackwardBatch, params: set) -> None:
-        """Clip one backward pass's examples and add their sum. ``params``: those privatised."""
+    def add(self, batch: BackwardBatch, params: set, real: torch.Tensor | None = None) -> None:
+        """Clip one backward pass's examples and add their sum. ``params``: those privatised;
+        ``real``: ``(B,)`` bool, False for padding rows (``privgrad.engine.padding``), which are
+        dropped before anything is summed or counted."""
         norms_sq = {p: sq for p, sq in batch.norms_sq.items() if p in params}
         device = next(iter(norms_sq.values())).device if norms_sq else None
+        pads = 0
+        if real is not None:  # padding: norm 0 (never clipped, never non-finite), then dropped
+            pads = int(real.numel() - real.sum())
+            norms_sq = {p: torch.where(real, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+                        for p, sq in norms_sq.items()}
         if self.gamma is not None:
             result = automatic_clip(norms_sq, self.bounds, self.gamma, batch.batch_size, device)
         elif not isinstance(self.bounds, dict):
@@ -78,6 +85,8 @@ class ClippedSum:
                     f"make_private.")
             result = per_layer_clip(norms_sq, self.bounds, batch.batch_size, device)
         keep = None if result.dropped == 0 else result.keep
+        if pads:
+            keep = real if keep is None else keep & real
         sums = batch.weighted_sums(result.weights, keep, sparse=self.sparse_sums)
         for p, s in sums.items():
             if p not in params:
@@ -95,16 +104,16 @@ class ClippedSum:
                     self.sums[p] = (s if not s.is_sparse else s.to_dense()).add_(prev)
             else:
                 self.sums[p] = prev.add_(s)
-        self.stats.examples += batch.batch_size
+        self.stats.examples += batch.batch_size - pads
         self.stats.clipped += result.clipped
         self.stats.dropped += result.dropped
-        if isinstance(result.within, dict):
+        if isinstance(result.within, dict):  # (a padding row, of norm 0, counted as within)
             kept = batch.batch_size - result.dropped
             for p in self.bounds:
                 self.stats.within_by_param[p] = (self.stats.within_by_param.get(p, 0)
-                                                 + result.within.get(p, kept))
+                                                 + result.within.get(p, kept) - pads)
         else:
-            self.stats.within += result.within
+            self.stats.within += result.within - pads
         self.stats.backward_passes += 1
 
     def reset(self) -> None:

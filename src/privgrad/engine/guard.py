@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from privgrad.engine.compiled import eager
 from privgrad.errors import ModelValidationError, PrivacyStateError
 
 __all__ = ["StateGuard"]
@@ -88,10 +89,10 @@ class StateGuard:
             if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
                 continue
             # _enter first: a pre-hook that raises still gets _leave (always_call)
-            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_pre_hook(eager(self._enter)))
             if isinstance(m, self.writer_types):
-                self._handles.append(m.register_forward_pre_hook(self._refuse_writer))
-            self._handles.append(m.register_forward_hook(self._leave, always_call=True))
+                self._handles.append(m.register_forward_pre_hook(eager(self._refuse_writer)))
+            self._handles.append(m.register_forward_hook(eager(self._leave), always_call=True))
         self._after_forward = self._versions()
 
     def detach(self) -> None:

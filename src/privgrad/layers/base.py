@@ -156,6 +156,13 @@ class LayerRule:
     #: Children whose parameters this rule also serves (as ``"child.name"``), because the module
     #: applies them itself instead of calling the child (``nn.MultiheadAttention.out_proj``).
     serves_children: ClassVar[tuple[str, ...]] = ()
+    #: Whether the per-sample gradient is a sum over every dimension between the batch and the
+    #: features of batch-major inputs and output gradients, so that a user's examples stacked
+    #: as ``(users, examples, ...)`` give the user's summed gradient as one example's
+    #: (user-level clipping, ``privgrad.engine.groups``: the ghost norm then extends to users
+    #: for free). Without it the engine materialises per-example gradients and adds them up by
+    #: user, which is exact for any rule.
+    stacks_examples: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> str | None:
         """Return why this module's configuration is unsupported, or ``None`` if it is fine."""

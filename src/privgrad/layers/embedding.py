@@ -43,6 +43,7 @@ class EmbeddingRule(SpeedHooks, LayerRule):
 
     has_ghost_norm = True
     broadcasts_batch_of_one = True  # position embeddings: arange(T).unsqueeze(0)
+    stacks_examples = True  # a sum over positions: users stack (privgrad.engine.groups)
 
     def check(self, module: nn.Module) -> str | None:
         if module.scale_grad_by_freq:

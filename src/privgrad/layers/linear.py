@@ -90,6 +90,7 @@ class LinearRule(SpeedHooks, LayerRule):
     materializes_early = True
 
     has_ghost_norm = True
+    stacks_examples = True  # a sum over positions: users stack (privgrad.engine.groups)
     weight_name = "weight"
     bias_name = "bias"
 

@@ -47,6 +47,8 @@ class _AffineNormRule(SpeedHooks, LayerRule):
 class _LastDimsRule(_AffineNormRule):
     """Parameters span the trailing ``normalized_shape`` dimensions (LayerNorm, RMSNorm)."""
 
+    stacks_examples = True  # a sum over positions: users stack (privgrad.engine.groups)
+
     def _reduce(self, module, t):
         k = len(module.normalized_shape)
         if t.dim() == k + 1:

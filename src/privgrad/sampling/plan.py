@@ -57,6 +57,14 @@ class SamplingPlan:
         groups)."""
         return self.sample_rate / self.num_groups
 
+    #: what one unit of privacy is: an example (a user: ``privgrad.sampling.users``)
+    privacy_unit = "example"
+
+    @property
+    def units(self) -> int | None:
+        """The number of privacy units ``q`` is over: here the examples."""
+        return self.dataset_size
+
     @property
     def steps_per_epoch(self) -> int:
         return cyclic_steps_per_epoch(self.sample_rate, self.num_groups)

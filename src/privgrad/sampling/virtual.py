@@ -30,24 +30,44 @@ def batch_size_of(batch) -> int:
         f"{type(batch).__name__}. Return tensors from the data set or collate_fn.")
 
 
-def split_batch(batch, max_size: int) -> list:
+def split_batch(batch, max_size: int, owners=None) -> list:
     """Chunks of at most ``max_size`` examples. The batch may nest tuples, lists and dicts;
     every tensor in it whose first dimension is the batch size is split, and every other leaf
     (a scalar, a string, a tensor of another length) is passed to every chunk unchanged, so keep
-    per-example data in tensors. An empty batch gives one empty chunk."""
+    per-example data in tensors. An empty batch gives one empty chunk. ``owners`` (user-level
+    privacy: the user of each row, a user's rows together) keeps each user's rows in one
+    chunk: chunks end only where a user does."""
     n = batch_size_of(batch)
     if n <= max_size:
         return [batch]
     leaves, spec = tree_flatten(batch)
     chunks = []
-    for start in range(0, n, max_size):
+    for start, stop in _bounds(n, max_size, owners):
         part = [
-            leaf[start:start + max_size]
+            leaf[start:stop]
             if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == n else leaf
             for leaf in leaves
         ]
         chunks.append(tree_unflatten(part, spec))
     return chunks
+
+
+def _bounds(n: int, max_size: int, owners) -> list[tuple[int, int]]:
+    if owners is None or len(owners) != n:
+        return [(start, min(start + max_size, n)) for start in range(0, n, max_size)]
+    ends = [b + 1 for b in range(n) if b == n - 1 or owners[b + 1] != owners[b]]
+    out, start, last = [], 0, 0
+    for end in ends:
+        if end - last > max_size:
+            raise ConfigError(
+                f"max_physical_batch_size must hold one user's rows (user-level privacy clips "
+                f"them together); got max_physical_batch_size={max_size} and a user with "
+                f"{end - last} rows. Pass max_physical_batch_size >= max_examples_per_user.")
+        if end - start > max_size:
+            out.append((start, last))
+            start = last
+        last = end
+    return [*out, (start, n)]
 
 
 class VirtualBatches:
@@ -60,19 +80,24 @@ class VirtualBatches:
             ``False`` before the others (the engine defers the release until the last one).
         on_exit: called when the iteration ends, completed or abandoned (the engine discards a
             logical batch left unfinished).
+        owners: user-level privacy: ``() -> the user of each row of the batch just drawn``;
+            chunks then never split a user (``split_batch()``).
     """
 
     def __init__(self, data_loader: Iterable, max_physical_batch_size: int,
-                 set_last: Callable[[bool], None], on_exit: Callable[[], None]):
+                 set_last: Callable[[bool], None], on_exit: Callable[[], None],
+                 owners: Callable[[], object] | None = None):
         self.data_loader = data_loader
         self.max_physical_batch_size = max_physical_batch_size
         self.set_last = set_last
         self.on_exit = on_exit
+        self.owners = owners  # user-level: the users of the batch just drawn
 
     def __iter__(self) -> Iterator:
         try:
             for batch in self.data_loader:
-                chunks = split_batch(batch, self.max_physical_batch_size)
+                owners = self.owners() if self.owners is not None else None
+                chunks = split_batch(batch, self.max_physical_batch_size, owners)
                 for k, chunk in enumerate(chunks):
                     self.set_last(k == len(chunks) - 1)
                     yield chunk
