@@ -22,7 +22,8 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=4.0, help="budget the noise is calibrated to (default 4)")
-    parser.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default 1000)")
+    parser.add_argument("--canaries", type=int, default=None,
+                        help="number of canaries m (default 5000 white-box, 1000 --black-box)")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
     parser.add_argument("--sample-rate", type=float, default=0.25, help="Poisson sample rate q (default 0.25)")
     parser.add_argument("--steps", type=int, default=400, help="DP-SGD steps (default 400)")
@@ -50,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
         from privgrad import _validate
 
         k = _validate.positive_int("guesses", args.guesses, "Pass e.g. 500, or leave it out.")
-        if 2 * k > config.num_canaries:
-            raise _validate.fail(f"2 * guesses must be <= the number of canaries ({config.num_canaries})",
-                                 "guesses", k, f"Pass at most {config.num_canaries // 2}.")
+        m = config.num_canaries or (1000 if args.black_box else 5000)
+        if 2 * k > m:
+            raise _validate.fail(f"2 * guesses must be <= the number of canaries ({m})",
+                                 "guesses", k, f"Pass at most {m // 2}.")
         guesses = (k, k)
     import torch
     from tqdm import tqdm
