@@ -22,10 +22,9 @@ import gc
 import statistics
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 from reference_models import opacus_skip, prepare
 
 #: the rotation's columns: the name in the table, the variant of ``reference_models.prepare``
@@ -44,9 +43,10 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
 
 
 def interleave(steps: dict[str, Callable[[], None]], rounds: int,
-               device: torch.device = torch.device("cpu"), warmup: int = WARMUP) -> dict[str, list[float]]:
+               device: torch.device | None = None, warmup: int = WARMUP) -> dict[str, list[float]]:
     """``{name: [ms of round 0, round 1, ...]}``: ``warmup`` untimed steps of each, then
     ``rounds`` rounds of one timed step of each, the order rotated by one every round."""
+    device = device or torch.device("cpu")
     names = list(steps)
     for name in names:
         for _ in range(warmup):
@@ -95,7 +95,7 @@ def fastest_opacus(name: str, batch: int, variants: list[str], max_gb: float) ->
             prepared = prepare(name, batch, variant)
             prepared.step()
             ms = timed(prepared.step, torch.device("cpu"))
-        except Exception as e:  # a mode that fails on a model is reported, not fatal
+        except Exception as e:  # noqa: BLE001 - a mode that fails on a model is reported
             probes[variant] = f"fail: {failure(e)}"
             continue
         probes[variant] = ms
@@ -114,7 +114,7 @@ def measure(name: str, batch: int, rounds: int, variants: list[str], max_gb: flo
         try:
             torch.manual_seed(0)
             steps[column] = prepare(name, batch, variant).step
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the row says why
             r["error"] = f"{variant} could not be built: {failure(e)}"
             return r
     opacus, prepared, r["probes"] = fastest_opacus(name, batch, variants, max_gb)
@@ -123,7 +123,7 @@ def measure(name: str, batch: int, rounds: int, variants: list[str], max_gb: flo
         steps["opacus"] = prepared.step
     try:
         times = interleave(steps, rounds)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the row says why
         r["error"] = f"a step failed: {failure(e)}"
         return r
     r["ms"] = {k: statistics.median(v) for k, v in times.items()}

@@ -67,8 +67,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the models and steps every benchmark shares; the names other scripts import from here
-import interleaved  # noqa: E402  (the in-process mode)
-from reference_models import (  # noqa: E402,F401
+import interleaved  # the in-process mode
+from reference_models import (  # noqa: F401
     CLIP, CLIPPING_VARIANTS, LR, MECHANISM_STEPS, MECHANISM_VARIANTS, MODELS, OPACUS_MODES,
     SIGMA, Transformer, build, drawn_batch, engine_methods, opacus_skip, prepare, psg_gb)
 
