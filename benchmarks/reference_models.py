@@ -17,8 +17,8 @@ parameter added to ``p.grad``: what any DP-SGD step must at least cost); ``privg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -164,11 +164,14 @@ class Prepared:
 
 
 def prepare(name: str, batch: int, variant: str, *, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None, sigma: float = SIGMA) -> Prepared:
+            dtype: torch.dtype | None = None, sigma: float = SIGMA,
+            built: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None) -> Prepared:
     """``name``'s model on ``device`` (floating parameters and inputs in ``dtype`` if given) with
     ``variant`` attached, its fixed batch, and its step. The caller seeds torch first: the model,
-    the batch and the engine's seeds come from PyTorch's default generator."""
-    model, x, y = build(name, batch, variant)
+    the batch and the engine's seeds come from PyTorch's default generator. ``built``: a model
+    and batch ``(model, x, y)`` made by the caller instead of ``build(name, ...)`` (the model's
+    output and ``y`` must suit ``nn.CrossEntropyLoss``)."""
+    model, x, y = built if built is not None else build(name, batch, variant)
     model = model.to(device=device, dtype=dtype)
     x, y = x.to(device), y.to(device)
     if dtype is not None and x.is_floating_point():
@@ -176,7 +179,7 @@ def prepare(name: str, batch: int, variant: str, *, device: str | torch.device =
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     copies = 32 if variant in MECHANISM_VARIANTS else 10  # cyclic sampling: b batches must fit
     data = torch.utils.data.TensorDataset(x.repeat(copies, *([1] * (x.dim() - 1))),
-                                          y.repeat(copies))
+                                          y.repeat(copies, *([1] * (y.dim() - 1))))
     loader = torch.utils.data.DataLoader(data, batch_size=batch)
     criterion = nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -186,7 +189,7 @@ def prepare(name: str, batch: int, variant: str, *, device: str | torch.device =
         from privgrad import PrivacyEngine
 
         if variant == "privgrad-mkl":  # the rules' products on torch's BLAS, not oneDNN
-            import privgrad.layers.kernels as kernels
+            from privgrad.layers import kernels
 
             kernels._onednn_linear_works = lambda: False
 
@@ -198,8 +201,8 @@ def prepare(name: str, batch: int, variant: str, *, device: str | torch.device =
             from privgrad.mechanisms import BLT, BandMF
 
             kind, size = MECHANISM_VARIANTS[variant]
-            mechanism = dict(steps=MECHANISM_STEPS, mechanism=BandMF(num_bands=size) if kind ==
-                             "bandmf" else BLT(num_buffers=size, min_sep=16))
+            mechanism = {"steps": MECHANISM_STEPS, "mechanism": BandMF(num_bands=size)
+                         if kind == "bandmf" else BLT(num_buffers=size, min_sep=16)}
         _, _, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
             max_grad_norm=CLIP, clipping=clipping, **mechanism)
