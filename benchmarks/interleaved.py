@@ -143,7 +143,8 @@ def row(r: dict) -> str:
         return f"| {r['model']} | {r['batch']} | fail: {r['error']} |" + " |" * 7
     ms, x = r["ms"], r["x"]
     opacus = (f"{_ms(ms['opacus'])} ({r['opacus_mode']})" if "opacus" in ms
-              else "not installed" if "opacus" in r["probes"] else "none ran")
+              else "not installed" if "opacus" in r["probes"] else "none ran" if r["probes"]
+              else "not asked (--variants)")
     x_opacus = f"{x['opacus']:.2f}" if "opacus" in x else "-"
     return (f"| {r['model']} | {r['batch']} | {_ms(ms['np'])} | {_ms(ms['floor'])} "
             f"| {_ms(ms['privgrad'])} | {opacus} | {x['np']:.2f} | {x['floor']:.2f} "

@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 from tests.benchmarks.test_cli import BENCHMARKS, load
 
@@ -53,3 +55,17 @@ def test_the_in_process_table_on_tiny_settings():
     assert all(re.fullmatch(r"[+-]?\d+\.\d+", c) for c in cells[6:])  # x np, floor, opacus, ms
     assert "none ran" in rows["bag"]  # too large for 0.01 GB: said in the row and the notes
     assert "- bag B=2 Opacus probe: ew skip: per-sample gradients" in out
+
+
+def test_a_row_without_opacus_says_why(monkeypatch):
+    interleaved = load("step_time").interleaved
+    steps = {"nonprivate": 0.001, "floor": 0.002, "privgrad": 0.003}
+
+    def prepare(name, batch, variant):
+        return SimpleNamespace(step=lambda: time.sleep(steps[variant]))  # (never 0 ms)
+
+    monkeypatch.setattr(interleaved, "prepare", prepare)
+    r = interleaved.measure("mlp", 4, rounds=3, variants=["privgrad"], max_gb=1.0)
+    cells = [c.strip() for c in interleaved.row(r).split("|")[1:-1]]
+    assert cells[5] == "not asked (--variants)" and cells[8] == "-"
+    float(cells[6]), float(cells[7]), float(cells[9])  # x np, x floor, ms over the floor
