@@ -2,6 +2,14 @@
 
     python benchmarks/step_time.py                      # the whole table of issue 4
     python benchmarks/step_time.py --models mlp --batches 64 --min-time 2
+    python benchmarks/step_time.py --in-process --rounds 7   # one process, variants interleaved
+
+Two modes; the table's second header line says which one printed it. ``--in-process`` builds
+every variant once in one process and alternates them step by step (``interleaved.py``: medians
+of per-round ratios privgrad / floor, / non-private, / Opacus's fastest mode, and privgrad's
+own cost over the floor in ms). The default mode, described below, runs each configuration in
+a fresh process and reports more (memory, page faults, noise draws, every Opacus mode).
+The models and the variants' steps are in ``reference_models.py``.
 
 One step is forward + backward + (clip + noise) + optimizer step on a fixed batch, so every
 column does the same work; each cell is the median over at least ``--min-steps`` steps and
@@ -56,113 +64,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-MODELS = ("mlp", "cnn", "transformer", "lstm", "embedding", "bag")
-OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
-SIGMA, CLIP, LR = 1.0, 1.0, 0.01
-#: variants of privgrad with another clipping mode (benchmarks/clipping.py runs them)
-CLIPPING_VARIANTS = ("privgrad-automatic", "privgrad-adaptive")
-#: variants of privgrad with correlated noise (benchmarks/mechanisms.py runs them): the number of
-#: bands or buffers; each plans its noise for MECHANISM_STEPS steps
-MECHANISM_VARIANTS = {"privgrad-bandmf4": ("bandmf", 4), "privgrad-bandmf16": ("bandmf", 16),
-                      "privgrad-blt4": ("blt", 4)}
-MECHANISM_STEPS = 10_000
-
-
-# -- the five models of issue 4 (embedding models in two variants) ------------------------------
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
-                         nn.Linear(256, 10))
-
-
-def cnn() -> nn.Module:
-    layers, c_in = [], 3
-    for i, c in enumerate((32, 64, 64, 128)):
-        pool = nn.AvgPool2d(2) if i < 3 else nn.AdaptiveAvgPool2d(1)
-        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.ReLU(), pool]
-        c_in = c
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128, 10))
-
-
-class Block(nn.Module):
-    """Pre-norm encoder block of plain Linear and LayerNorm layers (heads h, width d)."""
-
-    def __init__(self, d=256, heads=4, ff=1024):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, ff), nn.Linear(ff, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class Transformer(nn.Module):
-    def __init__(self, vocab=10_000, seq=128, d=256, layers=2, classes=2):
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
-        self.blocks = nn.Sequential(*[Block(d) for _ in range(layers)])
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
-
-    def forward(self, idx):
-        # contiguous: Opacus's ghost norm for embeddings calls .view on the indices, which
-        # fails on an expanded tensor (privgrad takes either)
-        positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx).contiguous()
-        x = self.blocks(self.tok(idx) + self.pos(positions))
-        return self.head(self.ln(x).mean(1))
-
-
-class LSTMClassifier(nn.Module):
-    def __init__(self, lstm_type=nn.LSTM, vocab=10_000, d=128, hidden=256, classes=2):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.lstm = lstm_type(d, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, idx):
-        out, _ = self.lstm(self.emb(idx))
-        return self.head(out[:, -1])
-
-
-class BagOfEmbeddings(nn.Module):
-    """Mean of the token embeddings, then an MLP: with ``nn.Embedding`` or ``nn.EmbeddingBag``."""
-
-    def __init__(self, bag: bool, vocab=100_000, d=64, classes=2):
-        super().__init__()
-        self.bag = bag
-        self.emb = nn.EmbeddingBag(vocab, d, mode="mean") if bag else nn.Embedding(vocab, d)
-        self.head = nn.Sequential(nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, classes))
-
-    def forward(self, idx):
-        if self.bag:  # flat indices and offsets: the layout every Opacus mode expects
-            b, t = idx.shape
-            offsets = torch.arange(0, b * t, t, device=idx.device)
-            return self.head(self.emb(idx.reshape(-1), offsets))
-        return self.head(self.emb(idx).mean(1))
-
-
-def build(name: str, batch: int, variant: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The model and one fixed batch ``(x, y)``."""
-    if name == "mlp":
-        return mlp(), torch.randn(batch, 784), torch.randint(0, 10, (batch,))
-    if name == "cnn":
-        return cnn(), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    if name == "transformer":
-        return Transformer(), torch.randint(0, 10_000, (batch, 128)), torch.randint(0, 2, (batch,))
-    if name == "lstm":
-        if variant.startswith("opacus"):  # Opacus needs its own LSTM (same parameters)
-            from opacus.layers import DPLSTM
-
-            return LSTMClassifier(DPLSTM), torch.randint(0, 10_000, (batch, 64)), torch.randint(0, 2, (batch,))
-        return LSTMClassifier(), torch.randint(0, 10_000, (batch, 64)), torch.randint(0, 2, (batch,))
-    bag = name == "bag"
-    return BagOfEmbeddings(bag), torch.randint(0, 100_000, (batch, 50)), torch.randint(0, 2, (batch,))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the models and steps every benchmark shares; the names other scripts import from here
+import interleaved  # the in-process mode
+from reference_models import (  # noqa: F401
+    CLIP, CLIPPING_VARIANTS, LR, MECHANISM_STEPS, MECHANISM_VARIANTS, MODELS, OPACUS_MODES,
+    SIGMA, Transformer, build, drawn_batch, engine_methods, opacus_skip, prepare, psg_gb)
 
 
 # -- one configuration, in its own process ------------------------------------------------------
@@ -216,65 +124,11 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
     except ImportError:
         pass
     torch.manual_seed(0)
-    model, x, y = build(name, batch, variant)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    copies = 32 if variant in MECHANISM_VARIANTS else 10  # cyclic sampling: b batches must fit
-    data = torch.utils.data.TensorDataset(x.repeat(copies, *([1] * (x.dim() - 1))),
-                                          y.repeat(copies))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch)
-    criterion = nn.CrossEntropyLoss()
-    params = [p for p in model.parameters() if p.requires_grad]
-    extra = {}
-
-    if variant.startswith("privgrad"):
-        from privgrad import PrivacyEngine
-
-        if variant == "privgrad-mkl":  # the rules' products on torch's BLAS, not oneDNN
-            import privgrad.layers.kernels as kernels
-
-            kernels._onednn_linear_works = lambda: False
-
-        engine = PrivacyEngine()
-        # privgrad-automatic / privgrad-adaptive: the clipping modes that need no tuned bound
-        clipping = variant.split("-")[1] if variant in CLIPPING_VARIANTS else "flat"
-        mechanism = {}
-        if variant in MECHANISM_VARIANTS:
-            from privgrad.mechanisms import BLT, BandMF
-
-            kind, size = MECHANISM_VARIANTS[variant]
-            mechanism = dict(steps=MECHANISM_STEPS, mechanism=BandMF(num_bands=size) if kind ==
-                             "bandmf" else BLT(num_buffers=size, min_sep=16))
-        engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                            noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping=clipping,
-                            **mechanism)
-        extra["methods"] = None
-        if variant == "privgrad-compile":  # torch.compile (inductor) of the private model
-            forward = torch.compile(model)
-    elif variant.startswith("opacus"):
-        from opacus import PrivacyEngine as OpacusEngine
-
-        mode = variant.split("-")[1]
-        made = OpacusEngine().make_private(
-            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-            noise_multiplier=SIGMA, max_grad_norm=CLIP, poisson_sampling=False,
-            grad_sample_mode=mode)
-        model, optimizer = made[0], made[1]
-        if mode == "ghost":
-            criterion = made[2]
-    elif variant == "floor":
-        extra["noise_ms"] = noise_times(params)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        if variant.startswith("privgrad"):
-            drawn_batch(engine, batch)
-        loss = criterion((forward if variant == "privgrad-compile" else model)(x), y)
-        loss.backward()
-        if variant == "floor":
-            with torch.no_grad():
-                for p in params:
-                    p.grad.add_(torch.empty_like(p).normal_(0, SIGMA * CLIP))
-        optimizer.step()
+    prepared = prepare(name, batch, variant)
+    step, engine = prepared.step, prepared.engine
+    extra = {"methods": None} if engine is not None else {}
+    if variant == "floor":
+        extra["noise_ms"] = noise_times(prepared.params)
 
     t0 = time.perf_counter()
     step()  # warm-up (allocations, lazy initialisation, first-call dispatch; compilation)
@@ -293,7 +147,7 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
         if len(times) >= 200 or (len(times) >= 3 and elapsed > 60.0):
             break  # slow configurations: at least 3 timed steps, about a minute
     after = resource.getrusage(resource.RUSAGE_SELF)
-    if variant.startswith("privgrad"):
+    if engine is not None:
         extra["methods"] = sorted(set(engine_methods(engine)))
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"ms": statistics.median(times) * 1e3, "steps": len(times), "peak_mb": rss_mb("VmHWM"),
@@ -301,30 +155,7 @@ def worker(name: str, batch: int, variant: str, min_time: float, min_steps: int)
             "kernel_share": (after.ru_stime - before.ru_stime) / cpu if cpu else math.nan, **extra}
 
 
-def drawn_batch(engine, rows: int) -> None:
-    """Report the fixed batch to the engine as the one its Poisson loader drew (what the loader
-    does as it yields a batch): privgrad refuses rows its loader did not draw, and the benchmark
-    times the step alone, without the loader's indexing and collation."""
-    tracker = engine._rows.drawn
-    sampler = engine._sampler
-    tracker.queue(rows, sampler.step)  # (correlated noise takes the noise row of this step)
-    sampler.step += 1
-    tracker.deliver()
-
-
-def engine_methods(engine) -> list[str]:
-    """Which rule served each recorded layer, and by which method (for the notes)."""
-    recorder = engine._recorder
-    return [f"{type(m).__name__}:{type(r).__name__}" for m, r in recorder._rules.items()]
-
-
 # -- the driver ---------------------------------------------------------------------------------
-def psg_gb(name: str, batch: int) -> float:
-    """Size of the per-sample gradients an Opacus materialising mode holds, in GB."""
-    model, _, _ = build(name, 1, "privgrad")
-    return batch * sum(p.numel() for p in model.parameters()) * 4 / 1e9
-
-
 # glibc returns freed memory to the kernel eagerly (blocks of 32 MB and more are always fresh
 # mappings, and the heap top is trimmed), so every step pays page faults for its large tensors;
 # on a virtual machine a fault costs microseconds. These settings keep freed memory for reuse.
@@ -377,8 +208,13 @@ def main() -> None:
                     help="torch threads per run (default: torch's, one per core)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--max-psg-gb", type=float, default=4.0)
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the np, floor and privgrad runs this many times, interleaved")
+    ap.add_argument("--rounds", type=int,
+                    help="fresh processes: repeat the np, floor and privgrad runs this many times, "
+                         "interleaved (default 1); --in-process: rounds of one step of each "
+                         "variant (default 7)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="one process: build every variant once, then alternate them step by step "
+                         "(see interleaved.py)")
     ap.add_argument("--json", help="also write every measurement to this file")
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="run every configuration (all columns alike) with glibc told to keep "
@@ -390,29 +226,50 @@ def main() -> None:
     args = ap.parse_args()
     if args.omp_spin is not None and args.omp_spin < 0:
         ap.error(f"--omp-spin must be a count of 0 or more; got {args.omp_spin}")
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds must be 1 or more; got {args.rounds}")
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown and not args.worker:
+        ap.error(f"--models must name models of step_time.py ({', '.join(MODELS)}); got "
+                 f"{','.join(unknown)}")
+    if args.in_process and (args.malloc_tuned or args.omp_spin is not None):
+        ap.error("--malloc-tuned and --omp-spin need a fresh process per configuration; got "
+                 "--in-process. Drop --in-process, or set the variables before Python starts.")
     torch.set_num_threads(args.threads)
     if args.worker:
         name, batch, variant = args.worker
         print(json.dumps(worker(name, int(batch), variant, args.min_time, args.min_steps)))
         return
 
-    import opacus
-
+    try:
+        import opacus
+        peer = f"opacus {opacus.__version__}"
+    except ImportError:
+        peer = "opacus not installed"
     load = os.getloadavg()
     print(f"# privgrad step time, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} threads), "
-          f"opacus {opacus.__version__}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"{peer}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"allocator: glibc {'tuned (--malloc-tuned)' if args.malloc_tuned else 'default'}, "
           f"OpenMP spin: {'GOMP_SPINCOUNT=%d (--omp-spin)' % args.omp_spin if args.omp_spin is not None else 'default'}")
-    print("# ms/step medians; x = privgrad / column; each cell a fresh process\n")
+    variants = [v for v in args.variants.split(",") if v]
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.in_process:
+        results = interleaved.run_table(args.models.split(","), batches, args.rounds or 7,
+                                        variants, args.max_psg_gb)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
+    args.rounds = args.rounds or 1
+    print("# mode: fresh processes; ms/step medians; x = privgrad / column; each cell a fresh process\n")
     head = ("| model | B | np | np2 | floor | privgrad | hooks | functorch | ew | ghost | x np | "
             "x floor | x opacus | noise pg/op ms | MB np | MB pg (x) |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     results = []
-    variants = [v for v in args.variants.split(",") if v]
     for name in args.models.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             rounds = [{k: run(name, batch, variant, args) for k, variant in (
                 ("np", "nonprivate"), ("floor", "floor"), ("privgrad", "privgrad"))}
                 for _ in range(args.rounds if "privgrad" in variants else 0)]
@@ -422,12 +279,8 @@ def main() -> None:
             for v in variants:
                 if v == "privgrad" and rounds:
                     continue
-                if v.startswith("opacus") and v != "opacus-ghost" and psg_gb(name, batch) > args.max_psg_gb:
-                    r[v] = {"skip": f"per-sample gradients ~{psg_gb(name, batch):.1f} GB"}
-                elif v == "opacus-ghost" and name == "bag" and psg_gb(name, batch) > args.max_psg_gb:
-                    r[v] = {"skip": "EmbeddingBag has no ghost norm in Opacus (materialises)"}
-                else:
-                    r[v] = run(name, batch, v, args)
+                skip = v.startswith("opacus") and opacus_skip(name, batch, v, args.max_psg_gb)
+                r[v] = {"skip": skip} if skip else run(name, batch, v, args)
             r["np2"] = run(name, batch, "nonprivate", args)
             results.append(r)
             print(row(r), flush=True)

@@ -31,6 +31,10 @@ def test_step_time_gives_every_configuration_the_same_environment_settings():
 
 @pytest.mark.parametrize("script,argv,message", [
     ("step_time", ["--omp-spin", "-1"], "--omp-spin must be a count of 0 or more; got -1"),
+    ("step_time", ["--rounds", "0"], "--rounds must be 1 or more; got 0"),
+    ("step_time", ["--models", "mlp,nope"], "--models must name models of step_time.py"),
+    ("step_time", ["--in-process", "--malloc-tuned"],
+     "--malloc-tuned and --omp-spin need a fresh process per configuration; got --in-process"),
     ("noise_spin", ["--sizes", "1000,x"], "--sizes must be comma-separated whole numbers"),
     ("noise_spin", ["--sizes", "0"], "--sizes must name at least one draw of 1 or more"),
     ("noise_spin", ["--spins", "fast"], "--spins takes 'default' or counts of 0 or more; got 'fast'"),
