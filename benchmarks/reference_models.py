@@ -229,7 +229,7 @@ def prepare(name: str, batch: int, variant: str, *, device: str | torch.device =
         optimizer.zero_grad(set_to_none=True)
         if engine is not None:
             drawn_batch(engine, batch)
-        loss = criterion((forward or model)(x), y)
+        loss = criterion((model if forward is None else forward)(x), y)
         loss.backward()
         if variant == "floor":
             with torch.no_grad():

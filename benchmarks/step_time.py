@@ -297,6 +297,11 @@ def main() -> None:
         if "ms" in r.get("privgrad-mkl", {}):
             print(f"- {r['model']} B={r['batch']} privgrad with the rules' products on MKL "
                   f"(privgrad-mkl): {r['privgrad-mkl']['ms']:.1f} ms")
+        if "ms" in r.get("privgrad-compile", {}):
+            c = r["privgrad-compile"]
+            eager = f", eager {pg['ms']:.1f} ms (x{c['ms'] / pg['ms']:.2f})" if "ms" in pg else ""
+            print(f"- {r['model']} B={r['batch']} privgrad with torch.compile (privgrad-compile): "
+                  f"{c['ms']:.1f} ms{eager}; first (compiling) step {c.get('first_step_s')} s")
         if pg.get("methods"):
             print(f"- {r['model']} B={r['batch']} privgrad rules: {', '.join(pg['methods'])}")
         if len(r.get("rounds", ())) > 1:

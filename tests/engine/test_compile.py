@@ -126,3 +126,42 @@ def test_the_clipping_bound_holds_inside_a_compiled_model():
         updates.append({n: p.grad.clone() for n, p in model.named_parameters()})
     total = sum(float((updates[0][n] - updates[1][n]).square().sum()) for n in updates[0]) ** 0.5
     assert 0.99 * checks.C <= total <= checks.C * (1 + 1e-5)
+
+
+class Recurrent(nn.Module):
+    """An LSTM large enough that privgrad's recurrent rule takes oneDNN's fused linear for the
+    recomputed gates (batch x input x 4 hidden >= privgrad.layers.kernels.ONEDNN_MIN_MACS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 256)
+        self.lstm = nn.LSTM(256, 256, batch_first=True)
+        self.head = nn.Linear(256, 3)
+
+    def forward(self, idx):
+        return self.head(self.lstm(self.emb(idx))[0][:, -1])
+
+
+@pytest.mark.slow
+def test_inductor_compiled_lstm_trains_as_the_eager_one():
+    """Inductor cannot lower oneDNN's fused linear on traced weights (it asserts they are
+    constants); the recurrent rule's kernels use the plain linear while compiling."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        idx, y = torch.randint(0, 50, (96, 3)), torch.randint(0, 3, (96,))
+        model = Recurrent()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = PrivacyEngine()
+        _, _, dl = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(idx, y),
+                                                                      batch_size=48),
+            noise_multiplier=0.8, max_grad_norm=1.0)
+        forward = torch.compile(model, backend="inductor") if compiled else model
+        for xb, yb in dl:
+            optimizer.zero_grad()
+            F.cross_entropy(forward(xb), yb).backward()
+            optimizer.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

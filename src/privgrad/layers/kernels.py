@@ -39,6 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
                 bias is not None and bias.requires_grad)))
             and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+            and not torch.compiler.is_compiling()  # inductor cannot lower it on traced weights
             and _onednn_linear_works()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
