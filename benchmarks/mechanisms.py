@@ -13,11 +13,7 @@ DP-SGD's ``noisy_gradients`` (independent draws), and the buffers' memory.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -62,19 +58,7 @@ def own_costs(size: int = 1_000_000, repeats: int = 50) -> dict[str, tuple[float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(step_time.MODELS))
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per run")
-    ap.add_argument("--min-steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--timeout", type=float, default=900.0)
-    args = ap.parse_args()
-    args.malloc_tuned, args.omp_spin = False, None  # step_time.run reads them
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
-          f"batch {args.batch}, {args.rounds} rounds\n")
+    args = step_time.ab_arguments(__doc__.split("\n\n")[0])
     costs = own_costs()
     print("release of a 1M-parameter model, in-process: " + "; ".join(
         f"{k} {ms:.2f} ms" + (f" (+{mib:.0f} MiB)" if mib else "") for k, (ms, mib) in costs.items())
@@ -84,23 +68,12 @@ def main() -> None:
           + " | ".join(f"{n} / DP-SGD" for n in names) + " |")
     print("|---" * (2 + 2 * len(names)) + "|")
     for name in args.models.split(","):
-        rounds = []
-        for _ in range(args.rounds):
-            runs = {v: step_time.run(name, args.batch, v, args) for v in VARIANTS}
-            if all("ms" in r for r in runs.values()):
-                rounds.append({v: r["ms"] for v, r in runs.items()})
-            else:
-                errors = {v: r.get("error") for v, r in runs.items() if "ms" not in r}
-                print(f"| {name} | error: {errors} |" + "|" * (2 * len(names)))
-                break
-        if not rounds:
+        r = step_time.side_by_side(name, VARIANTS, args)
+        if "errors" in r:
+            print(f"| {name} | error: {r['errors']} |" + "|" * (2 * len(names)))
             continue
-        ms = {v: statistics.median(r[v] for r in rounds) for v in VARIANTS}
-        ratio = {v: statistics.median(r[v] / r["privgrad"] for r in rounds) for v in VARIANTS[1:]}
-        print(f"| {name} | {ms['privgrad']:.1f} | "
-              + " | ".join(f"{ms[v]:.1f}" for v in VARIANTS[1:]) + " | "
-              + " | ".join(f"{ratio[v]:.3f}" for v in VARIANTS[1:]) + " |", flush=True)
-
+        print(f"| {name} | " + " | ".join(f"{r['ms'][v]:.1f}" for v in VARIANTS) + " | "
+              + " | ".join(f"{r['ratio'][v]:.3f}" for v in VARIANTS[1:]) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

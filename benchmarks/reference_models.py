@@ -126,6 +126,9 @@ def build(name: str, batch: int, variant: str) -> tuple[nn.Module, torch.Tensor,
 
             return LSTMClassifier(DPLSTM), torch.randint(0, 10_000, (batch, 64)), torch.randint(0, 2, (batch,))
         return LSTMClassifier(), torch.randint(0, 10_000, (batch, 64)), torch.randint(0, 2, (batch,))
+    if name not in ("embedding", "bag"):
+        raise ValueError(f"model must be one of {', '.join(MODELS)}; got model={name!r}. Pass "
+                         f"one of them to --models.")
     bag = name == "bag"
     return BagOfEmbeddings(bag), torch.randint(0, 100_000, (batch, 50)), torch.randint(0, 2, (batch,))
 

@@ -312,6 +312,42 @@ def main() -> None:
             json.dump(results, f, indent=1)
 
 
+# -- side-by-side A/B of privgrad variants (benchmarks/clipping.py, benchmarks/mechanisms.py) --
+def ab_arguments(description: str) -> argparse.Namespace:
+    """The arguments of an A/B benchmark of privgrad variants, parsed; prints the run's header."""
+    import datetime
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per run")
+    ap.add_argument("--min-steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--timeout", type=float, default=900.0)
+    args = ap.parse_args()
+    args.malloc_tuned, args.omp_spin = False, None  # run() reads them
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+          f"batch {args.batch}, {args.rounds} rounds\n")
+    return args
+
+
+def side_by_side(name: str, variants: tuple[str, ...], args) -> dict:
+    """``--rounds`` rounds of every variant back to back, each in a fresh process: the median
+    ms per variant and the medians of per-round ratios to ``variants[0]``
+    (``{"ms", "ratio"}``), or ``{"errors"}`` of the first round that failed."""
+    rounds = []
+    for _ in range(args.rounds):
+        runs = {v: run(name, args.batch, v, args) for v in variants}
+        if not all("ms" in r for r in runs.values()):
+            return {"errors": {v: r.get("error") for v, r in runs.items() if "ms" not in r}}
+        rounds.append({v: r["ms"] for v, r in runs.items()})
+    base = variants[0]
+    return {"ms": {v: statistics.median(r[v] for r in rounds) for v in variants},
+            "ratio": {v: statistics.median(r[v] / r[base] for r in rounds) for v in variants[1:]}}
+
+
 def combined(rounds: list[dict]) -> dict:
     """One result per column from ``--rounds`` interleaved runs: each run's median step time
     is replaced by the median over the rounds (the other fields are the middle round's), and

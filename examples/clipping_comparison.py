@@ -195,7 +195,12 @@ def main(argv=None) -> dict:
     print("mean, std (points) and min-max of test accuracy over the seeds; * the best fixed C; "
           "vs best: points against it; final C: adaptive's last bound (mean)")
     print(table(rows))
-    metrics = dict(example="clipping_comparison", dataset=args.dataset, summary=rows, runs=runs,
+    return write_metrics("clipping_comparison", args, rows, runs)
+
+
+def write_metrics(example: str, args, rows: list[dict], runs: list[dict]) -> dict:
+    """The summary, every run, the settings and the machine, as ``<out>/<dataset>.json``."""
+    metrics = dict(example=example, dataset=args.dataset, summary=rows, runs=runs,
                    settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads",
                    torch=torch.__version__, date=date.today().isoformat())

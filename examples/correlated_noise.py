@@ -19,11 +19,8 @@ is in docs/examples.md ("Correlated noise").
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import clipping_comparison  # the sibling example: data sets, recipes and the data loading
@@ -150,16 +147,7 @@ def main(argv=None) -> dict:
         rows += here
     print("mean, std (points) and min-max of test accuracy over the seeds; vs DP-SGD: points")
     print(table(rows))
-    metrics = dict(example="correlated_noise", dataset=args.dataset, summary=rows, runs=runs,
-                   settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-                   torch=torch.__version__, date=date.today().isoformat())
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.dataset}.json"
-    path.write_text(json.dumps(metrics, indent=2))
-    print(f"metrics written to {path}")
-    return metrics
-
+    return clipping_comparison.write_metrics("correlated_noise", args, rows, runs)
 
 if __name__ == "__main__":
     main()

@@ -53,3 +53,15 @@ def test_bad_arguments_are_refused_with_the_argument_and_value(script, argv, mes
         module.main()
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unknown_model_is_an_error_not_the_embedding_model():
+    """It fell through to the embedding model before, and its row timed the wrong model."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "benchmarks"))
+    import reference_models
+
+    with pytest.raises(ValueError, match=r"model must be one of mlp, .*; got model='nope'"):
+        reference_models.build("nope", 4, "privgrad")
+    assert type(reference_models.build("bag", 4, "privgrad")[0]).__name__ == "BagOfEmbeddings"
