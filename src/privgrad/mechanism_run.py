@@ -166,6 +166,19 @@ class MechanismRun:
         self.noise = CorrelatedRelease(streams, groups, source)
         self.last_round: int | None = None  # the last round recorded in the accountant
 
+    def check_parameters(self, params: list[nn.Parameter], names: dict) -> None:
+        """Refuse a parameter trainable now that had no noise generator at ``make_private``
+        (before anything is released): its clipped sum would have no correlated noise."""
+        known = {id(p) for members in self.noise.groups.values() for p in members}
+        late = [p for p in params if id(p) not in known]
+        if late:
+            listed = ", ".join(names.get(p, str(tuple(p.shape))) for p in late[:5])
+            raise PrivacyStateError(
+                f"correlated noise builds its generators for the parameters trainable at "
+                f"make_private; got {listed} trainable after it (requires_grad_(True) or "
+                f"optimizer.add_param_group). Make them trainable before make_private, or start "
+                f"a new phase (engine.detach(), then make_private again). Nothing was released.")
+
     def row(self, sampler_step: int | None) -> int:
         """The noise row of a release whose batch sampler step ``sampler_step`` drew; refused
         beyond the planned steps (before anything is released)."""

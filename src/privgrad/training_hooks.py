@@ -218,6 +218,8 @@ class TrainingHooks:
         _settings.check_ownership(self._module, optimizer)
         run = self._mechanism_run  # correlated noise (privgrad.mechanism_run), else None
         try:
+            if run is not None:
+                run.check_parameters(params, self._names())
             if self.settings.privacy_unit == "user":
                 check_release(self._rows)
             number = self._rows.release(in_order=run is not None)

@@ -350,3 +350,25 @@ def test_a_second_phase_on_the_returned_loader_keeps_the_data_sets_rate():
         assert again.settings.sample_rate == pytest.approx(rate)
         assert again.settings.expected_batch_size == BATCH
         again.detach()
+
+
+def test_a_parameter_unfrozen_after_make_private_is_refused_before_any_release():
+    """Its clipped sum would leave without correlated noise (it has no generator); nothing is
+    released, nothing spent, no gradient written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine()
+    _, _, dl = engine.make_private(module=model, optimizer=optimizer,
+                                   data_loader=DataLoader(data(), batch_size=BATCH),
+                                   noise_multiplier=1.0, max_grad_norm=1.0,
+                                   mechanism=BandMF(num_bands=2), steps=10)
+    train(model, optimizer, dl, 2)
+    model[0].requires_grad_(True)  # gradual unfreezing
+    before, eps = params(model), engine.get_epsilon(1e-5)
+    with pytest.raises(PrivacyStateError, match=r"0.weight, 0.bias trainable after it"):
+        train(model, optimizer, dl, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, params(model)))
+    assert engine.get_epsilon(1e-5) == eps and engine.steps == 2
+    assert all(p.grad is None for p in model.parameters())
