@@ -35,8 +35,10 @@ from privgrad.errors import ConfigError, ConfigTypeError, PrivacyStateError
 from privgrad.mechanisms import BLT, DPSGD, BandMF
 from privgrad.privatize.correlated import CorrelatedRelease, layout
 from privgrad.sampling.plan import plan as sampling_plan
+from privgrad.sampling.poisson import os_bits
 
-__all__ = ["MechanismRun", "calibrate", "check_mechanism", "correlated", "plan", "planned_steps"]
+__all__ = ["MechanismRun", "calibrate", "check_mechanism", "correlated", "group_key", "plan",
+           "planned_steps"]
 
 _TYPES = (DPSGD, BandMF, BLT)
 
@@ -57,6 +59,17 @@ def correlated(mechanism) -> bool:
     """Whether ``mechanism`` correlates its noise (BandMF with ``b > 1``, any BLT)."""
     return isinstance(mechanism, BLT) or (isinstance(mechanism, BandMF)
                                           and mechanism.num_bands > 1)
+
+
+def group_key(secure: bool, seed: int | None = None, sampling=None) -> int:
+    """The key of cyclic sampling's groups: the plan's own (``sampling.group_key``: a truncated
+    plan draws it early, its accounting needs the group sizes), else in secure mode the
+    operating system's, else ``seed`` or a fresh draw from torch's generator."""
+    if getattr(sampling, "group_key", None) is not None:
+        return sampling.group_key
+    if secure:
+        return int(os_bits(1)[0])
+    return seed if seed is not None else int(torch.randint(0, 2**62, (1,)))
 
 
 def describe(mechanism) -> str | None:
@@ -126,14 +139,17 @@ def planned_steps(mechanism, *, steps, epochs, make_plan):
 
 def calibrate(mechanism, sampling, n: int, *, target_epsilon, target_delta,
               accountant: str) -> float:
-    """The smallest noise multiplier whose event (``mechanism.event``) meets the target."""
+    """The smallest noise multiplier whose event (``mechanism.event``; each round a step of
+    ``sampling`` when the mechanism is amplified, e.g. a truncated one) meets the target."""
     from privgrad.accounting import get_noise_multiplier
     from privgrad.accounting.events import flatten
 
     (entry,) = flatten(mechanism.event(1.0, sampling.sample_rate, n))  # one kind of step
+    truncated = getattr(sampling, "max_batch_size", None) is not None  # (BLT: refused)
     return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                 sample_rate=entry.sample_rate, steps=entry.num_steps,
-                                accountant=accountant)
+                                accountant=accountant,
+                                event=sampling.event if truncated else None)
 
 
 class MechanismRun:
@@ -199,11 +215,14 @@ class MechanismRun:
     def release(self, sums: dict, *, row: int, noise_std: float, normaliser: float) -> dict:
         return self.noise.release(sums, row=row, noise_std=noise_std, normaliser=normaliser)
 
-    def account(self, accountant, row: int, noise_multiplier: float, sample_rate: float) -> None:
-        """Record the round ``row`` belongs to, once."""
+    def account(self, accountant, row: int, noise_multiplier: float, sampling) -> None:
+        """Record the round ``row`` belongs to, once: an amplified mechanism's round is one
+        step of ``sampling`` (its plan's event: Poisson or truncated), BLT's the whole run."""
         r = self.mechanism.round_of(row)
         if r != self.last_round:
-            accountant.compose(self.mechanism.round_event(noise_multiplier, sample_rate))
+            accountant.compose(sampling.event(noise_multiplier) if self.mechanism.amplified
+                               else self.mechanism.round_event(noise_multiplier,
+                                                               sampling.sample_rate))
             self.last_round = r
 
     def state_dict(self) -> dict:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from privgrad import _validate, attachment, mechanism_run, run_state
-from privgrad import settings as _settings
+from privgrad import _validate, attachment, mechanism_run, run_state, settings as _settings
 from privgrad.accounting import make_accountant
 from privgrad.distributed import DataParallel, data_parallel, privacy_fingerprint
 from privgrad.engine.amp import ScalerLink, check_grad_scaler
@@ -34,8 +34,7 @@ from privgrad.errors import ModelValidationError, PrivacyStateError
 from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
 from privgrad.privatize.adaptive import ADAPTIVE, QuantileBound, default_count_noise
-from privgrad.sampling import PoissonSampler, os_bits
-from privgrad.sampling import users as units
+from privgrad.sampling import PoissonSampler, users as units
 from privgrad.sampling.plan import SamplingPlan
 from privgrad.settings import PerformanceSettings, PrivacySettings, PrivacyWarning
 from privgrad.training_hooks import TrainingHooks
@@ -239,7 +238,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                  "expected_batch_size": expected_batch_size}
         mechanism, sampling, steps = planned or units.refine(mechanism_run.plan(
             data_loader, mechanism, steps, epochs, **drawn, loss_reduction=args.loss_reduction),
-            data_loader, epochs, clipping=args.clipping, **drawn, **per_unit)
+            data_loader, epochs, clipping=args.clipping, **drawn, **per_unit,
+            group_key=partial(mechanism_run.group_key, self.secure_mode))
         correlated = mechanism_run.correlated(mechanism)
         _settings.check_ownership(module, optimizer)
         attachment.refuse_attached(module, optimizer)
@@ -319,8 +319,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         self._mechanism_run = (mechanism_run.MechanismRun(mechanism, steps, params, self.noise)
                                if correlated else None)
         if poisson_sampling:
-            # cyclic sampling's groups: from the seed, or (secure mode) the operating system
-            group_key = int(os_bits(1)[0]) if self.secure_mode else seed
+            group_key = mechanism_run.group_key(self.secure_mode, seed, sampling)
             if ranks is not None:  # one global sample per step, one partition, for the job
                 seed, group_key = ranks.broadcast_seed(seed), ranks.broadcast_seed(group_key)
             self._sampler, drawn, data_loader = sampling.loader(
@@ -339,7 +338,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
         mechanism, sampling, n = planned = units.refine(mechanism_run.plan(data_loader, kwargs.pop(
-            "mechanism", None), steps, epochs, required=True, **kwargs), data_loader, epochs, **kwargs)
+            "mechanism", None), steps, epochs, required=True, **kwargs), data_loader, epochs,
+            group_key=partial(mechanism_run.group_key, self.secure_mode), **kwargs)
         if mechanism_run.correlated(mechanism):
             sigma = mechanism_run.calibrate(mechanism, sampling, n, target_epsilon=target_epsilon,
                                             target_delta=target_delta,

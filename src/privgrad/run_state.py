@@ -178,6 +178,8 @@ def apply(engine, state: dict) -> None:
         engine._sampler.step = int(sampler["step"])
         if sampler.get("group_key") is not None:  # cyclic sampling: the saved run's groups
             engine._sampler.rekey(int(sampler["group_key"]))
+            if hasattr(engine._sampling, "rekeyed"):  # truncated: its event follows them
+                engine._sampling = engine._sampling.rekeyed(int(sampler["group_key"]))
     engine.noise.load_state_dict(state["noise"])
     if engine._mechanism_run is not None:
         engine._mechanism_run.load_state_dict(state["mechanism"])

@@ -265,7 +265,7 @@ class TrainingHooks:
         if adaptive is not None:
             adaptive.update(grads[COUNT], s.expected_batch_size, used)
         if run is not None:  # once per round of the mechanism's reduction
-            run.account(self.accountant, row, s.noise_multiplier, self._sampling.sample_rate)
+            run.account(self.accountant, row, s.noise_multiplier, self._sampling)
         else:
             self.accountant.compose(self._sampling.event(s.noise_multiplier))
         self.steps += 1

@@ -53,7 +53,7 @@ CASES["recurrent"] = checks.Case("recurrent", lambda: Tokens(True), _tokens, che
 def drawn_users(engine, labels) -> None:
     """Tell ``engine`` that its user-level loader drew a batch whose row ``b`` belongs to user
     ``labels[b]`` (for tests that craft their batches)."""
-    engine._sampler.units.append(np.asarray(labels, dtype=np.int64))
+    engine._sampler.notes.append(np.asarray(labels, dtype=np.int64))
     engine._rows.drawn.queue(len(labels))
     engine._rows.drawn.deliver()
 

@@ -165,3 +165,25 @@ def test_epochs_and_steps_together_are_refused():
     with pytest.raises(ConfigError, match=r"at most one of epochs and steps may be given"):
         DPTrainer(model=tiny_bert(), args=None, max_grad_norm=1.0, target_epsilon=4.0,
                   epochs=2, steps=4)
+
+
+@pytest.mark.parametrize("target", [None, 4.0], ids=["noise", "epsilon"])
+def test_a_correlated_mechanism_is_planned_for_the_trainers_run(tmp_path, target):
+    """``DPTrainer(privacy_kwargs={"mechanism": BandMF(...)})``: the noise is planned for the steps the trainer
+    takes (max_steps or its epochs), with or without a target epsilon, and the run is
+    accounted as BandMF's rounds."""
+    from privgrad.mechanisms import BandMF
+
+    noise = {"noise_multiplier": 1.0} if target is None else {"target_epsilon": target,
+                                                              "target_delta": DELTA}
+    trainer = DPTrainer(model=tiny_bert(), args=arguments(tmp_path, max_steps=6),
+                        train_dataset=Examples(), max_grad_norm=1.0,
+                        privacy_kwargs={"mechanism": BandMF(num_bands=2)}, **noise)
+    trainer.train()
+    engine = trainer.engine
+    assert engine.steps == 6 and engine.settings.planned_steps == 6
+    (entry,) = engine.accountant.history
+    assert (entry.num_steps, entry.sample_rate) == (3, pytest.approx(2 * 32 / 96))
+    if target is not None:
+        assert 3.9 < engine.get_epsilon(DELTA) <= 4.0
+    trainer.detach()

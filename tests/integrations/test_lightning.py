@@ -165,3 +165,22 @@ def test_noise_is_calibrated_for_the_steps_given(tmp_path):
 def test_epochs_and_steps_together_are_refused():
     with pytest.raises(ConfigError, match=r"at most one of epochs and steps may be given; got \(epochs, steps\)=\(2, 6\)"):
         DPCallback(target_epsilon=2.0, target_delta=DELTA, max_grad_norm=1.0, epochs=2, steps=6)
+
+
+@pytest.mark.parametrize("target", [None, 2.0], ids=["noise", "epsilon"])
+def test_a_correlated_mechanism_is_planned_for_the_fit(tmp_path, target):
+    """``DPCallback(mechanism=BandMF(...))``: the noise is planned for the fit's steps (from
+    max_epochs), with or without a target epsilon, and accounted as BandMF's rounds."""
+    from privgrad.mechanisms import BandMF
+
+    noise = {"noise_multiplier": 1.0} if target is None else {"target_epsilon": target,
+                                                              "target_delta": DELTA}
+    dp = DPCallback(max_grad_norm=1.0, mechanism=BandMF(num_bands=2), **noise)
+    t = trainer(tmp_path, callbacks=[dp], max_epochs=2)
+    t.fit(Classifier(), train_dataloaders=DataLoader(data(), batch_size=32))
+    engine = dp.engine
+    assert engine.steps == t.global_step == 8 and engine.settings.planned_steps == 8
+    (entry,) = engine.accountant.history
+    assert (entry.num_steps, entry.sample_rate) == (4, 2 * 32 / 128)
+    if target is not None:
+        assert 1.95 < dp.epsilon <= 2.0

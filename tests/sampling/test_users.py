@@ -41,7 +41,7 @@ def test_users_are_poisson_sampled():
         counts = np.bincount(users, minlength=1000)
         assert np.all(counts[counts > 0] == np.minimum(sizes[counts > 0], 3))
         m[t, np.unique(users)] = True
-        sampler.units.clear()
+        sampler.notes.clear()
     p = poisson_evidence(m, 0.05)
     assert min(p.values()) > ALPHA, p
 
@@ -124,14 +124,14 @@ def test_bad_user_arguments_are_refused_with_the_value_and_the_fix(kwargs, error
         _make(**kwargs)
 
 
-def test_user_level_and_fixed_shapes_refuse_correlated_noise_for_now():
-    from privgrad.mechanisms import BandMF
+def test_user_level_and_fixed_shapes_with_blt_refuse_correlated_noise_for_now():
+    from privgrad.mechanisms import BLT, BandMF
 
     with pytest.raises(ConfigError, match=r"privacy_unit='user' works with DP-SGD for now"):
         _make(privacy_unit="user", user_ids=IDS, max_examples_per_user=2,
               mechanism=BandMF(num_bands=2), epochs=2)
-    with pytest.raises(ConfigError, match=r"max_batch_size works with DP-SGD for now"):
-        _make(max_batch_size=6, mechanism=BandMF(num_bands=2), epochs=2)
+    with pytest.raises(ConfigError, match=r"max_batch_size works with DP-SGD and BandMF"):
+        _make(max_batch_size=6, mechanism=BLT(num_buffers=2, min_sep=2), epochs=2)
 
 
 def test_user_ids_may_be_a_tensor_or_an_array():

@@ -213,8 +213,9 @@ class DPTrainer(Trainer):
             horizon = self._horizon(epochs, steps, loader)
             _, _, self._private_loader = self.engine.make_private_with_epsilon(
                 target_epsilon=target, target_delta=self.delta, **horizon, **common, **p)
-        else:
-            _, _, self._private_loader = self.engine.make_private(**common, **p)
+        else:  # a correlated mechanism plans its noise for the run's steps
+            horizon = self._horizon(epochs, steps, loader) if p.get("mechanism") else {}
+            _, _, self._private_loader = self.engine.make_private(**common, **horizon, **p)
         # Registered after the engine's hooks, so it runs once p.grad holds the released gradient.
         self._norm_hook = self.optimizer.register_step_post_hook(self._record_released_norm)
         if self.max_epsilon is not None:

@@ -120,8 +120,10 @@ class DPCallback(pl.Callback):
                 target_epsilon=self.target_epsilon, target_delta=self.delta,
                 **self._horizon(trainer, loader), **common)
         else:
+            horizon = (self._horizon(trainer, loader)  # a correlated mechanism plans its noise
+                       if self.make_private_kwargs.get("mechanism") else {})
             _, _, private_loader = self.engine.make_private(
-                noise_multiplier=self.noise_multiplier, **common)
+                noise_multiplier=self.noise_multiplier, **horizon, **common)
         # The fit loop asks this source for its loader after on_fit_start.
         trainer.fit_loop._data_source = _DataLoaderSource(private_loader, "train_dataloader")
         if self._restored is not None:  # resuming: continue the accountant, sampler and noise

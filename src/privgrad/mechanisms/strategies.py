@@ -115,6 +115,8 @@ class BandMF:
 
     num_bands: int
     workload: str = "prefix_sum"
+    #: accounted per round of sampled steps (a round's event is the sampling's step event)
+    amplified = True
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
@@ -188,6 +190,7 @@ class DPSGD:
     momentum: float = 0.9
 
     num_bands = 1  # not a field: DP-SGD is the one-band case
+    amplified = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workload", check_workload(self.workload))
@@ -263,6 +266,8 @@ class BLT:
     workload: str = "prefix_sum"
     momentum: float = 0.9
     min_sep: int | None = None
+    #: one Gaussian mechanism for the whole run: no per-round sampled event
+    amplified = False
 
     def __post_init__(self) -> None:
         k = positive_int("num_buffers", self.num_buffers,

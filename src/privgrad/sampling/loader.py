@@ -40,33 +40,60 @@ class DrawnBatches:
     ``pending`` lists those yielded since the last ``released()`` one; ``step_of()`` gives the
     sampler step that drew a pending batch (cyclic sampling: which group it holds).
 
+    A sampler that knows more about each sample than its indices (the user of each row, how
+    many rows are real) appends one note per sample to its ``notes`` deque; the note is queued
+    and delivered with its batch, and ``note(number)`` gives it back. Subclasses name it
+    (``DrawnUsers.units``, ``DrawnPadded.real_rows``) and set ``LATEST_ONLY``.
+
     Not private: the sizes depend on the sample and are kept for the engine's checks only.
+
+    Args:
+        sampler: the sampler whose ``notes`` (if it has them) to take in step with its samples.
     """
 
     KEEP = 64  #: batches remembered at most (a loop that never steps must not grow memory)
+    #: a new pass over the loader abandons the batches of the last one that no step released
+    #: (for steps that must train on the batch yielded last: user-level and padded batches)
+    LATEST_ONLY = False
 
-    def __init__(self):
+    def __init__(self, sampler=None):
         self.delivered = 0
-        self._queued: deque[tuple[int, int | None]] = deque()
+        self.sampler = sampler
+        self._notes_of = getattr(sampler, "notes", None)
+        self._queued: deque[tuple[int, int | None, object]] = deque()
         self._pending: deque[tuple[int, int]] = deque(maxlen=self.KEEP)
         self._steps: deque[tuple[int, int | None]] = deque(maxlen=self.KEEP)
+        self._notes: dict[int, object] = {}
 
     def queue(self, size: int, step: int | None = None) -> None:
-        self._queued.append((size, step))
+        note = self._notes_of.popleft() if self._notes_of is not None else None
+        self._queued.append((size, step, note))
 
     def restart(self) -> None:
         """A new pass over the loader: sizes queued for the last one will not be delivered."""
         self._queued.clear()
+        if self._notes_of is not None:
+            self._notes_of.clear()
+        if self.LATEST_ONLY:
+            self._pending.clear()
 
     def deliver(self) -> None:
         self.delivered += 1
-        size, step = self._queued.popleft()
+        size, step, note = self._queued.popleft()
         self._pending.append((self.delivered, size))
         self._steps.append((self.delivered, step))
+        if note is not None:
+            self._notes[self.delivered] = note
+            self._notes.pop(self.delivered - self.KEEP, None)
 
     def step_of(self, number: int) -> int | None:
         """The sampler step that drew batch ``number`` (``None`` if not known)."""
         return next((step for n, step in self._steps if n == number), None)
+
+    def note(self, number: int):
+        """The sampler's note on batch ``number`` (``None`` if it was not yielded, is too old,
+        or the sampler takes none)."""
+        return self._notes.get(number)
 
     @property
     def pending(self):

@@ -91,7 +91,7 @@ class UserSampler(PoissonSampler):
 
     Attributes:
         step: steps sampled so far (with the seed, what a resumed run needs).
-        units: the user of each row of the batches sampled and not yet delivered, oldest first
+        notes: the user of each row of the batches sampled and not yet delivered, oldest first
             (the loader's ``DrawnUsers`` takes them in step).
     """
 
@@ -100,7 +100,7 @@ class UserSampler(PoissonSampler):
         super().__init__(len(rows), sample_rate, bits=bits, steps=steps)
         self.rows = rows
         self.k = max_examples_per_user
-        self.units: deque[np.ndarray] = deque()
+        self.notes: deque[np.ndarray] = deque()
 
     def sample(self) -> np.ndarray:
         step = self.step
@@ -113,41 +113,20 @@ class UserSampler(PoissonSampler):
                 rows = np.sort(rows[np.argsort(words, kind="stable")[: self.k]])
             parts.append(rows)
             owners.append(np.full(len(rows), u, dtype=np.int64))
-        self.units.append(np.concatenate(owners) if owners else np.empty(0, dtype=np.int64))
+        self.notes.append(np.concatenate(owners) if owners else np.empty(0, dtype=np.int64))
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
 class DrawnUsers(DrawnBatches):
-    """``DrawnBatches`` that also records the user of
-    each row of every batch yielded (``units(number)``)."""
+    """``DrawnBatches`` whose note on each batch is the user of each of its rows
+    (``units(number)``); a new pass abandons the batches no step released."""
 
-    def __init__(self, sampler: UserSampler):
-        super().__init__()
-        self.sampler = sampler
-        self._queued_units: deque[np.ndarray] = deque()
-        self._units: dict[int, np.ndarray] = {}
-
-    def queue(self, size: int, step: int | None = None) -> None:
-        super().queue(size, step)
-        self._queued_units.append(self.sampler.units.popleft())
-
-    def restart(self) -> None:
-        """A new pass over the loader: batches of the last pass that no step released are
-        abandoned too (user-level steps must train on the latest batch only)."""
-        super().restart()
-        self._pending.clear()
-        self._queued_units.clear()
-        self.sampler.units.clear()
-
-    def deliver(self) -> None:
-        super().deliver()
-        self._units[self.delivered] = self._queued_units.popleft()
-        self._units.pop(self.delivered - self.KEEP, None)
+    LATEST_ONLY = True
 
     def units(self, number: int) -> np.ndarray | None:
         """The user of each row of batch ``number`` (``None`` if it was not yielded or is too
         old)."""
-        return self._units.get(number)
+        return self.note(number)
 
 
 @dataclass(frozen=True)
@@ -279,19 +258,27 @@ SAMPLING_ONLY = ("privacy_unit", "user_ids", "max_examples_per_user", "max_batch
 
 def refine(planned: tuple, data_loader, epochs=None, *, clipping="flat", sample_rate=None,
            expected_batch_size=None, poisson_sampling=True, privacy_unit="example",
-           user_ids=None, max_examples_per_user=None, max_batch_size=None, **_) -> tuple:
+           user_ids=None, max_examples_per_user=None, max_batch_size=None, group_key=None,
+           **_) -> tuple:
     """``(mechanism, plan, planned steps)`` (``privgrad.mechanism_run.plan()``'s) over users
     and/or truncated, as ``make_private``'s arguments ask (validated once). The steps of
-    ``epochs`` epochs follow the new plan's epoch."""
+    ``epochs`` epochs follow the new plan's epoch. ``group_key()`` draws the groups of a
+    truncated cyclic plan (their sizes enter its accounting)."""
     from privgrad.sampling.truncated import truncated_plan
 
     mechanism, base, steps = planned
-    if base.num_groups > 1 and (privacy_unit == "user" or max_batch_size is not None):
-        what = "max_batch_size" if privacy_unit != "user" else "privacy_unit='user'"
+    if base.num_groups > 1 and privacy_unit == "user":
         raise _validate.fail(
-            f"{what} works with DP-SGD for now", "mechanism", mechanism,
-            f"Drop mechanism= (DP-SGD), or drop {what}: cyclic sampling over users and "
-            f"truncated correlated-noise steps are not accounted yet.")
+            "privacy_unit='user' works with DP-SGD for now", "mechanism", mechanism,
+            "Drop mechanism= (DP-SGD), or drop privacy_unit='user': cyclic sampling over users "
+            "is not accounted yet.")
+    if base.num_groups > 1 and max_batch_size is not None and not mechanism.amplified:
+        raise _validate.fail(
+            "max_batch_size works with DP-SGD and BandMF (their accounting is per step, where "
+            "a truncated step has its own event)", "mechanism", mechanism,
+            "Pass mechanism=BandMF(num_bands=b), or drop max_batch_size: this mechanism's "
+            "event covers the whole run without amplification, and a record that displaces "
+            "another in a cut batch doubles its sensitivity.")
     chosen = resolve(base, data_loader, privacy_unit=privacy_unit, user_ids=user_ids,
                      max_examples_per_user=max_examples_per_user, clipping=clipping,
                      sample_rate=sample_rate, expected_batch_size=expected_batch_size,
@@ -302,7 +289,7 @@ def refine(planned: tuple, data_loader, epochs=None, *, clipping="flat", sample_
                 "max_batch_size works with privacy_unit='example' for now", "privacy_unit",
                 "user", "Drop max_batch_size (user-level batches keep their Poisson size), or "
                 "use privacy_unit='example'.")
-        chosen = truncated_plan(chosen, max_batch_size)
+        chosen = truncated_plan(chosen, max_batch_size, group_key)
     if chosen is base:
         return planned
     return mechanism, chosen, (steps if epochs is None else epochs * chosen.steps_per_epoch)
