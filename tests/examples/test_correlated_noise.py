@@ -39,3 +39,23 @@ def test_unknown_mechanism_names_the_choices(adult_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"dpsgd, bandmf:<b> or blt:<k>"):
         cn.main(["--data-dir", str(adult_dir), "--mechanisms", "dpftrl", "--epochs", "1",
                  "--seeds", "0", "--epsilons", "8", "--out", str(tmp_path)])
+
+
+def test_bbc_trains_a_private_linear_probe_on_cached_embeddings(bbc_dir, tiny_encoder_dir,
+                                                                tmp_path, monkeypatch):
+    """``--dataset bbc``: the frozen encoder's pooled embeddings (computed once, cached under
+    runs/cache keyed by the encoder and data folders), a linear head per mechanism; and
+    ``--validation`` reports on a held-out share of the training set instead of the test set."""
+    monkeypatch.chdir(tmp_path)  # the cache goes under ./runs/cache
+    cn = load_example("correlated_noise")
+    common = ["--dataset", "bbc", "--data-dir", str(bbc_dir), "--model-dir",
+              str(tiny_encoder_dir), "--max-length", "16", "--epsilons", "8", "--seeds", "0", "--epochs", "2",
+              "--batch-size", "4", "--mechanisms", "dpsgd", "bandmf:2", "--out", str(tmp_path)]
+    m = cn.main(common)
+    (cached,) = (tmp_path / "runs" / "cache").glob("bbc_minilm_pooled_16_*.pt")
+    assert [r["mechanism"] for r in m["summary"]] == ["dpsgd", "bandmf:2"]
+    assert all(0 < r["epsilon_spent"] <= 8.0 for r in m["runs"])
+    held = cn.main(common + ["--validation", "0.25"])  # the cache is reused as it is
+    assert list((tmp_path / "runs" / "cache").iterdir()) == [cached]
+    # 40 articles: 32 train (8 per class x 5 x 0.8), then 24 of them train and 8 validate
+    assert m["runs"][0]["steps"] == 2 * round(32 / 4) and held["runs"][0]["steps"] == 2 * round(24 / 4)
