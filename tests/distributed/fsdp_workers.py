@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from privgrad import PrivacyEngine
@@ -28,16 +28,19 @@ SIGMA, C = 1.3, 0.7
 NOISE_STEPS = 200
 
 
-def model(shard: bool) -> nn.Module:
+def model(shard: bool, half: bool = False) -> nn.Module:
     """Two blocks and a head; every layer's row count is odd or small, so that the shards are
-    uneven (13/12 rows, 2/1, 1/0)."""
+    uneven (5/4 rows, 2/1). ``half``: FSDP2 mixed precision (bf16 parameters gathered for the
+    computation, float32 shards and reduce-scatters)."""
     net = nn.Sequential(nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.LayerNorm(9)),
                         nn.Sequential(nn.Linear(9, 3), nn.Tanh()),
                         nn.Sequential(nn.Linear(3, 3)))
     if shard:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if half else MixedPrecisionPolicy()
         for block in net:
-            fully_shard(block)
-        fully_shard(net)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(net, mp_policy=policy)
     return net
 
 
@@ -45,11 +48,12 @@ def full(params) -> list[torch.Tensor]:
     return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in params]
 
 
-def train(rank: int, *, shard: bool, sigma=0.0, seed=0, physical=None, **kwargs) -> dict:
+def train(rank: int, *, shard: bool, sigma=0.0, seed=0, physical=None, half=False,
+          **kwargs) -> dict:
     """Eight private steps (momentum SGD; ``physical``: virtual batches of at most that many):
     the whole parameters after them, the indices each step used, the epsilon and q."""
     torch.manual_seed(seed)
-    net = model(shard)
+    net = model(shard, half)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
     engine = PrivacyEngine(accountant="rdp")
     net, optimizer, dl = engine.make_private(
@@ -61,7 +65,7 @@ def train(rank: int, *, shard: bool, sigma=0.0, seed=0, physical=None, **kwargs)
         with engine.virtual_batches(dl, max_physical_batch_size=physical or N) as batches:
             for x, y, i in batches:
                 optimizer.zero_grad()
-                F.cross_entropy(net(x), y).backward()
+                F.cross_entropy(net(x).float(), y).backward()
                 logical += i.tolist()
                 before = engine.steps
                 optimizer.step()
@@ -152,6 +156,61 @@ def refusals(rank: int) -> dict:
     }
 
 
+def resumed(rank: int) -> dict:
+    """The noisy run of ``train`` (sigma 1, seed 3) stopped after 4 steps, saved (model and
+    optimizer with torch.distributed.checkpoint, the engine's state per rank), and resumed in
+    fresh objects from another seed: the parameters after 8 steps; then the refusal of another
+    rank's engine state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = os.path.join(os.environ["PRIVGRAD_TEST_OUT"], "checkpoint")
+
+    def start(seed, load=False):
+        torch.manual_seed(seed)
+        net = model(True)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+        if load:  # before make_private (get_state_dict steps a fresh optimizer to fill it)
+            model_state, optimizer_state = get_state_dict(net, optimizer)
+            saved = {"model": model_state, "optimizer": optimizer_state}
+            dcp.load(saved, checkpoint_id=folder)
+            set_state_dict(net, optimizer, model_state_dict=saved["model"],
+                           optim_state_dict=saved["optimizer"])
+        engine = PrivacyEngine(accountant="rdp")
+        _, _, dl = engine.make_private(
+            module=net, optimizer=optimizer, data_loader=DataLoader(data(), batch_size=BATCH),
+            noise_multiplier=1.0, max_grad_norm=0.5)
+        return net, optimizer, engine, dl
+
+    def steps(net, optimizer, engine, dl, until):
+        while engine.steps < until:
+            for x, y, _ in dl:
+                optimizer.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                optimizer.step()
+                if engine.steps == until:
+                    break
+
+    net, optimizer, engine, dl = start(3)
+    steps(net, optimizer, engine, dl, STEPS // 2)
+    model_state, optimizer_state = get_state_dict(net, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    torch.save(engine.state_dict(), os.path.join(folder, f"engine.rank{rank}.pt"))
+    engine.detach()
+    net, optimizer, engine, dl = start(999, load=True)
+    dist.barrier()  # every rank's engine state is written
+    engine.load_state_dict(torch.load(os.path.join(folder, f"engine.rank{rank}.pt")))
+    steps(net, optimizer, engine, dl, STEPS)
+    out = {"params": full(net.parameters()), "epsilon": engine.get_epsilon(1e-5)}
+    engine.detach()
+    _, _, other, _ = start(0)
+    try:
+        other.load_state_dict(torch.load(os.path.join(folder, f"engine.rank{1 - rank}.pt")))
+    except PrivgradError as e:
+        out["other_rank"] = (type(e).__name__, str(e))
+    return out
+
+
 def _alike(self, seed):  # mutant: every rank's noise seeded like rank 0's
     return self.broadcast_seed(seed)
 
@@ -170,10 +229,12 @@ def fsdp(rank: int, world_size: int) -> dict:
         "sharded": train(rank, shard=True),
         "virtual": train(rank, shard=True, physical=3),
         "per_layer": train(rank, shard=True, clipping="per_layer"),
+        "mixed": train(rank, shard=True, half=True),
         "per_layer_reference": train(rank, shard=False, clipping="per_layer") if first else None,
         "noisy_reference": train(rank, shard=False, sigma=1.0, seed=3) if first else None,
         "noisy": train(rank, shard=True, sigma=1.0, seed=3),
         "noisy_again": train(rank, shard=True, sigma=1.0, seed=3),
+        "resumed": resumed(rank),
         "noise": noise(rank, NOISE_STEPS),
         "mutants": {name: noise(rank, 20, mutant) for name, mutant in MUTANTS.items()},
         "refusals": refusals(rank),

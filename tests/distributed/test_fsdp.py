@@ -45,6 +45,16 @@ def test_sigma_zero_the_sharded_update_equals_one_process(two, run):
     assert max_difference(reference, [p * 0 for p in reference]) > 1e-2  # it did train
 
 
+def test_mixed_precision_matches_one_process_to_bf16_rounding(two):
+    """FSDP2's MixedPrecisionPolicy (bf16 gathered parameters, float32 shards and reductions):
+    the same update up to bf16 rounding (the float32 job matches to 1e-5, above)."""
+    reference = two[0]["reference"]["params"]
+    assert max_difference(two[0]["mixed"]["params"], reference) <= 2e-3
+    assert max_difference(two[1]["mixed"]["params"], two[0]["mixed"]["params"]) == 0.0
+    assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4
+               for p in two[0]["mixed"]["params"])
+
+
 def test_each_example_is_sampled_once_across_ranks(two):
     reference = two[0]["reference"]["indices"]
     assert len(reference) == STEPS
@@ -68,6 +78,24 @@ def test_the_shards_noise_is_reproducible_for_a_seed(two):
     for r in range(2):
         assert max_difference(two[r]["noisy"]["params"], two[r]["noisy_again"]["params"]) == 0.0
     assert max_difference(two[0]["noisy"]["params"], two[0]["noisy_reference"]["params"]) > 1e-3
+
+
+def test_a_run_resumed_from_a_sharded_checkpoint_continues_exactly(two):
+    """Stopped after 4 of the 8 noisy steps, saved (torch.distributed.checkpoint for the model
+    and optimizer, engine.state_dict() per rank), resumed in fresh objects built from another
+    seed: the same parameters as the uninterrupted run (sampler and every rank's noise stream
+    continue), and the same epsilon."""
+    for r in range(2):
+        assert max_difference(two[r]["resumed"]["params"], two[r]["noisy"]["params"]) <= 1e-6
+        assert two[r]["resumed"]["epsilon"] == two[r]["noisy"]["epsilon"]
+
+
+def test_another_ranks_engine_state_is_refused(two):
+    for r in range(2):
+        kind, text = two[r]["resumed"]["other_rank"]
+        assert kind == "CheckpointError" and (
+            f"got {{'rank': {1 - r}, 'world_size': 2}} saved and {{'rank': {r}, 'world_size': 2}} "
+            f"here. Load each rank's own engine state") in text
 
 
 def _whole(two, key="noise", mutant=None):

@@ -48,6 +48,7 @@ from privgrad.errors import ConfigError, PrivacyStateError
 
 __all__ = ["SHARDED_RULES", "ShardedDataParallel", "sharded_model"]
 
+_HALF = (torch.float16, torch.bfloat16)
 # (torch 2.13 renamed reduce_scatter_tensor, which now warns)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -139,6 +140,11 @@ class ShardedDataParallel(DataParallel):
                 if p is not None:
                     self._owners[(m, name)] = p
         self._order = list(module.parameters())  # the order of the collective calls
+        self._half = False  # this backward pass ran on half-precision gathered parameters
+
+    def layout(self) -> dict:
+        """What an engine state saved on this rank belongs to (``privgrad.run_state``)."""
+        return {"rank": self.rank, "world_size": self.world_size}
 
     def agree(self, fingerprint: dict) -> None:
         """The ranks' check, then what sharded training does not support (yet): adaptive
@@ -169,7 +175,10 @@ class ShardedDataParallel(DataParallel):
         return int(words[0]) << 30 | int(words[1]) >> 2
 
     def own(self, captures: list) -> list:
-        """Key each capture by the sharded parameters (the call recorded the gathered ones)."""
+        """Key each capture by the sharded parameters (the call recorded the gathered ones);
+        note whether the pass computed in half precision (FSDP2's ``MixedPrecisionPolicy``)."""
+        self._half = any(isinstance(x, torch.Tensor) and x.dtype in _HALF
+                         for c in captures for x in c.args)
         for c in captures:
             if c.params:
                 c.params = tuple(self._owner(c.module, n) for n in c.names)
@@ -253,6 +262,7 @@ class ShardedDataParallel(DataParallel):
         Raises:
             PrivacyStateError: on every rank, naming the parameters that do not add up.
         """
+        loose = loose or self._half  # bf16 / fp16 parameters gathered: half-precision rounding
         ones = None
         if batch.batch_size:
             like = next(iter(batch.norms_sq.values()))
