@@ -95,6 +95,8 @@ class TrainingHooks:
                 for p in _settings.privatised(self._optimizer):  # for the self-check: autograd's
                     p.grad = None                               # gradient of this pass alone
         self._recorder.checking = self._checking
+        if self._sharded:  # FSDP2 reduce-scatters autograd's gradients for the self-check only
+            self._distributed.keep_raw = self._checking
 
     def _refuse_unbounded(self, params) -> None:
         late = [p for p in params if p not in self._bounded] if self._bounded else []

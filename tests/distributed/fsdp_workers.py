@@ -211,6 +211,36 @@ def resumed(rank: int) -> dict:
     return out
 
 
+def traffic(rank: int) -> dict:
+    """The reduce-scatters of four steps (FSDP2's and privgrad's both go through
+    ``dist.reduce_scatter_single``), as ``numel`` per call, per step."""
+    torch.manual_seed(0)
+    net = model(True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine = PrivacyEngine(accountant="rdp")
+    _, _, dl = engine.make_private(module=net, optimizer=optimizer,
+                                   data_loader=DataLoader(data(), batch_size=BATCH),
+                                   noise_multiplier=1.0, max_grad_norm=1.0)
+    original, calls, steps = dist.reduce_scatter_single, [], []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input"].numel())
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = spy
+    try:
+        for x, y, _ in dl:
+            calls.clear()
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            steps.append(list(calls))
+    finally:
+        dist.reduce_scatter_single = original
+    engine.detach()
+    return {"steps": steps, "shapes": [tuple(p.shape) for p in net.parameters()]}
+
+
 def _alike(self, seed):  # mutant: every rank's noise seeded like rank 0's
     return self.broadcast_seed(seed)
 
@@ -235,6 +265,7 @@ def fsdp(rank: int, world_size: int) -> dict:
         "noisy": train(rank, shard=True, sigma=1.0, seed=3),
         "noisy_again": train(rank, shard=True, sigma=1.0, seed=3),
         "resumed": resumed(rank),
+        "traffic": traffic(rank),
         "noise": noise(rank, NOISE_STEPS),
         "mutants": {name: noise(rank, 20, mutant) for name, mutant in MUTANTS.items()},
         "refusals": refusals(rank),

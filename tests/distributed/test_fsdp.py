@@ -8,6 +8,8 @@ bad input is refused on every rank.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -78,6 +80,19 @@ def test_the_shards_noise_is_reproducible_for_a_seed(two):
     for r in range(2):
         assert max_difference(two[r]["noisy"]["params"], two[r]["noisy_again"]["params"]) == 0.0
     assert max_difference(two[0]["noisy"]["params"], two[0]["noisy_reference"]["params"]) > 1e-3
+
+
+def test_only_clipped_sums_are_reduce_scattered_after_the_checked_pass(two):
+    """After the first (self-checked) pass, a step's reduce-scatters are exactly privgrad's: one
+    per parameter, in the model's order, of the parameter's size padded to a multiple of the
+    world size; FSDP2 sends nothing (no raw gradient: the norm layer's autograd gradient is
+    dropped before FSDP's reduce-scatter). The checked pass has FSDP's too."""
+    for r in range(2):
+        seen = two[r]["traffic"]
+        padded = [-(-shape[0] // 2) * 2 * math.prod(shape[1:]) for shape in seen["shapes"]]
+        assert len(seen["steps"]) == 4 and len(padded) == 8
+        assert all(step == padded for step in seen["steps"][1:])
+        assert len(seen["steps"][0]) > 2 * len(padded)  # FSDP's + the check's + the sums
 
 
 def test_a_run_resumed_from_a_sharded_checkpoint_continues_exactly(two):

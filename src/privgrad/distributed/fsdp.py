@@ -49,8 +49,15 @@ from privgrad.errors import ConfigError, PrivacyStateError
 __all__ = ["SHARDED_RULES", "ShardedDataParallel", "sharded_model"]
 
 _HALF = (torch.float16, torch.bfloat16)
-# (torch 2.13 renamed reduce_scatter_tensor, which now warns)
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> None:
+    """``dist.reduce_scatter_single`` (torch 2.13's name; ``reduce_scatter_tensor`` warns)."""
+    single = getattr(dist, "reduce_scatter_single", None)
+    if single is not None:
+        single(output=output, input=input, **kwargs)
+    else:
+        dist.reduce_scatter_tensor(output, input, **kwargs)
 
 #: Rules that read only a layer's inputs, output gradients and parameter *shapes* once the
 #: backward pass ends, when FSDP has freed the gathered weights (tested on sharded models).
@@ -141,6 +148,8 @@ class ShardedDataParallel(DataParallel):
                     self._owners[(m, name)] = p
         self._order = list(module.parameters())  # the order of the collective calls
         self._half = False  # this backward pass ran on half-precision gathered parameters
+        self.keep_raw = True  # set by the engine before each forward pass: a checked pass
+        self._dropping: dict = {}  # gathered parameter -> its gradient hook (see _drop_raw)
 
     def layout(self) -> dict:
         """What an engine state saved on this rank belongs to (``privgrad.run_state``)."""
@@ -180,9 +189,20 @@ class ShardedDataParallel(DataParallel):
         self._half = any(isinstance(x, torch.Tensor) and x.dtype in _HALF
                          for c in captures for x in c.args)
         for c in captures:
+            for gathered in c.params:
+                if gathered not in self._dropping and not isinstance(gathered, DTensor):
+                    self._dropping[gathered] = gathered.register_post_accumulate_grad_hook(
+                        self._drop_raw)
             if c.params:
                 c.params = tuple(self._owner(c.module, n) for n in c.names)
         return captures
+
+    def _drop_raw(self, gathered: torch.Tensor) -> None:
+        """A gathered parameter's autograd gradient (a layer whose rule forms no input-only
+        backward, e.g. a norm layer) is dropped before FSDP2's reduce-scatter would send it;
+        kept on the self-check's passes (``keep_raw``), which compare against it."""
+        if not self.keep_raw:
+            gathered.grad = None
 
     def _owner(self, module: nn.Module, name: str) -> nn.Parameter:
         child, _, leaf = name.rpartition(".")
@@ -239,6 +259,11 @@ class ShardedDataParallel(DataParallel):
             grads[p] = DTensor.from_local(g.to(p.dtype), p.device_mesh, p.placements,
                                           run_check=False, shape=p.shape, stride=p.stride())
         return grads
+
+    def detach(self) -> None:
+        for handle in self._dropping.values():
+            handle.remove()
+        self._dropping = {}
 
     def broadcast_release(self, grads: dict) -> dict:
         """Nothing to send: each rank holds the release of its own shards."""
