@@ -18,7 +18,6 @@ Nothing is asserted (benchmarks are not tests).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 

@@ -176,9 +176,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             rules: a [`RuleRegistry`][privgrad.RuleRegistry] with custom layer rules.
             distributed: data-parallel training on ``torch.distributed`` (docs/distributed.md):
                 ``None`` (default) joins the default process group when one is initialised,
-                ``True`` requires one, ``False`` trains this process alone. The module may be
-                wrapped in ``DistributedDataParallel``. Performance only: the world size changes
-                neither epsilon nor the distribution of the update.
+                ``True`` requires one, ``False`` trains this process alone. The module may be a
+                ``DistributedDataParallel`` or sharded with FSDP2's ``fully_shard``. Performance
+                only: the world size changes neither epsilon nor the update's distribution.
             grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (fp16 mixed
                 precision): the engine divides its scale out of the per-sample gradients before
                 clipping and keeps private data out of its skip decision (docs/reliability.md).

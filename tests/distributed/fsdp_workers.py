@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privgrad import PrivacyEngine
 from privgrad.distributed.fsdp import ShardedDataParallel
 from privgrad.errors import PrivgradError
-from tests.distributed.workers import BATCH, N, STEPS, data, patched
+from tests.distributed.workers import BATCH, STEPS, N, data, patched
 
 SIGMA, C = 1.3, 0.7
 NOISE_STEPS = 200

@@ -9,14 +9,15 @@ bad input is refused on every rank.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from tests.distributed.fsdp_workers import C, NOISE_STEPS, SIGMA
+from tests.distributed.fsdp_workers import NOISE_STEPS, SIGMA, C
 from tests.distributed.launch import launch
-from tests.distributed.workers import N, STEPS
+from tests.distributed.workers import STEPS, N
 from tests.privacy.checks import ALPHA, gaussian_pvalues
 
 STD = SIGMA * C / 10.0  # expected batch 10: the noise of the averaged update
@@ -154,21 +155,20 @@ def test_noise_mutants_are_caught(two):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("layer_is_a_unit", r"a layer privgrad clips must run inside a fully_shard block, not be one "
-                        r".*got fully_shard on='1 \(FSDPLinear\)'\. Call fully_shard on the block"),
-    ("embedding", r"under FSDP2 a trainable layer must be served by one of .*got the rule of "
-                  r"0\.0='EmbeddingRule'\. Freeze 0\.0"),
-    ("root_not_sharded", r"every trainable parameter of an FSDP2 model must be sharded; got "
-                         r"unsharded=\['1\.weight', '1\.bias'\]\. Call fully_shard\(model\)"),
-    ("alone", r"a fully_shard \(FSDP2\) model needs data-parallel private training .*got "
-              r"distributed=False"),
+    ("layer_is_a_unit", (r"a layer privgrad clips must run inside a fully_shard block, not be "
+                         r"one .*got fully_shard on='1 \(FSDPLinear\)'\. Call fully_shard on "
+                         r"the block")),
+    ("embedding", (r"under FSDP2 a trainable layer must be served by one of .*got the rule of "
+                   r"0\.0='EmbeddingRule'\. Freeze 0\.0")),
+    ("root_not_sharded", (r"every trainable parameter of an FSDP2 model must be sharded; got "
+                          r"unsharded=\['1\.weight', '1\.bias'\]\. Call fully_shard\(model\)")),
+    ("alone", (r"a fully_shard \(FSDP2\) model needs data-parallel private training .*got "
+               r"distributed=False")),
     ("sigma", r"got noise_multiplier=1\.0 on rank 0 and noise_multiplier=1\.25 on rank 1"),
-    ("adaptive", r"supports clipping in \('flat', 'per_layer', 'automatic'\); got "
-                 r"clipping='adaptive'"),
+    ("adaptive", (r"supports clipping in \('flat', 'per_layer', 'automatic'\); got "
+                  r"clipping='adaptive'")),
 ])
 def test_bad_input_is_refused_on_every_rank_with_the_fix(two, case, message):
-    import re
-
     for r in range(2):
         kind, text = two[r]["refusals"][case]
         assert kind == "ConfigError" and re.search(message, text), text

@@ -118,7 +118,7 @@ def test_an_fsdp2_layer_that_is_its_own_unit_is_refused_and_a_whole_model_trains
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     done = subprocess.run([sys.executable, "-W", "error", "-c", FSDP2.format(port=port)],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused: a layer privgrad clips must run inside a fully_shard block, not be one" \
         in done.stdout and "got fully_shard on='0 (FSDPLinear)'" in done.stdout
