@@ -103,13 +103,26 @@ for x, y in loader:
     optimizer.step()
 print("whole model:", engine.data_parallel, engine._distributed.sharded, engine.steps,
       type(model[0].weight.grad).__name__)
+from torch.distributed.fsdp import FullyShardedDataParallel  # FSDP1 (cannot be built on CPU)
+old = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+nn.Module.__init__(old)
+old._modules["_fsdp_wrapped_module"] = nn.Linear(4, 8)
+model = nn.Sequential(old, nn.Sequential(nn.Linear(8, 2)))
+fully_shard(model[1])
+try:
+    PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1), data_loader=DataLoader(data, batch_size=4),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+except ConfigError as e:
+    print("mixed:", e)
 dist.destroy_process_group()
 """
 
 
 def test_an_fsdp2_layer_that_is_its_own_unit_is_refused_and_a_whole_model_trains():
     """fully_shard on a layer privgrad clips: its rule would see the shard, not the weight (a
-    clear error naming the layer and the fix); the model wrapped whole trains (world size 1)."""
+    clear error naming the layer and the fix); the model wrapped whole trains (world size 1);
+    a model mixing FSDP1 and FSDP2 is refused."""
     import socket
     import subprocess
     import sys
@@ -124,3 +137,6 @@ def test_an_fsdp2_layer_that_is_its_own_unit_is_refused_and_a_whole_model_trains
         in done.stdout and "got fully_shard on='0 (FSDPLinear)'" in done.stdout
     assert "attached: False" in done.stdout
     assert "whole model: True True 4 DTensor" in done.stdout
+    assert ("mixed: privgrad shards with FSDP2 (torch.distributed.fsdp.fully_shard) only, not a "
+            "model mixing FSDP1 and FSDP2; got FullyShardedDataParallel modules=['0']. Build "
+            "the model with fully_shard(block)") in done.stdout

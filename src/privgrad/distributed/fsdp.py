@@ -59,6 +59,7 @@ def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> None
     else:
         dist.reduce_scatter_tensor(output, input, **kwargs)
 
+
 #: Rules that read only a layer's inputs, output gradients and parameter *shapes* once the
 #: backward pass ends, when FSDP has freed the gathered weights (tested on sharded models).
 SHARDED_RULES = ("LinearRule", "TransposedLinearRule", "LayerNormRule", "RMSNormRule")
