@@ -241,6 +241,28 @@ def traffic(rank: int) -> dict:
     return {"steps": steps, "shapes": [tuple(p.shape) for p in net.parameters()]}
 
 
+def secure(rank: int) -> dict:
+    """Secure mode on the sharded model, summed loss (``p.grad`` is the release): each rank's
+    shards over four steps, and the lattice spacing of the noise."""
+    from privgrad.privatize.secure import lattice_spacing
+
+    torch.manual_seed(0)
+    net = model(True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+    _, _, dl = engine.make_private(module=net, optimizer=optimizer,
+                                   data_loader=DataLoader(data(), batch_size=BATCH),
+                                   noise_multiplier=1.0, max_grad_norm=0.5, loss_reduction="sum")
+    rows = []
+    for x, y, _ in dl:
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y, reduction="sum").backward()
+        optimizer.step()
+        rows.append(torch.cat([p.grad.to_local().reshape(-1) for p in net.parameters()]).double())
+    engine.detach()
+    return {"grads": torch.stack(rows), "spacing": lattice_spacing(0.5)}
+
+
 def _alike(self, seed):  # mutant: every rank's noise seeded like rank 0's
     return self.broadcast_seed(seed)
 
@@ -260,6 +282,9 @@ def fsdp(rank: int, world_size: int) -> dict:
         "virtual": train(rank, shard=True, physical=3),
         "per_layer": train(rank, shard=True, clipping="per_layer"),
         "mixed": train(rank, shard=True, half=True),
+        "automatic": train(rank, shard=True, clipping="automatic"),
+        "automatic_reference": train(rank, shard=False, clipping="automatic") if first else None,
+        "secure": secure(rank),
         "per_layer_reference": train(rank, shard=False, clipping="per_layer") if first else None,
         "noisy_reference": train(rank, shard=False, sigma=1.0, seed=3) if first else None,
         "noisy": train(rank, shard=True, sigma=1.0, seed=3),

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from tests.distributed.fsdp_workers import NOISE_STEPS, SIGMA, C
@@ -36,12 +37,14 @@ def max_difference(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("run", ["sharded", "virtual", "per_layer"])
+@pytest.mark.parametrize("run", ["sharded", "virtual", "per_layer", "automatic"])
 def test_sigma_zero_the_sharded_update_equals_one_process(two, run):
     """Same logical batches (virtual batches of 3 split the ranks' shares differently; the
     ranks pad to the same number of chunks): after 8 momentum steps the gathered parameters
-    match one process with the whole model, to float tolerance."""
-    reference = two[0]["per_layer_reference" if run == "per_layer" else "reference"]["params"]
+    match one process with the whole model, to float tolerance (flat, per-layer and automatic
+    clipping)."""
+    reference = two[0][f"{run}_reference" if run in ("per_layer", "automatic")
+                       else "reference"]["params"]
     assert two[0][run]["sharded"] and not two[0]["reference"]["sharded"]
     assert max_difference(two[0][run]["params"], reference) <= 1e-5
     assert max_difference(two[1][run]["params"], two[0][run]["params"]) == 0.0  # one model
@@ -56,6 +59,15 @@ def test_mixed_precision_matches_one_process_to_bf16_rounding(two):
     assert max_difference(two[1]["mixed"]["params"], two[0]["mixed"]["params"]) == 0.0
     assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4
                for p in two[0]["mixed"]["params"])
+
+
+def test_secure_mode_shards_are_left_on_their_lattice(two):
+    """Secure mode: each rank snaps (its shard of the sum + noise) to multiples of L, and
+    nothing is added afterwards, so every coordinate of every shard is an exact multiple."""
+    for r in range(2):
+        run = two[r]["secure"]
+        lattice = run["grads"] / run["spacing"]
+        assert len(run["grads"]) == 4 and torch.equal(lattice, lattice.round())
 
 
 def test_each_example_is_sampled_once_across_ranks(two):
