@@ -28,11 +28,11 @@ SIGMA, C = 1.3, 0.7
 NOISE_STEPS = 200
 
 
-def model(shard: bool, half: bool = False) -> nn.Module:
+def model(shard: bool, half: bool = False, norm=nn.LayerNorm) -> nn.Module:
     """Two blocks and a head; every layer's row count is odd or small, so that the shards are
     uneven (5/4 rows, 2/1). ``half``: FSDP2 mixed precision (bf16 parameters gathered for the
     computation, float32 shards and reduce-scatters)."""
-    net = nn.Sequential(nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.LayerNorm(9)),
+    net = nn.Sequential(nn.Sequential(nn.Linear(6, 9), nn.Tanh(), norm(9)),
                         nn.Sequential(nn.Linear(9, 3), nn.Tanh()),
                         nn.Sequential(nn.Linear(3, 3)))
     if shard:
@@ -49,11 +49,11 @@ def full(params) -> list[torch.Tensor]:
 
 
 def train(rank: int, *, shard: bool, sigma=0.0, seed=0, physical=None, half=False,
-          **kwargs) -> dict:
+          norm=nn.LayerNorm, **kwargs) -> dict:
     """Eight private steps (momentum SGD; ``physical``: virtual batches of at most that many):
     the whole parameters after them, the indices each step used, the epsilon and q."""
     torch.manual_seed(seed)
-    net = model(shard, half)
+    net = model(shard, half, norm)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
     engine = PrivacyEngine(accountant="rdp")
     net, optimizer, dl = engine.make_private(
@@ -285,6 +285,8 @@ def fsdp(rank: int, world_size: int) -> dict:
         "automatic": train(rank, shard=True, clipping="automatic"),
         "automatic_reference": train(rank, shard=False, clipping="automatic") if first else None,
         "secure": secure(rank),
+        "rms_norm": train(rank, shard=True, norm=nn.RMSNorm),
+        "rms_norm_reference": train(rank, shard=False, norm=nn.RMSNorm) if first else None,
         "per_layer_reference": train(rank, shard=False, clipping="per_layer") if first else None,
         "noisy_reference": train(rank, shard=False, sigma=1.0, seed=3) if first else None,
         "noisy": train(rank, shard=True, sigma=1.0, seed=3),

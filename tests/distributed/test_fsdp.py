@@ -37,13 +37,13 @@ def max_difference(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("run", ["sharded", "virtual", "per_layer", "automatic"])
+@pytest.mark.parametrize("run", ["sharded", "virtual", "per_layer", "automatic", "rms_norm"])
 def test_sigma_zero_the_sharded_update_equals_one_process(two, run):
     """Same logical batches (virtual batches of 3 split the ranks' shares differently; the
     ranks pad to the same number of chunks): after 8 momentum steps the gathered parameters
     match one process with the whole model, to float tolerance (flat, per-layer and automatic
-    clipping)."""
-    reference = two[0][f"{run}_reference" if run in ("per_layer", "automatic")
+    clipping; the block's norm an nn.RMSNorm instead of an nn.LayerNorm)."""
+    reference = two[0][f"{run}_reference" if run in ("per_layer", "automatic", "rms_norm")
                        else "reference"]["params"]
     assert two[0][run]["sharded"] and not two[0]["reference"]["sharded"]
     assert max_difference(two[0][run]["params"], reference) <= 1e-5
