@@ -8,7 +8,8 @@ what happens to the clipped sums (``ShardedDataParallel``, a
 [`DataParallel`][privgrad.distributed.context.DataParallel] whose steps are replaced):
 
 1. **during backward**, per layer: the capture (ghost norms need no per-sample gradient); the
-   parameter gradients autograd would form are skipped (the rules give the input gradient), so
+   parameter gradients autograd would form are skipped (the rules give the input gradient; a
+   norm layer's, which autograd forms, is dropped by a hook on the gathered parameter), so
    FSDP's own reduce-scatter has nothing to send;
 2. **at the end of backward** (the clip factors need every layer's norm): one parameter at a
    time, its full-shape clipped sum over the rank's examples, ``reduce_scatter`` (sum) to the
