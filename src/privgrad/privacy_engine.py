@@ -175,9 +175,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
             rules: a [`RuleRegistry`][privgrad.RuleRegistry] with custom layer rules.
             distributed: data-parallel training on ``torch.distributed`` (docs/distributed.md):
                 ``None`` (default) joins the default process group when one is initialised,
-                ``True`` requires one, ``False`` trains this process alone. The module may be
-                wrapped in ``DistributedDataParallel``. Performance only: the world size changes
-                neither epsilon nor the distribution of the update.
+                ``True`` requires one, ``False`` trains this process alone. The module may be a
+                ``DistributedDataParallel`` or sharded with FSDP2's ``fully_shard``. Performance
+                only: the world size changes neither epsilon nor the update's distribution.
             grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (fp16 mixed
                 precision): the engine divides its scale out of the per-sample gradients before
                 clipping and keeps private data out of its skip decision (docs/reliability.md).
@@ -233,7 +233,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
                                          loss_reduction=loss_reduction, **arguments)
         registry = rules if rules is not None else RuleRegistry.default()
         grad_scaler = check_grad_scaler(grad_scaler)
-        ranks = data_parallel(distributed, module, poisson_sampling)
+        ranks = data_parallel(distributed, module, poisson_sampling, args.params, registry)
         drawn = {"poisson_sampling": poisson_sampling, "sample_rate": sample_rate,
                  "expected_batch_size": expected_batch_size}
         mechanism, sampling, steps = planned or units.refine(mechanism_run.plan(
@@ -286,7 +286,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         bounds = settings.bounds(params)
         self._bounded = frozenset(bounds) if isinstance(bounds, dict) else frozenset()
         self._clipped = ClippedSum(bounds, sparse_sums=ranks is None and self.noise.fuses_sums,
-                                   gamma=settings.gamma)
+                                   gamma=settings.gamma, shard=getattr(ranks, "shard_sums", None))
         self.adaptive_clipping = None if settings.clipping not in ADAPTIVE else QuantileBound(
             tuple(bounds.values()) if isinstance(bounds, dict) else bounds,
             settings.target_quantile, settings.quantile_lr, settings.count_noise_std)
@@ -312,9 +312,9 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         for p in params:  # the first private step overwrites them; the self-check needs None
             p.grad = None
         attachment.attach(self, module, optimizer)
-        # Seeds follow torch.manual_seed; the noise then has its own generator (privatize.noise)
+        # Seeds follow torch.manual_seed; the noise has its own generator (privatize.noise)
         seed, noise_seed = (int(s) for s in torch.randint(0, 2**62, (2,), dtype=torch.int64))
-        self.noise = self.noise.seeded(noise_seed)
+        self.noise = self.noise.seeded(noise_seed if ranks is None else ranks.noise_seed(noise_seed))
         self.mechanism = mechanism
         self._mechanism_run = (mechanism_run.MechanismRun(mechanism, steps, params, self.noise)
                                if correlated else None)

@@ -95,6 +95,9 @@ def state_dict(engine) -> dict:
                               else engine.adaptive_clipping.state_dict()),
         "mechanism": (None if engine._mechanism_run is None
                       else engine._mechanism_run.state_dict()),
+        # FSDP2: this rank's noise source draws this rank's shard (privgrad.distributed.fsdp)
+        "sharding": engine._distributed.layout() if getattr(
+            engine._distributed, "sharded", False) else None,
     }
 
 
@@ -123,6 +126,13 @@ def check(engine, state: dict) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(engine.settings)}
         state = {**state, "settings": {**{k: defaults.get(k) for k in here["settings"]},
                                        **saved_settings}}
+    if state.get("sharding") != here["sharding"]:
+        raise CheckpointError(
+            f"a sharded (FSDP2) run's engine state belongs to one rank of one world size (its "
+            f"noise source draws that rank's shard); got {state.get('sharding')!r} saved and "
+            f"{here['sharding']!r} here. Load each rank's own engine state in a job of the saved "
+            f"world size (the model and optimizer reshard through torch.distributed.checkpoint; "
+            f"the noise streams do not). Nothing was loaded.")
     for key in ("settings", "secure_mode", "dataset_size", "parameters"):
         if state.get(key) != here[key]:
             if key == "settings" and isinstance(state.get(key), dict):

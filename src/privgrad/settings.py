@@ -206,14 +206,6 @@ def check_arguments(*, module, optimizer, noise_multiplier, max_grad_norm, clipp
             "private training needs at least one trainable parameter in the optimizer; got "
             "none that requires grad. Unfreeze what you want to train (requires_grad_(True)) "
             "and build the optimizer over it.")
-    sharded = [p for p in params if type(p).__name__ == "DTensor" or
-               type(getattr(p, "data", None)).__name__ == "DTensor"]
-    if sharded:  # FSDP2 (fully_shard) or tensor parallelism: parameters are DTensors
-        raise ConfigError(
-            f"privgrad trains whole (unsharded) parameters; got {len(sharded)} sharded "
-            f"parameter(s) (DTensor, e.g. from torch.distributed.fsdp.fully_shard). Sharded "
-            f"private training is not built yet (issue 27). Train with DistributedDataParallel "
-            f"(docs/distributed.md), or in one process.")
     bound = check_bound(max_grad_norm, clipping, len(params))
     if clipping == "per_layer_adaptive":  # the bounds adapt one by one: each is recorded
         bound = tuple(per_layer_bounds(params, bound).values())

@@ -60,9 +60,10 @@ class TrainingHooks:
         """
         size = _validate.positive_int("max_physical_batch_size", max_physical_batch_size,
                                       "Pass the largest batch that fits in memory, e.g. 64.")
-        try:
+        try:  # sharded (FSDP2): every rank runs as many chunks as the rank that needs most
             yield VirtualBatches(data_loader, size, self._set_release, self._abandon,
-                                 owners=owners_of(self._rows.drawn))  # user-level: whole users
+                                 owners=owners_of(self._rows.drawn),  # user-level: whole users
+                                 chunks=self._distributed.chunks if self._sharded else None)
         finally:
             self._abandon()
 
@@ -94,6 +95,8 @@ class TrainingHooks:
                 for p in _settings.privatised(self._optimizer):  # for the self-check: autograd's
                     p.grad = None                               # gradient of this pass alone
         self._recorder.checking = self._checking
+        if self._sharded:  # FSDP2 reduce-scatters autograd's gradients for the self-check only
+            self._distributed.keep_raw = self._checking
 
     def _refuse_unbounded(self, params) -> None:
         late = [p for p in params if p not in self._bounded] if self._bounded else []
@@ -112,7 +115,11 @@ class TrainingHooks:
         # not under a GradScaler: its captured gradients are unscaled at the end of the pass
         return self._amp is None and materialize_early(capture, self.performance.grad_sample_mode)
 
-    def _on_backward(self, captures) -> None:
+    def _on_backward(self, captures, after_fsdp: bool = False) -> None:
+        if self._sharded and not after_fsdp:  # after FSDP2's own end-of-backward callback:
+            torch.autograd.Variable._execution_engine.queue_callback(eager(  # all resharded
+                lambda: self._on_backward(captures, after_fsdp=True)))
+            return
         self._guard.after_backward()
         if self._amp is not None and self._backward_since_step:
             self._amp.discard(self._clipped)  # GradScaler skipped the step: nothing released
@@ -126,6 +133,8 @@ class TrainingHooks:
                 "breaks the guarantee. Combine the losses into one before backward(), or split "
                 "a large batch with engine.virtual_batches(...), which steps per chunk.")
         params = _settings.privatised(self._optimizer)
+        if self._sharded:  # the calls recorded FSDP's gathered parameters: key by the shards
+            captures = self._distributed.own(captures)
         try:
             self._backward_since_step = self._add_backward(captures, params)
         finally:
@@ -167,8 +176,8 @@ class TrainingHooks:
                 "fixed-shape batch are padding; got a drawn batch without that record. Iterate "
                 "the loader make_private returned. Nothing was released.")
         if self._checking and self._recorder.checking:
-            if check_sums(batch, params, self._names(), loss_scale=loss_scale,
-                          loose=self._autocast):
+            check = self._distributed.check_sums if self._sharded else check_sums
+            if check(batch, params, self._names(), loss_scale=loss_scale, loose=self._autocast):
                 self._checked = self._checked | frozenset(params)
                 self._checking = self.check == "every_step"
                 self._recorder.checking = self._checking
@@ -251,9 +260,10 @@ class TrainingHooks:
         noise_std = std if self._distributed is None else self._distributed.noise_share(std)
         if run is not None:
             grads = run.release(sums, row=row, noise_std=noise_std, normaliser=normaliser)
-        else:
-            grads = noisy_gradients(params, sums, noise_std=noise_std, normaliser=normaliser,
-                                    noise=self.noise)
+        else:  # sharded (FSDP2): each rank noises its own shards (privgrad.distributed.fsdp)
+            release = self._distributed.release if self._sharded else noisy_gradients
+            grads = release(params, sums, noise_std=noise_std, normaliser=normaliser,
+                            noise=self.noise)
         if adaptive is not None:  # drawn where the gradient's noise is: once, after it
             grads[COUNT] = (adaptive.release(sums[COUNT][:-1], sums[COUNT][-1], self.noise)
                             if COUNT in sums else torch.zeros(
@@ -273,6 +283,11 @@ class TrainingHooks:
         self.dropped_examples += self.last_step_stats.dropped
         self._clipped.reset()
         return replaced
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether the model is sharded with FSDP2 (``privgrad.distributed.fsdp``)."""
+        return getattr(self._distributed, "sharded", False)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._guard.after_step()  # the optimizer's writes are the private step's own

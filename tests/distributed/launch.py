@@ -19,8 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(scenario: str, world_size: int, workdir: Path, timeout: float = 150.0) -> list[dict]:
-    """Run ``scenario`` on ``world_size`` ranks; return each rank's saved results, by rank."""
+def launch(scenario: str, world_size: int, workdir: Path, timeout: float = 150.0,
+           module: str = "tests.distributed.workers") -> list[dict]:
+    """Run ``scenario`` of ``module`` on ``world_size`` ranks; return each rank's saved
+    results, by rank."""
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "store"  # each phase of the scenario uses store.<k>
     env = {**os.environ, "WORLD_SIZE": str(world_size), "PRIVGRAD_TEST_STORE": str(store),
@@ -32,7 +34,7 @@ def launch(scenario: str, world_size: int, workdir: Path, timeout: float = 150.0
         log = open(workdir / f"rank{rank}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, "-W", "error", "-m", "tests.distributed.workers", scenario],
+            [sys.executable, "-W", "error", "-m", module, scenario],
             cwd=ROOT, env={**env, "RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:

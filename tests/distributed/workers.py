@@ -230,16 +230,16 @@ def noise(world_size: int, steps: int, mutant: dict | None = None,
 
 
 @contextmanager
-def patched(mutant: dict | None):
-    """Replace methods of DataParallel for the duration (a mutant), then restore them."""
-    originals = {name: getattr(DataParallel, name) for name in mutant or {}}
+def patched(mutant: dict | None, cls=DataParallel):
+    """Replace methods of ``cls`` for the duration (a mutant), then restore them."""
+    originals = {name: cls.__dict__[name] for name in mutant or {}}
     for name, replacement in (mutant or {}).items():
-        setattr(DataParallel, name, replacement)
+        setattr(cls, name, replacement)
     try:
         yield
     finally:
         for name, original in originals.items():
-            setattr(DataParallel, name, original)
+            setattr(cls, name, original)
 
 
 def secure(rank: int, world_size: int, mutant: dict | None = None) -> dict:

@@ -153,6 +153,38 @@ def test_ddp_example_under_torchrun_matches_one_process(tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp_example_under_torchrun_trains_lora_and_prints_epsilon(tmp_path):
+    """examples/fsdp_finetune.py (short): two processes, FSDP2 over a decoder with LoRA; it
+    prints the epsilon spent and saves the gathered adapters and each rank's engine state."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from .conftest import EXAMPLES
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(EXAMPLES / "fsdp_finetune.py"), "--examples", "256", "--epochs", "1",
+         "--epsilon", "4", "--out", str(tmp_path)],
+        env=env, check=False, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("2 process(es), FSDP2: 948,352 parameters (78,848 LoRA")
+    spent = float(lines[-2].split("epsilon spent: ")[1].split()[0])
+    assert 3.9 <= spent <= 4.0 and lines[-2].endswith("at delta = 1e-05")
+    adapters = torch.load(tmp_path / "adapters.pt", weights_only=True)
+    assert len(adapters) == 56 and all("lora_" in k for k in adapters)
+    assert sum(v.numel() for v in adapters.values()) == 78848
+    for rank in range(2):
+        state = torch.load(tmp_path / f"engine.rank{rank}.pt", weights_only=False)
+        assert state["sharding"] == {"rank": rank, "world_size": 2} and state["steps"] == 4
+
+
 def test_adult_users(adult_dir, tmp_path):
     users = load_example("adult_users")
     m = users.main(["--data-dir", str(adult_dir), "--epochs", "2", "--batch-size", "8",

@@ -2,7 +2,9 @@
 
 ``PrivacyEngine.make_private`` uses ``data_parallel()`` to decide whether it trains
 data-parallel (an initialised process group, or ``distributed=True``) and then the returned
-[`DataParallel`][privgrad.distributed.context.DataParallel] for the collective steps. See
+[`DataParallel`][privgrad.distributed.context.DataParallel] for the collective steps (for a
+model sharded with FSDP2's ``fully_shard``, a
+[`ShardedDataParallel`][privgrad.distributed.fsdp.ShardedDataParallel]). See
 docs/distributed.md.
 """
 

@@ -58,8 +58,8 @@ def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def data_parallel(distributed: bool | None, module: nn.Module,
-                  poisson_sampling: bool) -> DataParallel | None:
+def data_parallel(distributed: bool | None, module: nn.Module, poisson_sampling: bool,
+                  params: list | None = None, registry=None) -> DataParallel | None:
     """Decide whether ``make_private`` trains data-parallel, and over which group.
 
     Args:
@@ -68,6 +68,9 @@ def data_parallel(distributed: bool | None, module: nn.Module,
             this process on its own even inside a process group (never with DDP).
         module: the user's model, possibly a ``DistributedDataParallel``.
         poisson_sampling: the ``make_private`` argument of that name.
+        params, registry: the privatised parameters and the layer rules: a model sharded with
+            FSDP2 is checked (``privgrad.distributed.fsdp.sharded_model()``) and trained by a
+            [`ShardedDataParallel`][privgrad.distributed.fsdp.ShardedDataParallel].
 
     Returns:
         The [`DataParallel`][privgrad.distributed.context.DataParallel] to use, or ``None`` for
@@ -82,8 +85,16 @@ def data_parallel(distributed: bool | None, module: nn.Module,
         raise ConfigTypeError(
             f"distributed must be True, False or None; got distributed={distributed!r}. Pass "
             f"None to follow torch.distributed.is_initialized().")
+    from privgrad.distributed import fsdp  # (it builds on this module)
+
     is_ddp = isinstance(module, DistributedDataParallel)
+    sharded = params is not None and fsdp.sharded_model(module, params, registry)
     if distributed is False:
+        if sharded:
+            raise _validate.fail(
+                "a fully_shard (FSDP2) model needs data-parallel private training (each rank "
+                "holds only shards of the parameters)", "distributed", distributed,
+                "Pass distributed=None (the default) or True.")
         if is_ddp:
             raise _validate.fail(
                 "a DistributedDataParallel model needs data-parallel private training (alone, "
@@ -105,6 +116,8 @@ def data_parallel(distributed: bool | None, module: nn.Module,
             "global Poisson sample between the ranks; a per-rank loader's batch_size would make "
             "q and the normaliser wrong by the world size)", "poisson_sampling", poisson_sampling,
             "Drop poisson_sampling=False, or pass distributed=False to train each rank alone.")
+    if sharded:
+        return fsdp.ShardedDataParallel(module, params[0].device_mesh.get_group())
     return DataParallel(module.process_group if is_ddp else None, ddp=module if is_ddp else None)
 
 
@@ -126,6 +139,8 @@ class DataParallel:
     Attributes:
         rank, world_size: this process's place in ``group``.
     """
+
+    sharded = False  #: parameters sharded with FSDP2 (``ShardedDataParallel``)
 
     def __init__(self, group=None, ddp: DistributedDataParallel | None = None):
         self.group = group
@@ -179,6 +194,10 @@ class DataParallel:
         box = [int(seed)]
         dist.broadcast_object_list(box, src=self._src, group=self.group)
         return box[0]
+
+    def noise_seed(self, seed: int) -> int:
+        """The seed of this rank's noise source: its own (only rank 0's noise is released)."""
+        return seed
 
     def shard(self, sampler) -> ShardedSampler:
         """This rank's share of ``sampler``'s global samples (index ``i`` goes to rank

@@ -147,7 +147,8 @@ class BackwardBatch:
                 "ghost" if ghost else "materialize")
             if self.batch_size == 0:
                 for p in params.values():
-                    self._grads[p] = p.new_zeros((0, *p.shape))
+                    self._grads[p] = torch.zeros((0, *p.shape), dtype=p.dtype,  # not p.new_zeros:
+                                                 device=p.device)  # (a DTensor for FSDP2)
                 continue
             if ghost:
                 for n, sq in c.rule.ghost_norms_sq(module, c, single).items():
@@ -179,7 +180,7 @@ class BackwardBatch:
 
     def weighted_sums(
         self, weights: torch.Tensor | dict[nn.Parameter, torch.Tensor], keep: torch.Tensor | None = None,
-        *, sparse: bool = False,
+        *, sparse: bool = False, only: nn.Parameter | None = None,
     ) -> dict[nn.Parameter, torch.Tensor]:
         """``{p: sum_b w_b * g_b}`` with ``w`` one ``(B,)`` tensor or one per parameter.
 
@@ -187,13 +188,16 @@ class BackwardBatch:
         inputs and gradients are zeroed first, so a NaN or inf in them cannot leak into the sum
         through ``0 * inf``. ``sparse``: return sparse COO tensors where a rule offers them and
         they are smaller (embeddings: a sum touches only the rows of the tokens seen), for a
-        caller that adds the sums into dense buffers itself.
+        caller that adds the sums into dense buffers itself. ``only``: that parameter's sum
+        alone (sharded training forms and reduces one parameter's full-shape sum at a time).
         """
         def w_of(p):
             return weights[p] if isinstance(weights, dict) else weights
 
         out: dict[nn.Parameter, torch.Tensor] = {}
         for p, g in self._grads.items():
+            if only is not None and p is not only:
+                continue
             if keep is not None:
                 g = torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, 0)
             w = w_of(p).to(g.dtype)
@@ -201,6 +205,10 @@ class BackwardBatch:
             out[p] = (w @ g.reshape(g.shape[0], -1)).view(g.shape[1:]) if g.shape[0] else \
                 g.new_zeros(g.shape[1:])
         for (c, names), params in zip(self._ghost, self._ghost_params):
+            if only is not None:
+                names = tuple(n for n in names if params[n] is only)
+                if not names:
+                    continue
             if keep is not None:
                 c = masked(c, keep)
             groups = [names] if not isinstance(weights, dict) else [(n,) for n in names]

@@ -50,11 +50,15 @@ class ClippedSum:
         sparse_sums: keep embeddings' sums as sparse rows where that is smaller, for a release
             whose noise source ``fuses_sums`` (it adds them into the noise buffer); every other
             consumer needs dense sums.
+        shard: sharded (FSDP) training: ``(batch, weights, keep, params) -> {parameter: this rank's
+            shard of the summed clipped sum}`` (``privgrad.distributed.fsdp``); it forms and
+            reduces one parameter's full-shape sum at a time, so no full-model sum exists.
     """
 
     def __init__(self, bounds: float | dict[nn.Parameter, float], *, sparse_sums: bool = False,
-                 gamma: float | None = None):
+                 gamma: float | None = None, shard=None):
         self.sparse_sums = sparse_sums
+        self.shard = shard
         self.bounds = bounds
         self.gamma = gamma
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
@@ -87,7 +91,8 @@ class ClippedSum:
         keep = None if result.dropped == 0 else result.keep
         if pads:
             keep = real if keep is None else keep & real
-        sums = batch.weighted_sums(result.weights, keep, sparse=self.sparse_sums)
+        sums = (batch.weighted_sums(result.weights, keep, sparse=self.sparse_sums)
+                if self.shard is None else self.shard(batch, result.weights, keep, params))
         for p, s in sums.items():
             if p not in params:
                 continue

@@ -70,6 +70,14 @@ def _bounds(n: int, max_size: int, owners) -> list[tuple[int, int]]:
     return [*out, (start, n)]
 
 
+def _rows(batch, start: int, stop: int):
+    """Rows ``start:stop`` of every tensor of ``batch`` whose first dimension is the batch."""
+    n = batch_size_of(batch)
+    leaves, spec = tree_flatten(batch)
+    return tree_unflatten([leaf[start:stop] if isinstance(leaf, torch.Tensor) and leaf.dim() > 0
+                           and leaf.shape[0] == n else leaf for leaf in leaves], spec)
+
+
 class VirtualBatches:
     """Iterates physical chunks of the logical batches of ``data_loader``.
 
@@ -82,22 +90,30 @@ class VirtualBatches:
             logical batch left unfinished).
         owners: user-level privacy: ``() -> the user of each row of the batch just drawn``;
             chunks then never split a user (``split_batch()``).
+        chunks: sharded data-parallel training: ``(chunks this process needs) -> chunks to
+            run`` (the most any process needs); the extra chunks are empty, so every process
+            runs as many backward passes per logical batch as the others.
     """
 
     def __init__(self, data_loader: Iterable, max_physical_batch_size: int,
                  set_last: Callable[[bool], None], on_exit: Callable[[], None],
-                 owners: Callable[[], object] | None = None):
+                 owners: Callable[[], object] | None = None,
+                 chunks: Callable[[int], int] | None = None):
         self.data_loader = data_loader
         self.max_physical_batch_size = max_physical_batch_size
         self.set_last = set_last
         self.on_exit = on_exit
         self.owners = owners  # user-level: the users of the batch just drawn
+        self.chunks = chunks
 
     def __iter__(self) -> Iterator:
         try:
             for batch in self.data_loader:
                 owners = self.owners() if self.owners is not None else None
                 chunks = split_batch(batch, self.max_physical_batch_size, owners)
+                if self.chunks is not None:  # empty chunks: the rows past the end
+                    n = batch_size_of(batch)
+                    chunks += [_rows(batch, n, n)] * (self.chunks(len(chunks)) - len(chunks))
                 for k, chunk in enumerate(chunks):
                     self.set_last(k == len(chunks) - 1)
                     yield chunk
