@@ -2,6 +2,7 @@
 
     python benchmarks/fixed_cost.py                       # the MLP at batch 64 and 256, 1 thread
     python benchmarks/fixed_cost.py --models mlp,embedding --batches 256 --steps 600
+    python benchmarks/fixed_cost.py --models mlp,bag --batches 64 --also privgrad-bandmf4,privgrad-blt4
 
 Each stage of privgrad's step (the table ``STAGES`` below: the hooks, the capture, the norms, the
 clip factors, the weighted sums, the noise, the write into ``p.grad``, the guards) is timed by a
@@ -121,10 +122,12 @@ class StageClock:
         return timed
 
 
-def measure(name: str, batch: int, steps: int, clock: StageClock) -> dict:
-    """Median CPU microseconds per step of each stage and of the three steps."""
+def measure(name: str, batch: int, steps: int, clock: StageClock, also=()) -> dict:
+    """Median CPU microseconds per step of each stage and of the three steps (and of the
+    privgrad variants ``also``, interleaved with them; their ``x``: median of the per-step
+    ratios to privgrad's step)."""
     built = {}
-    for variant in ("nonprivate", "floor", "privgrad"):
+    for variant in ("nonprivate", "floor", "privgrad", *also):
         torch.manual_seed(0)
         built[variant] = prepare(name, batch, variant).step
     for step in built.values():
@@ -142,8 +145,11 @@ def measure(name: str, batch: int, steps: int, clock: StageClock) -> dict:
                 for stage, seconds in clock.now.items():
                     stages[stage].append(seconds * 1e6)
     over = statistics.median(a - b for a, b in zip(totals["privgrad"], totals["floor"]))
+    x = {k: statistics.median(a / b for a, b in zip(totals[k], totals["privgrad"]))
+         for k in (*also, "floor")}
+    x["floor"] = 1 / x["floor"]  # privgrad / floor
     return {"totals": {k: statistics.median(v) for k, v in totals.items()}, "over": over,
-            "stages": {k: statistics.median(v) for k, v in stages.items()}}
+            "x": x, "stages": {k: statistics.median(v) for k, v in stages.items()}}
 
 
 def main() -> None:
@@ -152,7 +158,13 @@ def main() -> None:
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--also", default="", help="privgrad variants to time alongside, e.g. "
+                    "privgrad-bandmf4,privgrad-bandmf16,privgrad-blt4")
     args = ap.parse_args()
+    also = tuple(v for v in args.also.split(",") if v)
+    wrong = [v for v in also if not v.startswith("privgrad-")]
+    if wrong:
+        ap.error(f"--also must name privgrad variants (privgrad-...); got {','.join(wrong)}")
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         ap.error(f"--models must name models of step_time.py ({', '.join(MODELS)}); got "
@@ -167,11 +179,12 @@ def main() -> None:
           f"\n# CPU microseconds of the calling thread, medians over {args.steps} steps\n")
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            r = measure(name, batch, args.steps, clock)
+            r = measure(name, batch, args.steps, clock, also)
             t = r["totals"]
             print(f"{name} B={batch}: non-private {t['nonprivate']:.0f} us, floor "
-                  f"{t['floor']:.0f} us, privgrad {t['privgrad']:.0f} us, privgrad - floor "
-                  f"{r['over']:+.0f} us\n")
+                  f"{t['floor']:.0f} us, privgrad {t['privgrad']:.0f} us (x{r['x']['floor']:.2f} "
+                  f"floor), privgrad - floor {r['over']:+.0f} us" + "".join(
+                      f"; {v} {t[v]:.0f} us (x{r['x'][v]:.3f} privgrad)" for v in also) + "\n")
             print("| stage | us |\n|---|---|")
             for stage, us in sorted(r["stages"].items(), key=lambda kv: -kv[1]):
                 print(f"| {stage} | {us:.0f} |")
