@@ -204,11 +204,11 @@ class BandedNoise(_Stream):
              out: torch.Tensor | None = None) -> torch.Tensor:
         """The next correlated noise tensor ``w_t`` (shaped like the template), times ``scale``.
 
-        One pass over the history: ``y_t = z_t / c_0 - sum_i (c_i / c_0) y_{t-i}`` is a single
-        matrix-vector product with the draws as its addend (``addmv``), then ``y_t`` is stored
-        and scaled (``scale``: the caller's factor, e.g. the noise's standard deviation, folded
-        into the same pass). ``out``: a contiguous tensor of the template's size to write ``w_t``
-        into (a buffer the caller reuses: no allocation per step); not ``z``.
+        One pass over the history: ``w_t = f (z_t / c_0 - sum_i (c_i / c_0) y_{t-i})`` is a
+        single matrix-vector product with the draws as its addend (``addmv``), with ``f`` the
+        column norm times ``scale`` (the caller's factor, e.g. the noise's standard deviation);
+        ``y_t = w_t / f`` is stored. ``out``: a contiguous tensor of the template's size to write
+        ``w_t`` into (a buffer the caller reuses: no allocation per step); not ``z``.
         """
         z = self._next_draw(z)
         t = self.step_index
@@ -218,14 +218,18 @@ class BandedNoise(_Stream):
                 return z if scale == 1.0 else z.mul(scale)
             return out.view(self.shape).copy_(z).mul_(scale).to(self.dtype)
         lags = self.bands - 1
-        y = torch.addmv(z.reshape(-1).to(self.work_dtype), self._history.view(lags, -1).t(),
-                        self._weights[t % lags], beta=1.0 / self._c0, alpha=-1.0 / self._c0,
-                        out=_flat_out(out, self.work_dtype))
-        self._history[t % lags] = y.view(self.shape)
         first_short = self.steps - self.bands + 1
         norm = self._norm_full if t < first_short else self._norms_last[t - first_short]
+        # w_t = f y_t with f = norm * scale formed by the product itself; y_t = w_t / f stored
+        f = norm * scale if norm * scale != 0 else 1.0
+        w = torch.addmv(z.reshape(-1).to(self.work_dtype), self._history.view(lags, -1).t(),
+                        self._weights[t % lags], beta=f / self._c0, alpha=-f / self._c0,
+                        out=_flat_out(out, self.work_dtype))
+        torch.div(w, f, out=self._history[t % lags].view(-1))
+        if f != norm * scale:  # scale 0
+            w.zero_()
         self.step_index += 1
-        return y.mul_(norm * scale).view(self.shape).to(self.dtype)
+        return w.view(self.shape).to(self.dtype)
 
 
 class BufferedNoise(_Stream):
