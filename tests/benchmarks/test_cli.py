@@ -44,6 +44,8 @@ def test_step_time_gives_every_configuration_the_same_environment_settings():
     ("ghost_norms", ["--width", "6"], "--width must be a multiple of the 4 heads; got 6"),
     ("guards", ["--models", "mlp,nope"], "--models must name models of step_time.py"),
     ("guards", ["--rounds", "0"], "--rounds must be 1 or more; got 0"),
+    ("fixed_cost", ["--steps", "0"], "--steps must be 1 or more; got 0"),
+    ("fixed_cost", ["--models", "mlp,nope"], "--models must name models of step_time.py"),
 ])
 def test_bad_arguments_are_refused_with_the_argument_and_value(script, argv, message, monkeypatch,
                                                                capsys):

@@ -152,7 +152,7 @@ class BackwardBatch:
                 continue
             if ghost:
                 for n, sq in c.rule.ghost_norms_sq(module, c, single).items():
-                    self.norms_sq[params[n]] = sq * self.scale**2 if self.scale != 1.0 else sq
+                    self.norms_sq[params[n]] = sq
                 self._ghost.append((c, single))
                 self._ghost_params.append(params)
                 single = ()
@@ -165,9 +165,11 @@ class BackwardBatch:
             flat = g.reshape(g.shape[0], math.prod(g.shape[1:]))
             if flat.dtype != accumulation_dtype(flat.dtype):
                 flat = flat.to(accumulation_dtype(flat.dtype))
-            sq = torch.linalg.vector_norm(flat, dim=1).square() if flat.shape[1] else \
-                flat.new_zeros(flat.shape[0])
-            self.norms_sq[p] = sq * self.scale**2 if self.scale != 1.0 else sq
+            self.norms_sq[p] = torch.linalg.vector_norm(flat, dim=1).square() if flat.shape[1] \
+                else flat.new_zeros(flat.shape[0])
+        if self.scale != 1.0 and self.norms_sq:  # one grouped multiply, not one per parameter
+            scaled = torch._foreach_mul(list(self.norms_sq.values()), self.scale**2)
+            self.norms_sq = dict(zip(self.norms_sq, scaled))
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -204,6 +206,8 @@ class BackwardBatch:
             w = w * self.scale if self.scale != 1.0 else w
             out[p] = (w @ g.reshape(g.shape[0], -1)).view(g.shape[1:]) if g.shape[0] else \
                 g.new_zeros(g.shape[1:])
+        # ghost: the scale enters each weight tensor once (flat: one for every layer)
+        scaled = {} if self.scale != 1.0 else None
         for (c, names), params in zip(self._ghost, self._ghost_params):
             if only is not None:
                 names = tuple(n for n in names if params[n] is only)
@@ -214,7 +218,11 @@ class BackwardBatch:
             groups = [names] if not isinstance(weights, dict) else [(n,) for n in names]
             for group in groups:
                 w = w_of(params[group[0]])
-                w = w * self.scale if self.scale != 1.0 else w
+                if scaled is not None:
+                    key = id(w)
+                    if key not in scaled:
+                        scaled[key] = (w, w * self.scale)  # (w kept: its id stays unique)
+                    w = scaled[key][1]
                 sums = c.rule.sparse_weighted_sum(c.module, c, group, w) if sparse else None
                 if sums is None:
                     sums = c.rule.weighted_sum(c.module, c, group, w)

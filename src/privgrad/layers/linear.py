@@ -80,6 +80,12 @@ def linear_ghost_norm_sq(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -
     return gram_inner(grams(a), grams(g))
 
 
+def _row_norms_sq(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``||x_b||^2`` of the rows of ``x: (b, f)``, in ``dtype``: one reduction, without the
+    ``(b, f)`` temporary of ``x.square().sum(1)``."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=dtype).square_()
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
@@ -111,9 +117,9 @@ class LinearRule(SpeedHooks, LayerRule):
         dtype = self.norm_dtype(g)
         out = {}
         if a.dim() == 2:  # one position per example: ||g_b a_b^T||^2 = ||a_b||^2 ||g_b||^2
-            g_sq = _as(g, dtype).square().sum(1)
+            g_sq = _row_norms_sq(g, dtype)
             if self.weight_name in names:
-                out[self.weight_name] = _as(a, dtype).square().sum(1) * g_sq
+                out[self.weight_name] = _row_norms_sq(a, dtype).mul_(g_sq)
             if self.bias_name in names:
                 out[self.bias_name] = g_sq
             return out

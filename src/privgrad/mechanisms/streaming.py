@@ -47,6 +47,13 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _flat_out(out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``out`` flattened (a view) where the work can be written into it, else ``None``."""
+    if out is None or out.dtype != dtype or not out.is_contiguous():
+        return None
+    return out.view(-1)
+
+
 class _Stream:
     """What both generators share: the template, the draws, the step count, the checks."""
 
@@ -193,21 +200,36 @@ class BandedNoise(_Stream):
     def _state(self) -> torch.Tensor:
         return self._history
 
-    def step(self, z: torch.Tensor | None = None) -> torch.Tensor:
-        """The next correlated noise tensor ``w_t`` (shaped like the template)."""
+    def step(self, z: torch.Tensor | None = None, *, scale: float = 1.0,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The next correlated noise tensor ``w_t`` (shaped like the template), times ``scale``.
+
+        One pass over the history: ``w_t = f (z_t / c_0 - sum_i (c_i / c_0) y_{t-i})`` is a
+        single matrix-vector product with the draws as its addend (``addmv``), with ``f`` the
+        column norm times ``scale`` (the caller's factor, e.g. the noise's standard deviation);
+        ``y_t = w_t / f`` is stored. ``out``: a contiguous tensor of the template's size to write
+        ``w_t`` into (a buffer the caller reuses: no allocation per step); not ``z``.
+        """
         z = self._next_draw(z)
         t = self.step_index
         if self.bands == 1:  # DP-SGD: the draws themselves, bit for bit
             self.step_index += 1
-            return z
+            if out is None:
+                return z if scale == 1.0 else z.mul(scale)
+            return out.view(self.shape).copy_(z).mul_(scale).to(self.dtype)
         lags = self.bands - 1
-        past = torch.tensordot(self._weights[t % lags], self._history, dims=1)  # one pass
-        y = past.sub_(z.to(self.work_dtype)).div_(-self._c0)  # (z - past) / c0, in place
-        self._history[t % lags] = y
         first_short = self.steps - self.bands + 1
         norm = self._norm_full if t < first_short else self._norms_last[t - first_short]
+        # w_t = f y_t with f = norm * scale formed by the product itself; y_t = w_t / f stored
+        f = norm * scale if norm * scale != 0 else 1.0
+        w = torch.addmv(z.reshape(-1).to(self.work_dtype), self._history.view(lags, -1).t(),
+                        self._weights[t % lags], beta=f / self._c0, alpha=-f / self._c0,
+                        out=_flat_out(out, self.work_dtype))
+        torch.div(w, f, out=self._history[t % lags].view(-1))
+        if f != norm * scale:  # scale 0
+            w.zero_()
         self.step_index += 1
-        return y.mul_(norm).to(self.dtype)
+        return w.view(self.shape).to(self.dtype)
 
 
 class BufferedNoise(_Stream):
@@ -253,11 +275,16 @@ class BufferedNoise(_Stream):
     def _state(self) -> torch.Tensor:
         return self._buffers
 
-    def step(self, z: torch.Tensor | None = None) -> torch.Tensor:
-        """The next correlated noise tensor ``w_t`` (shaped like the template)."""
+    def step(self, z: torch.Tensor | None = None, *, scale: float = 1.0,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The next correlated noise tensor ``w_t`` (shaped like the template), times ``scale``
+        (the caller's factor, folded into the one pass that forms ``w_t``); ``out`` as for
+        ``BandedNoise.step()``."""
         z = self._next_draw(z).to(self.work_dtype)
         flat = self._buffers.view(self.buffers, -1)  # one matrix-vector product over the buffers
-        w = torch.mv(flat.t(), self._out).view(self.shape).add_(z).mul_(self.scale)
+        s = self.scale * scale  # w = s (z + sum_i w_i u_i): the draws are addmv's addend
+        w = torch.addmv(z.reshape(-1), flat.t(), self._out, beta=s, alpha=s,
+                        out=_flat_out(out, self.work_dtype)).view(self.shape)
         torch.addcmul(z, self._buffers, self._decay, out=self._buffers)  # u <- decay u + z
         self.step_index += 1
         return w.to(self.dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,19 +64,30 @@ def _total_norm(norms_sq: dict[nn.Parameter, torch.Tensor], batch_size: int, dev
     if norms_sq:
         values = list(norms_sq.values())
         dtype = torch.float64 if any(sq.dtype == torch.float64 for sq in values) else torch.float32
-        return torch.stack([sq.to(dtype) for sq in values]).sum(0).sqrt()
+        if any(sq.dtype != dtype for sq in values):
+            values = [sq.to(dtype) for sq in values]
+        return torch.stack(values).sum(0).sqrt_()
     return torch.zeros(batch_size, device=device)
+
+
+def _flat_counts(norm: torch.Tensor, bound: float) -> tuple[int, int, int]:
+    """``(clipped, dropped, within)`` of ``ClipResult`` for flat clipping at ``bound``, counted on
+    the host: one copy of the ``B`` norms (on the CPU, a view), where counting them on the
+    device took seven small operations and a copy of the counts. The comparisons are the
+    device's: ``bound`` is rounded to the norms' dtype first, as ``norm > bound`` does."""
+    host = norm.detach().cpu().numpy()
+    finite = np.isfinite(host)
+    over = (host > host.dtype.type(bound)) & finite
+    dropped, clipped = host.size - int(finite.sum()), int(over.sum())
+    return clipped, dropped, host.size - dropped - clipped
 
 
 def flat_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,
               batch_size: int, device=None) -> ClipResult:
     """Weights ``min(1, C / ||g_b||)`` with ``||g_b||^2`` summed over all parameters."""
     norm = _total_norm(norms_sq, batch_size, device)
-    keep = torch.isfinite(norm)
-    weights = _factor(norm, max_grad_norm)
-    over = (norm > max_grad_norm) & keep
-    clipped, dropped, within = torch.stack([over.sum(), (~keep).sum(), (keep & ~over).sum()]).tolist()
-    return ClipResult(weights, keep, clipped, dropped, within)
+    clipped, dropped, within = _flat_counts(norm, max_grad_norm)
+    return ClipResult(_factor(norm, max_grad_norm), torch.isfinite(norm), clipped, dropped, within)
 
 
 def automatic_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from privgrad.errors import PrivacyStateError
+from privgrad.privatize.noise import reused
 from privgrad.privatize.secure import lattice_spacing
 from privgrad.privatize.step import accumulation_dtype
 
@@ -56,6 +57,7 @@ class CorrelatedRelease:
     def __init__(self, streams: dict, groups: dict, source):
         self.streams, self.groups, self.source = streams, groups, source
         self.secure = bool(source.secure)
+        self._kept: dict = {}  # each group's output buffer, reused once no gradient holds it
 
     @property
     def row(self) -> int:
@@ -95,15 +97,27 @@ class CorrelatedRelease:
             sizes = [p.numel() for p in params]
             if noise_std > 0:
                 stream = self.streams[(dtype, device)]
-                w = stream.step(self._draw(stream, sum(sizes), dtype, device))
-                noise = w.to(dtype).mul_(scale).split(sizes)
+                # the scale folded into the generator's own pass over its state
+                n = sum(sizes)
+                w = stream.step(self._draw(stream, n, dtype, device), scale=scale,
+                                out=reused(self._kept, n, dtype, device))
+                noise = w.to(dtype).split(sizes)
             else:
                 noise = [torch.zeros(n, dtype=dtype, device=device) for n in sizes]
-            for p, part in zip(params, noise):
-                total = part.view(p.shape)
+            totals = [part.view(p.shape) for p, part in zip(params, noise)]
+            dense_totals, dense_sums = [], []
+            for p, total in zip(params, totals):
                 s = sums.get(p)
-                if s is not None:
-                    total = total.add_(s.to_dense() if s.is_sparse else s, alpha=weight)
+                if s is None:
+                    pass
+                elif s.is_sparse:  # only its rows (an embedding's tokens), never densified
+                    total.add_(s, alpha=weight)
+                else:
+                    dense_totals.append(total)
+                    dense_sums.append(s)
+            if dense_totals:  # one grouped add for the group's parameters
+                torch._foreach_add_(dense_totals, dense_sums, alpha=weight)
+            for p, total in zip(params, totals):
                 if late:
                     total = _snap(total, noise_std)
                     if normaliser != 1.0:

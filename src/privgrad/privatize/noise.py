@@ -77,6 +77,7 @@ class TorchGaussian:
         self._generators: dict[torch.device, torch.Generator] = {}
         # sample_many's last CPU buffer per (dtype, device), reused once nothing else holds it
         self._kept: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._plan: tuple[tuple, list] | None = None  # sample_many's last layout and its groups
 
     def seeded(self, seed: int) -> TorchGaussian:
         """This source for one run: its own generators, seeded from ``seed``."""
@@ -146,27 +147,20 @@ class TorchGaussian:
         Where a view is still held, the call takes a fresh buffer and the held one is never
         written again.
         """
-        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, (_, dtype, device) in enumerate(likes):
-            groups.setdefault((dtype, torch.device(device)), []).append(i)
+        key = tuple(likes)
+        if self._plan is None or self._plan[0] != key:  # a plan per layout, kept while it repeats
+            self._plan = (key, _plan(likes))
         out: list[torch.Tensor | None] = [None] * len(likes)
-        for (dtype, device), members in groups.items():
-            sizes = [math.prod(likes[i][0]) for i in members]
+        for dtype, device, members, sizes, shapes in self._plan[1]:
             flat = self.fill(self._buffer(sum(sizes), dtype, device), std)
-            for i, piece in zip(members, flat.split(sizes)):
-                out[i] = piece.view(likes[i][0])
+            for i, piece, shape in zip(members, flat.split_with_sizes(sizes), shapes):
+                out[i] = piece.view(shape)
         return out
 
     def _buffer(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A flat ``n``-element buffer: the kept one if nothing else uses it, else a new one
         (kept in its place on the CPU)."""
-        key = (dtype, device)
-        kept = self._kept.pop(key, None)
-        if kept is None or kept.numel() != n or not _sole_user(kept):
-            kept = torch.empty(n, dtype=dtype, device=device)
-        if device.type == "cpu" and _use_count_baseline() is not None:
-            self._kept[key] = kept
-        return kept
+        return reused(self._kept, n, dtype, device)
 
     def add_noise(self, total: torch.Tensor, std: float) -> torch.Tensor:
         """``total + N(0, std^2)`` as a new tensor (the noise is drawn first, then added).
@@ -176,6 +170,30 @@ class TorchGaussian:
         (``SecureGaussian``).
         """
         return self.sample(total, std).add_(total)
+
+
+def reused(kept: dict, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat ``n``-element buffer for a release: ``kept[(dtype, device)]`` if nothing else uses
+    its memory any more, else a new one, which is then kept in its place (on the CPU; CUDA's
+    caching allocator already reuses its blocks). A model-sized block taken fresh every step
+    costs a page fault per 4 KiB on the CPU (see ``TorchGaussian.sample_many()``)."""
+    key = (dtype, device)
+    buffer = kept.pop(key, None)
+    if buffer is None or buffer.numel() != n or not _sole_user(buffer):
+        buffer = torch.empty(n, dtype=dtype, device=device)
+    if device.type == "cpu" and _use_count_baseline() is not None:
+        kept[key] = buffer
+    return buffer
+
+
+def _plan(likes: list[tuple[torch.Size, torch.dtype, torch.device]]) -> list[tuple]:
+    """``sample_many()``'s groups: ``(dtype, device, members, sizes, shapes)`` for each dtype and
+    device, in first-seen order (the order in which their buffers are filled)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, (_, dtype, device) in enumerate(likes):
+        groups.setdefault((dtype, torch.device(device)), []).append(i)
+    return [(dtype, device, members, [math.prod(likes[i][0]) for i in members],
+             [likes[i][0] for i in members]) for (dtype, device), members in groups.items()]
 
 
 def _draw_in_streams(flat: torch.Tensor, std: float, generator: torch.Generator | None) -> None:

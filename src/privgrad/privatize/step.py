@@ -44,10 +44,19 @@ def noisy_gradients(
     if noise.fuses_sums:
         draws = noise.sample_many([(p.shape, accumulation_dtype(p.dtype), p.device) for p in params],
                                   noise_std / normaliser)
+        dense_draws, dense_sums = [], []
         for p, g in zip(params, draws):
             s = sums.get(p)
-            if s is not None:
+            if s is None:
+                pass
+            elif s.is_sparse:
                 g.add_(s, alpha=1.0 / normaliser)
+            else:
+                dense_draws.append(g)
+                dense_sums.append(s)
+        if dense_draws:  # one grouped add (one kernel per dtype and device where supported)
+            torch._foreach_add_(dense_draws, dense_sums, alpha=1.0 / normaliser)
+        for p, g in zip(params, draws):
             out[p] = g if g.dtype == p.dtype else g.to(p.dtype)
         return out
     for p in params:
