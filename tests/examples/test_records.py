@@ -38,6 +38,7 @@ def test_fashion_mnist_scatter_recipe_two_seeds(kymatio, fashion_dir, tmp_path, 
     fm = load_example("fashion_mnist")
     argv = ["--recipe", "scatter", "--data-dir", str(fashion_dir), *SMALL, "--train-size", "64",
             "--test-size", "20", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    argv += ["--views", "2"]  # augmentation multiplicity: the image and its mirror image
     m = fm.main([*argv, "--seeds", "0", "1"])
     assert m["model"] == "scatter" and m["views"] == 2 and m["accountant"] == "pld"
     assert len(m["runs"]) == 2 and m["min"] <= m["test_accuracy"] <= m["max"]
@@ -54,7 +55,7 @@ def test_fashion_mnist_scatter_recipe_two_seeds(kymatio, fashion_dir, tmp_path, 
 
 def test_holdout_never_reads_the_test_set(kymatio, fashion_dir, tmp_path):
     fm = load_example("fashion_mnist")
-    args = fm.parse_args(["--recipe", "scatter", "--data-dir", str(fashion_dir),
+    args = fm.parse_args(["--recipe", "scatter", "--views", "2", "--data-dir", str(fashion_dir),
                           "--holdout", "0.25", "--train-size", "64", "--cache-dir", str(tmp_path)])
     (x, y), (x_eval, y_eval), split = fm.load(args, fm.FASHION)
     assert split == "validation" and len(y) == 48 and len(y_eval) == 16
