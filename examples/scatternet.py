@@ -8,7 +8,7 @@ map that costs no privacy. With ``J=2`` and 8 angles on a 28x28 image it gives 8
 Each example's channels are then group-normalised (``F.group_norm`` with no learned scale, the
 paper's 27 groups for the linear model): a per-example map too, so also free.
 
-Needs ``kymatio`` (``pip install 'privgrad[examples]'``). Only the 2D frontend is imported:
+Needs ``kymatio`` (``pip install -e ".[examples]"`` in a clone). Only the 2D frontend is imported:
 ``kymatio.torch`` also imports the 3D scattering, which asks scipy for ``sph_harm``, removed
 from scipy 1.17; the 2D transform never needs it.
 
@@ -41,7 +41,7 @@ def scattering():
         from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
     except ImportError as e:
         raise SystemExit("ScatterNet features need kymatio; got none installed. "
-                         "pip install 'privgrad[examples]'") from e
+                         "pip install -e '.[examples]' in a clone of privgrad") from e
     return ScatteringTorch2D(J=2, shape=(28, 28), L=8)
 
 
@@ -56,7 +56,8 @@ def features(images: torch.Tensor, key: str, cache_dir: Path, flip: bool = False
         flip: mirror the images left to right first (an augmented view).
     """
     digest = hashlib.sha1(images[:1].numpy().tobytes() + images[-1:].numpy().tobytes()).hexdigest()
-    path = Path(cache_dir) / "scatter" / f"{key}_{len(images)}_{digest[:8]}{'_flip' if flip else ''}.npy"
+    name = f"{key}_{len(images)}_{digest[:8]}{'_flip' if flip else ''}.npy"
+    path = Path(cache_dir) / "scatter" / name
     if path.exists():
         return torch.from_numpy(np.load(path))
     start, transform, out = time.perf_counter(), scattering(), []

@@ -15,7 +15,7 @@ SMALL = ["--epochs", "2", "--batch-size", "32", "--epsilon", "3"]
 @pytest.fixture(scope="module")
 def kymatio():
     return pytest.importorskip("kymatio", reason="ScatterNet features need kymatio "
-                               "(pip install 'privgrad[examples]')")
+                               "(pip install -e '.[examples]' in a clone)")
 
 
 @pytest.fixture(autouse=True)
