@@ -14,8 +14,9 @@ from scipy 1.17; the 2D transform never needs it.
 
 Features are cached as ``.npy`` files under ``--cache-dir`` (default ``~/.cache/privgrad``),
 keyed by the data set, split, image count and view (``flip`` is the mirrored image), so a run
-that is repeated, or sweeps epsilon, computes them once (about a minute for 70,000 images on one
-core).
+that is repeated, or sweeps epsilon, computes them once (84 s for the 60,000 training images
+on the 2-core VM when it was fairly quiet, ten minutes when it was shared eight ways; run with
+``--threads 1`` on a busy machine: two threads there made the transform 8x slower).
 """
 
 from __future__ import annotations
