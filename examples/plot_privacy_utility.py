@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-EXAMPLES = ("adult", "bbc_scratch", "bbc_minilm", "fashion_mnist")
+EXAMPLES = ("adult", "bbc_scratch", "bbc_minilm", "fashion_mnist", "mnist")
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -39,7 +39,7 @@ def sweep(example: str, epsilons: list[float], extra: list[str], out: Path) -> l
     """Run the example; one metrics dict per run (``results`` lists flattened)."""
     sys.path.insert(0, str(Path(__file__).parent))
     module = importlib.import_module(example)
-    if example == "fashion_mnist":  # one epsilon per run
+    if example in ("fashion_mnist", "mnist"):  # one epsilon per run
         runs = [module.main([*extra, "--epsilon", str(e), "--out", str(out / example)])
                 for e in epsilons]
         return [dict(r, target_epsilon=e) for r, e in zip(runs, epsilons)]

