@@ -146,7 +146,35 @@ def refusals(rank: int) -> dict:
         fully_shard(net[0])
         return net
 
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):  # fc's weight used again outside fc's call: no rule sees it
+            return F.linear(torch.tanh(self.fc(x)), self.fc.weight)
+
+    def weight_used_outside_its_call():
+        """The sharded self-check: the first step raises on every rank, nothing released."""
+        net = nn.Sequential(Tied(), nn.Sequential(nn.Linear(6, 3)))
+        for block in net:
+            fully_shard(block)
+        fully_shard(net)
+        before = full(net.parameters())
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        _, _, dl = PrivacyEngine().make_private(
+            module=net, optimizer=optimizer, data_loader=DataLoader(data(), batch_size=BATCH),
+            noise_multiplier=1.0, max_grad_norm=1.0)
+        x, y, _ = next(iter(dl))
+        try:
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        finally:
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, full(net.parameters())))
+            assert unchanged, "a parameter moved"
+
     return {
+        "tied": attempt(weight_used_outside_its_call),
         "layer_is_a_unit": attempt(private(layer_is_a_unit())),
         "embedding": attempt(private(with_embedding())),
         "root_not_sharded": attempt(private(root_not_sharded())),

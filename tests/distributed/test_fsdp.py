@@ -184,3 +184,14 @@ def test_bad_input_is_refused_on_every_rank_with_the_fix(two, case, message):
     for r in range(2):
         kind, text = two[r]["refusals"][case]
         assert kind == "ConfigError" and re.search(message, text), text
+
+
+def test_the_sharded_self_check_refuses_a_weight_used_outside_its_call(two):
+    """A Linear weight used again outside its module's call (a tied head): its per-sample sums
+    miss that use, so they do not add up to autograd's gradient; the first step raises on every
+    rank before anything is released (the worker checks that no parameter moved)."""
+    for r in range(2):
+        kind, text = two[r]["refusals"]["tied"]
+        assert kind == "PrivacyStateError", text
+        assert re.search(r"must add up to autograd's gradient .* sharded parameter\(s\) that do "
+                         r"not: 0\.fc\.weight .*Nothing was released", text), text

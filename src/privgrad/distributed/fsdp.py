@@ -32,7 +32,6 @@ Privacy:
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from torch.distributed.tensor import DTensor, Shard
 from privgrad import _validate
 from privgrad._precision import accumulation_dtype
 from privgrad.distributed.context import DataParallel
-from privgrad.engine.selfcheck import FLOOR, tolerance
+from privgrad.engine.selfcheck import mismatched
 from privgrad.errors import ConfigError, PrivacyStateError
 
 __all__ = ["SHARDED_RULES", "ShardedDataParallel", "sharded_model"]
@@ -311,10 +310,7 @@ class ShardedDataParallel(DataParallel):
         if total[-1] == 0 or not torch.isfinite(total).all():
             return False  # nothing to check (on any rank): again on the next pass
         rows = total[:-1].sqrt().reshape(-1, 3).tolist()
-        floor = FLOOR * math.sqrt(sum(max(g, s) ** 2 for g, s, _ in rows))
-        wrong = [(names.get(p, str(tuple(p.shape))), d / max(g, s, floor))
-                 for p, (g, s, d) in zip(params, rows)
-                 if d > tolerance(p.dtype, p.device, loose) * max(g, s, floor) + 1e-30]
+        wrong = mismatched([(p, d, max(g, s)) for p, (g, s, d) in zip(params, rows)], names, loose)
         if wrong:
             listed = ", ".join(f"{n} (relative difference {r:.2g})" for n, r in wrong[:6])
             raise PrivacyStateError(

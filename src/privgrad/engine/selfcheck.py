@@ -25,7 +25,7 @@ from torch import nn
 from privgrad.engine.batch import BackwardBatch
 from privgrad.errors import PrivacyStateError
 
-__all__ = ["FLOOR", "check_sums", "tolerance"]
+__all__ = ["FLOOR", "check_sums", "mismatched", "tolerance"]
 
 #: Sizes below this fraction of the whole model's gradient are compared at that fraction: a
 #: difference there changes no clipping factor measurably, and rounding dominates it.
@@ -74,6 +74,18 @@ def _sparse_norms(s: torch.Tensor, g: torch.Tensor, chunk: int = 1 << 20) -> tor
                         (near.square() + untouched).sqrt()])
 
 
+def mismatched(rows: list, names: dict, loose: bool = False) -> list[tuple[str, float]]:
+    """``(name, relative difference)`` of each parameter whose per-sample sum differs from
+    autograd's gradient beyond its dtype's tolerance; ``rows``: ``(parameter, difference,
+    size)``. A parameter whose gradient is zero in exact arithmetic (an attention key's bias)
+    holds rounding residue on both sides: it is compared at the scale of the whole model's
+    gradient (``FLOOR`` times the root-sum-of-squares of the sizes)."""
+    floor = FLOOR * math.sqrt(sum(size * size for _, _, size in rows))
+    return [(names.get(p, str(tuple(p.shape))), diff / max(size, floor))
+            for p, diff, size in rows
+            if diff > tolerance(p.dtype, p.device, loose) * max(size, floor) + 1e-30]
+
+
 def check_sums(batch: BackwardBatch, params: list[nn.Parameter], names: dict, *,
                loss_scale: float = 1.0, loose: bool = False) -> bool:
     """Compare, per parameter, the unclipped sum of per-sample gradients with ``p.grad``.
@@ -118,12 +130,7 @@ def check_sums(batch: BackwardBatch, params: list[nn.Parameter], names: dict, *,
         sq = batch.norms_sq.get(p)
         spread = 0.0 if sq is None else math.sqrt(float(sq.sum())) / batch.scale
         rows.append((p, diff, max(g_norm, s_norm, spread)))
-    # A parameter whose gradient is zero in exact arithmetic (an attention key's bias) holds
-    # rounding residue on both sides: compare it at the scale of the whole model's gradient.
-    floor = FLOOR * math.sqrt(sum(size * size for _, _, size in rows))
-    wrong = [(names.get(p, str(tuple(p.shape))), diff / max(size, floor))
-             for p, diff, size in rows
-             if diff > tolerance(p.dtype, p.device, loose) * max(size, floor) + 1e-30]
+    wrong = mismatched(rows, names, loose)
     if wrong:
         listed = ", ".join(f"{n} (relative difference {r:.2g})" for n, r in wrong[:6])
         raise PrivacyStateError(
