@@ -79,15 +79,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--train-size", type=int, default=None, help="use the first N training rows")
     p.add_argument("--test-size", type=int, default=None, help="use the first N test rows")
+    return parsed(p, argv, DATASETS, "runs/clipping_comparison")
+
+
+def parsed(p: argparse.ArgumentParser, argv, recipes: dict, out: str) -> argparse.Namespace:
+    """``p``'s arguments plus the data and run options both comparison examples share, with
+    the data set's recipe filling what the command line left out."""
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--model-dir", type=Path, default=None, help="bbc: the encoder's folder")
     p.add_argument("--max-length", type=int, default=128, help="bbc: tokens kept per article")
     p.add_argument("--validation", type=float, default=None,
                    help="hold out this share of the training set and report on it (tuning)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path("runs/clipping_comparison"))
+    p.add_argument("--out", type=Path, default=Path(out))
     args = p.parse_args(argv)
-    for key, value in DATASETS[args.dataset].items():
+    for key, value in recipes[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -101,15 +107,15 @@ def load(args):
     elif args.dataset == "bbc":
         import bbc_minilm
 
-        (x, y), (x_test, y_test) = bbc_minilm.frozen_features(
-            getattr(args, "max_length", 128), getattr(args, "model_dir", None), args.data_dir)
+        (x, y), (x_test, y_test) = bbc_minilm.frozen_features(args.max_length, args.model_dir,
+                                                              args.data_dir)
         make_model = lambda: nn.Linear(x.shape[1], len(bbc_minilm.CLASSES))
     else:
         data_dir = args.data_dir or fashion_mnist.DEFAULT_DATA
         x, y = fashion_mnist.load_split(data_dir, "train", None)
         x_test, y_test = fashion_mnist.load_split(data_dir, "t10k", None)
         make_model = fashion_mnist.tramer_boneh_cnn
-    if getattr(args, "validation", None):  # tune on the training data: its last share held out
+    if args.validation:  # tune on the training data: its last share held out
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
         cut = len(y) - int(round(args.validation * len(y)))
         (x, y), (x_test, y_test) = (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import clipping_comparison  # the sibling example: data sets, recipes and the data loading
 import fashion_mnist
@@ -54,18 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             "epochs", "batch_size", "train_size", "test_size") else float
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--model-dir", type=Path, default=None, help="bbc: the encoder's folder")
-    p.add_argument("--max-length", type=int, default=128, help="bbc: tokens kept per article")
-    p.add_argument("--validation", type=float, default=None,
-                   help="hold out this share of the training set and report on it (tuning)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path("runs/correlated_noise"))
-    args = p.parse_args(argv)
-    for key, value in RECIPES[args.dataset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
+    return clipping_comparison.parsed(p, argv, RECIPES, "runs/correlated_noise")
 
 
 def mechanism(name: str, args, n_train: int):
@@ -131,7 +119,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = clipping_comparison.load(argparse.Namespace(**{**vars(args)}))
+    data = clipping_comparison.load(args)
     print(f"{args.dataset}: {len(data[0][1])} train, {len(data[1][1])} test; {args.optimizer} "
           f"lr {args.lr:g} momentum {args.momentum:g}, {args.epochs} epochs, expected batch "
           f"{args.batch_size}, C {args.max_grad_norm:g}, delta={args.delta:g} (PLD), seeds "
