@@ -29,7 +29,12 @@ def test_adult_every_mechanism_at_every_epsilon(adult_dir, tmp_path, capsys):
         assert here["dpsgd"]["steps"] == here["bandmf:2"]["steps"]  # one epoch: round(N / B)
     for run in m["runs"]:
         assert 0 < run["epsilon_spent"] <= run["epsilon"]
+    # privgrad's prediction (MechanismWarning) is kept, not raised: BLT without amplification
+    # over 16 steps is the noisier one at epsilon 2 (1.31x DP-SGD's expected error); never DP-SGD
+    flagged = {(r["epsilon"], r["mechanism"]) for r in rows if r["predicted_noisier"]}
+    assert (2.0, "blt:2") in flagged and not any(n == "dpsgd" for _, n in flagged)
     printed = capsys.readouterr().out
+    assert " blt:2* " in printed
     assert all(printed.count(f" {name} ") >= 2 for name in MECHANISMS)
     assert json.loads((tmp_path / "adult.json").read_text())["summary"] == json.loads(json.dumps(rows))
 

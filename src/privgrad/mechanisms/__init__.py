@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from privgrad.mechanisms.accounting import amplified_event
 from privgrad.mechanisms.blt import BLTParameters
-from privgrad.mechanisms.strategies import BLT, DPSGD, MECHANISMS, BandMF
+from privgrad.mechanisms.strategies import BLT, DPSGD, MECHANISMS, BandMF, MechanismWarning
 from privgrad.mechanisms.streaming import BandedNoise, BufferedNoise
 from privgrad.mechanisms.toeplitz import WORKLOADS
 
@@ -32,5 +32,6 @@ __all__ = [
     "BandMF",
     "BandedNoise",
     "BufferedNoise",
+    "MechanismWarning",
     "amplified_event",
 ]

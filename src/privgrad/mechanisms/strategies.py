@@ -47,7 +47,13 @@ from privgrad.mechanisms.toeplitz import (
     workload_coefficients,
 )
 
-__all__ = ["BLT", "DPSGD", "MECHANISMS", "BandMF"]
+__all__ = ["BLT", "DPSGD", "MECHANISMS", "BandMF", "MechanismWarning"]
+
+
+class MechanismWarning(UserWarning):
+    """A correlated-noise mechanism is expected to train with more noise than plain DP-SGD at
+    the same epsilon (``make_private_with_epsilon`` compares them): allowed, private, and
+    probably a worse model."""
 
 
 def check_workload(workload: object) -> str:
