@@ -124,12 +124,10 @@ def test_bad_user_arguments_are_refused_with_the_value_and_the_fix(kwargs, error
         _make(**kwargs)
 
 
-def test_user_level_and_fixed_shapes_with_blt_refuse_correlated_noise_for_now():
-    from privgrad.mechanisms import BLT, BandMF
+def test_fixed_shapes_with_blt_are_refused():
+    """(User level with correlated noise works: tests/mechanisms/test_users.py.)"""
+    from privgrad.mechanisms import BLT
 
-    with pytest.raises(ConfigError, match=r"privacy_unit='user' works with DP-SGD for now"):
-        _make(privacy_unit="user", user_ids=IDS, max_examples_per_user=2,
-              mechanism=BandMF(num_bands=2), epochs=2)
     with pytest.raises(ConfigError, match=r"max_batch_size works with DP-SGD and BandMF"):
         _make(max_batch_size=6, mechanism=BLT(num_buffers=2, min_sep=2), epochs=2)
 

@@ -14,14 +14,23 @@ user)``: with the seed and the step counter (which the engine's ``state_dict`` s
 run draws exactly the rows an uninterrupted one would, and one user's choice does not depend on
 the number of users. In secure mode they come from the operating system.
 
+With a correlated-noise mechanism (``mechanism=BandMF(...)`` or ``BLT(...)``) the users are
+sampled cyclically instead ([`CyclicUserSampler`][privgrad.sampling.users.CyclicUserSampler]):
+each user belongs to one of ``b`` groups drawn from the secret key, as a record does under
+example-level cyclic sampling
+([`CyclicPoissonSampler`][privgrad.sampling.cyclic.CyclicPoissonSampler], whose guarantees
+carry over with users as its records), and step ``t`` draws each user of group ``t mod b`` with
+probability ``p = q b``; the rows of a drawn user are chosen as above.
+
 This module imports no torch.
 
 Privacy:
-    The accountant records the Poisson-subsampled Gaussian mechanism with ``q`` over users: that
-    is user-level DP provided each sampled user's examples enter one backward pass together and
-    their summed gradient is clipped to ``C`` as one vector (``privgrad.engine.groups``; the
-    engine refuses a pass that splits a user). The number of users and of each user's rows are
-    treated as public unless ``sample_rate`` and ``expected_batch_size`` are given.
+    The accountant records the Poisson-subsampled Gaussian mechanism with ``q`` over users (under
+    cyclic sampling: the mechanism's event over users, each round at ``p``): that is user-level
+    DP provided each sampled user's examples enter one backward pass together and their summed
+    gradient is clipped to ``C`` as one vector (``privgrad.engine.groups``; the engine refuses a
+    pass that splits a user). The number of users and of each user's rows are treated as public
+    unless ``sample_rate`` and ``expected_batch_size`` are given.
 """
 
 from __future__ import annotations
@@ -34,11 +43,12 @@ import numpy as np
 
 from privgrad import _validate
 from privgrad.errors import ConfigError, ConfigTypeError
+from privgrad.sampling.cyclic import CyclicPoissonSampler
 from privgrad.sampling.loader import DrawnBatches, poisson_loader
 from privgrad.sampling.plan import SamplingPlan
 from privgrad.sampling.poisson import Bits, PoissonSampler, numpy_bits, os_bits
 
-__all__ = ["UNITS", "UserPlan", "UserSampler", "user_index", "user_plan"]
+__all__ = ["UNITS", "CyclicUserSampler", "UserPlan", "UserSampler", "user_index", "user_plan"]
 
 #: The privacy units ``make_private`` takes.
 UNITS = ("example", "user")
@@ -79,7 +89,32 @@ def user_index(user_ids: object, num_records: int) -> tuple[np.ndarray, list[np.
     return owner, np.split(order, bounds)
 
 
-class UserSampler(PoissonSampler):
+class _UserRows:
+    """What a sampler over users adds to the sampler of its units (users): the rows of each
+    drawn user, at most ``k`` of them, chosen afresh at every step, and the note of whose each
+    row is."""
+
+    def _take_rows(self, rows: list[np.ndarray], max_examples_per_user: int) -> None:
+        self.rows = rows
+        self.k = max_examples_per_user
+        self.notes: deque[np.ndarray] = deque()
+
+    def sample(self) -> np.ndarray:
+        step = self.step
+        users = super().sample()
+        parts, owners = [], []
+        for u in users.tolist():
+            rows = self.rows[u]
+            if len(rows) > self.k:  # k of them, uniformly without replacement
+                words = self.bits(len(rows), _CHOICE_KEY + step * 2**31 + u)
+                rows = np.sort(rows[np.argsort(words, kind="stable")[: self.k]])
+            parts.append(rows)
+            owners.append(np.full(len(rows), u, dtype=np.int64))
+        self.notes.append(np.concatenate(owners) if owners else np.empty(0, dtype=np.int64))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+class UserSampler(_UserRows, PoissonSampler):
     """Yields one index array per step: each user's rows (at most ``k``) when it is sampled.
 
     Args:
@@ -98,23 +133,34 @@ class UserSampler(PoissonSampler):
     def __init__(self, rows: list[np.ndarray], sample_rate: float, max_examples_per_user: int,
                  *, bits: Bits, steps: int | None = None):
         super().__init__(len(rows), sample_rate, bits=bits, steps=steps)
-        self.rows = rows
-        self.k = max_examples_per_user
-        self.notes: deque[np.ndarray] = deque()
+        self._take_rows(rows, max_examples_per_user)
 
-    def sample(self) -> np.ndarray:
-        step = self.step
-        users = super().sample()
-        parts, owners = [], []
-        for u in users.tolist():
-            rows = self.rows[u]
-            if len(rows) > self.k:  # k of them, uniformly without replacement
-                words = self.bits(len(rows), _CHOICE_KEY + step * 2**31 + u)
-                rows = np.sort(rows[np.argsort(words, kind="stable")[: self.k]])
-            parts.append(rows)
-            owners.append(np.full(len(rows), u, dtype=np.int64))
-        self.notes.append(np.concatenate(owners) if owners else np.empty(0, dtype=np.int64))
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+class CyclicUserSampler(_UserRows, CyclicPoissonSampler):
+    """Yields one index array per step: the rows (at most ``k`` a user) of the users that
+    cyclic Poisson sampling over users draws (step ``t``: each user of group ``t mod b`` with
+    probability ``sample_rate``).
+
+    Args:
+        rows: the rows (record indices) of each user.
+        sample_rate: ``p``, the probability that a user of the step's group takes part.
+        max_examples_per_user: ``k``.
+        num_groups: ``b``, at most the number of users.
+        bits: as for [`CyclicPoissonSampler`][privgrad.sampling.cyclic.CyclicPoissonSampler].
+        group_key: the secret key of the users' groups.
+        steps: steps per epoch (default ``round(b / p)``).
+
+    Privacy:
+        The users drawn at each step are exactly ``CyclicPoissonSampler``'s draw over the ``U``
+        users (the same words, key and groups): a user takes part in at most one of any ``b``
+        consecutive steps, which is what the mechanism's event assumes of its unit.
+    """
+
+    def __init__(self, rows: list[np.ndarray], sample_rate: float, max_examples_per_user: int,
+                 num_groups: int, *, bits: Bits, group_key: int, steps: int | None = None):
+        super().__init__(len(rows), sample_rate, num_groups, bits=bits, group_key=group_key,
+                         steps=steps)
+        self._take_rows(rows, max_examples_per_user)
 
 
 class DrawnUsers(DrawnBatches):
@@ -157,9 +203,14 @@ class UserPlan(SamplingPlan):
                 "privacy_unit='user' runs in one process for now; got a data-parallel job. Each "
                 "rank would clip its share of a user's rows on its own. Pass distributed=False, "
                 "or privacy_unit='example'.")
-        sampler = UserSampler(self.rows, self.sample_rate, self.max_examples_per_user,
-                              bits=os_bits if secure else numpy_bits(seed),
-                              steps=self.steps_per_epoch)
+        bits = os_bits if secure else numpy_bits(seed)
+        if self.num_groups > 1:  # a correlated-noise mechanism: cyclic over users
+            sampler = CyclicUserSampler(self.rows, self.sample_rate, self.max_examples_per_user,
+                                        self.num_groups, bits=bits, group_key=group_key,
+                                        steps=self.steps_per_epoch)
+        else:
+            sampler = UserSampler(self.rows, self.sample_rate, self.max_examples_per_user,
+                                  bits=bits, steps=self.steps_per_epoch)
         drawn = DrawnUsers(sampler)
         loader = poisson_loader(data_loader, sampler, drawn)
         loader.sampling = self
@@ -182,6 +233,11 @@ def user_plan(base: SamplingPlan, data_loader, *, user_ids, max_examples_per_use
             "users.")
     _, rows = user_index(user_ids, base.dataset_size)
     capped = int(sum(min(len(r), k) for r in rows))
+    b = base.num_groups  # > 1: a correlated mechanism's cyclic sampling, now over users
+    if b > len(rows):
+        raise _validate.fail(
+            f"the sampling groups must not outnumber the users ({len(rows)})", "num_groups", b,
+            "Pass fewer bands (BandMF) or a smaller min_sep (BLT), or train on more users.")
     if sample_rate is None:
         batch_size = data_loader.batch_size
         if batch_size > capped:
@@ -190,10 +246,17 @@ def user_plan(base: SamplingPlan, data_loader, *, user_ids, max_examples_per_use
                 f"max_examples_per_user={k})", "batch_size", batch_size,
                 f"Use a batch size <= {capped}, or raise max_examples_per_user.")
         q, expected = batch_size / capped, float(batch_size)
+        if q * b > 1:
+            raise _validate.fail(
+                f"batch_size * num_groups must be at most the rows users can contribute "
+                f"({capped} with max_examples_per_user={k}): each group of users is sampled at "
+                f"rate batch_size * num_groups / {capped}", "batch_size", batch_size,
+                f"Use a batch size <= {capped // b}, fewer bands or a smaller min_sep, or raise "
+                f"max_examples_per_user.")
     else:  # declared: the number of users and their rows stay private
-        q = base.sample_rate
+        q = base.base_rate
         expected = float(expected_batch_size) if expected_batch_size is not None else q * capped
-    return UserPlan(base.dataset_size, q, expected, True, num_users=len(rows),
+    return UserPlan(base.dataset_size, q * b, expected, True, b, num_users=len(rows),
                     max_examples_per_user=k, rows=rows)
 
 
@@ -267,11 +330,6 @@ def refine(planned: tuple, data_loader, epochs=None, *, clipping="flat", sample_
     from privgrad.sampling.truncated import truncated_plan
 
     mechanism, base, steps = planned
-    if base.num_groups > 1 and privacy_unit == "user":
-        raise _validate.fail(
-            "privacy_unit='user' works with DP-SGD for now", "mechanism", mechanism,
-            "Drop mechanism= (DP-SGD), or drop privacy_unit='user': cyclic sampling over users "
-            "is not accounted yet.")
     if base.num_groups > 1 and max_batch_size is not None and not mechanism.amplified:
         raise _validate.fail(
             "max_batch_size works with DP-SGD and BandMF (their accounting is per step, where "
