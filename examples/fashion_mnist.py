@@ -13,10 +13,15 @@ Recipes, all at the same epsilon (``--epsilon``, default 3):
   the released noisy parameters: post-processing, no privacy cost).
 * ``--recipe scatter``: a linear model on group-normalised ScatterNet features
   (examples/scatternet.py; needs ``pip install -e ".[examples]"`` in a clone), PLD accounting,
-  batches of 4096, lr 16 (chosen on a held-out split of the training set: the paper's lr 4
-  left the model under-trained), 40 epochs, max_grad_norm 0.1.
+  batches of 4096, SGD with momentum 0.75 and lr 40 (the same lr / (1 - momentum) as the
+  second round's momentum 0.9 and lr 16; chosen on a held-out split of the training set: the
+  paper's lr 4 left the model under-trained), 40 epochs, max_grad_norm 0.1. Its test accuracy
+  (89.51% over three seeds) is level with the second round's (89.54%): the held-out gain was
+  noise, the rule "highest held-out accuracy" made it the recipe.
 
 Levers (each flag overrides the recipe): ``--lr``, ``--accountant``, ``--groups``, ``--ema``,
+``--tail K`` (evaluate the uniform average of the iterates of the last K epochs instead of the
+last iterate: post-processing of the released noisy parameters, no privacy cost),
 ``--mechanism bandmf:<bands>`` (correlated noise), ``--views 2`` (augmentation multiplicity:
 each example's gradient is the mean of its gradients on the image and on its mirror image, so
 one example still moves the sum by at most C), ``--model``. ``--holdout 0.1`` trains on 90% of
@@ -58,13 +63,14 @@ CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 HOLDOUT_SEED = 2021  # the held-out split is the same for every run and seed
 # Every recipe starts from BASE; any flag given on the command line wins.
-BASE = dict(model="cnn", accountant="pld", ema=0.0, epochs=40, batch_size=2048, lr=4.0,
+BASE = dict(model="cnn", accountant="pld", ema=0.0, tail=0, epochs=40, batch_size=2048, lr=4.0,
             momentum=0.9, max_grad_norm=0.1, groups=27, views=1, mechanism="dpsgd",
             grad_sample_mode="materialize")  # the fastest for the CNN on 2 cores
 RECIPES = {
     "paper": dict(accountant="rdp"),
     "tuned": dict(ema=0.99),
-    "scatter": dict(model="scatter", batch_size=4096, lr=16.0, grad_sample_mode="auto"),
+    "scatter": dict(model="scatter", batch_size=4096, lr=40.0, momentum=0.75,
+                    grad_sample_mode="auto"),
 }
 FASHION = dict(name="fashion_mnist", title="Fashion-MNIST", data_dir=DEFAULT_DATA, mirror=True,
                install="Install the Debian package: apt-get install dataset-fashion-mnist",
@@ -87,6 +93,9 @@ def parse_args(argv=None, dataset: dict = FASHION) -> argparse.Namespace:
     p.add_argument("--mechanism", default=None, help="dpsgd, or bandmf:<bands> (correlated noise)")
     p.add_argument("--ema", type=float, default=None,
                    help="decay of the weight average used for evaluation, 0 = off")
+    p.add_argument("--tail", type=int, default=None,
+                   help="evaluate the uniform average of the iterates after every step of the "
+                        "last TAIL epochs (post-processing), 0 = off")
     p.add_argument("--views", type=int, choices=(1, 2), default=None,
                    help="2: each example's gradient averages the image and its mirror image")
     p.add_argument("--groups", type=int, default=None,
@@ -108,6 +117,10 @@ def parse_args(argv=None, dataset: dict = FASHION) -> argparse.Namespace:
     for key, value in {**BASE, **dataset["recipes"][args.recipe]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.ema and args.tail:
+        p.error("--ema and --tail are two weight averages; pass one of them")
+    if not 0 <= args.tail <= args.epochs:
+        p.error(f"--tail must be between 0 and --epochs ({args.epochs}); got {args.tail}")
     if args.views == 2 and not dataset["mirror"]:
         p.error(f"--views 2 mirrors the images; {dataset['title']} is not mirror-symmetric")
     return args
@@ -249,7 +262,8 @@ def train(args, data, seed: int, path: Path, dataset: dict) -> dict:
     torch.manual_seed(seed)
     model = make_model(args, x.shape[-1])
     # The average is a plain copy taken before privgrad attaches its hooks to ``model``.
-    average = copy.deepcopy(model) if args.ema > 0 else None
+    average = copy.deepcopy(model) if args.ema > 0 or args.tail > 0 else None
+    averaged = 0  # iterates in the tail average so far
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     loader = DataLoader(Rows(x, y), batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     engine = None
@@ -265,7 +279,6 @@ def train(args, data, seed: int, path: Path, dataset: dict) -> dict:
               f"{s.sample_rate:.4f}, noise_multiplier={s.noise_multiplier:.3f} for epsilon<="
               f"{args.epsilon} at delta={args.delta:g} after {args.epochs} epochs "
               f"({args.accountant.upper()}, {args.mechanism})", flush=True)
-    evaluated = average if average is not None else model
     history, start = [], time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         epoch_start, losses = time.perf_counter(), []
@@ -275,11 +288,16 @@ def train(args, data, seed: int, path: Path, dataset: dict) -> dict:
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            if average is not None:
+            if args.ema > 0:
                 update_average(average, model, args.ema)
+            elif args.tail > 0 and epoch > args.epochs - args.tail:
+                averaged += 1  # running mean: the first tail iterate replaces the copy
+                update_average(average, model, 1.0 - 1.0 / averaged)
         shown = epoch % max(1, args.epochs // 10) == 0 or epoch == args.epochs
         # None: not private, or not computed this epoch (the PLD takes a while)
         eps = engine.get_epsilon(args.delta) if engine and shown else None
+        # the tail average is evaluated from its first epoch on, the iterate before it
+        evaluated = average if args.ema > 0 or averaged else model
         acc = accuracy(evaluated, x_eval, y_eval)
         history.append(dict(epoch=epoch, epsilon=eps, accuracy=acc,
                             train_loss=float(np.mean(losses)) if losses else None,
@@ -297,7 +315,7 @@ def train(args, data, seed: int, path: Path, dataset: dict) -> dict:
             sample_rate=engine.settings.sample_rate if engine else args.batch_size / len(y),
             steps=engine.steps if engine else None, epochs_done=epoch, epochs=args.epochs,
             model=args.model, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-            max_grad_norm=args.max_grad_norm, ema=args.ema, views=args.views,
+            max_grad_norm=args.max_grad_norm, ema=args.ema, tail=args.tail, views=args.views,
             groups=args.groups if args.model == "scatter" else None, train_size=len(y),
             eval_size=len(y_eval), holdout=args.holdout, seed=seed,
             train_seconds=round(seconds, 1), seconds_per_epoch=round(seconds / epoch, 1),

@@ -107,3 +107,27 @@ def test_the_views_average_inside_each_example():
     for k in range(2):
         (fm.loss_of(model, x[:1, k], y[:1]) / 2).backward()
     torch.testing.assert_close(model.weight.grad, both)
+
+
+def test_the_tail_average_is_the_mean_of_the_last_iterates(fashion_dir, tmp_path):
+    """``--tail K``: the running mean that update_average keeps is the plain mean of the
+    iterates it saw, and a run evaluates it (the flag is recorded, and refused with --ema)."""
+    fm = load_example("fashion_mnist")
+    average, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    seen = []
+    for k in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        seen.append(model.weight.detach().clone())
+        fm.update_average(average, model, 1.0 - 1.0 / k)
+    torch.testing.assert_close(average.weight, torch.stack(seen).mean(0))
+    argv = ["--recipe", "tuned", "--ema", "0", "--data-dir", str(fashion_dir), *SMALL,
+            "--train-size", "64", "--test-size", "20", "--out", str(tmp_path)]
+    m = fm.main([*argv, "--tail", "1"])
+    assert m["tail"] == 1 and m["ema"] == 0 and 0 < m["epsilon"] <= 3.0
+    assert fm.main(argv)["tail"] == 0
+    with pytest.raises(SystemExit):
+        fm.parse_args(["--recipe", "tuned", "--tail", "1"])  # tuned's EMA is a second average
+    with pytest.raises(SystemExit):
+        fm.parse_args(["--tail", "41"])
