@@ -280,6 +280,8 @@ class Recorder:
                                          backward_all)):
                 leaves[i] = y
             replaced = _unflatten(leaves, spec)
+        if not self.checking:
+            speed_hooks(rule).keep_from_forward(module, [leaves[i] for i in index], scratch)
         self._captures.append(weakref.ref(capture))
         for slot, i in enumerate(index):
             leaves[i].register_hook(partial(self._grad_hook, capture, slot))

@@ -95,8 +95,13 @@ class _ChannelRule(_AffineNormRule):
         if groups is None or not positions:
             return super().per_sample_gradients(module, capture, names)
         folded = x.reshape(1, b * c, positions)
-        _, mean, rstd = torch.ops.aten.native_group_norm(
-            folded, None, None, 1, b * c, positions, b * groups, module.eps)
+        kept = capture.scratch.get("group_stats")  # the forward's own (keep_from_forward)
+        if kept is not None and all(t.shape == (b, groups) and t.dtype == x.dtype
+                                    and t.device == x.device for t in kept):
+            mean, rstd = (t.reshape(1, b * groups) for t in kept)
+        else:
+            _, mean, rstd = torch.ops.aten.native_group_norm(
+                folded, None, None, 1, b * c, positions, b * groups, module.eps)
         ones = folded.new_ones(b * c)  # the affine weight enters the input gradient only
         _, weight, bias = torch.ops.aten.native_group_norm_backward(
             g.to(x.dtype).reshape(1, b * c, positions), folded, mean, rstd, ones, 1, b * c,
@@ -110,10 +115,21 @@ class _ChannelRule(_AffineNormRule):
 
 
 class GroupNormRule(_ChannelRule):
-    """Rule for ``nn.GroupNorm``."""
+    """Rule for ``nn.GroupNorm``.
+
+    The per-group mean and reciprocal standard deviation of the forward pass are read from its
+    autograd node (``keep_from_forward``: the same kernel on the same input gives them bit for
+    bit) instead of normalising the input a second time, which cost as much as the layer's
+    forward (4.1 ms against 3.1 for 64 x 32 x 32 x 32 on one CPU thread).
+    """
 
     def groups(self, module):
         return module.num_groups
+
+    def keep_from_forward(self, module, outputs, scratch):
+        node = outputs[0].grad_fn if len(outputs) == 1 else None
+        if type(node).__name__ == "NativeGroupNormBackward0":  # else recomputed
+            scratch["group_stats"] = (node._saved_result1, node._saved_result2)
 
     def normalized(self, module, x):
         return F.group_norm(x, module.num_groups, None, None, module.eps)

@@ -80,6 +80,14 @@ class SpeedHooks:
         otherwise recompute."""
         return None
 
+    def keep_from_forward(self, module: nn.Module, outputs: list, scratch: dict) -> None:
+        """Keep in ``scratch`` (which becomes the call's ``capture.scratch``) what the
+        forward's own autograd node saved and the rule's methods would otherwise compute again
+        from the input, e.g. GroupNorm's per-group mean and reciprocal standard deviation.
+        Called once, when the call is captured, with its hooked output tensors (not while the
+        engine self-checks). The values kept must be the very ones a recomputation gives.
+        Default: nothing."""
+
     # -- the cost model: which exact method the "auto" mode picks for one call ----------------
     def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
         """Approximate multiply-adds of the ghost norm for this call (default: infinite, so
