@@ -103,16 +103,10 @@ class Recorder:
 
     privgrad_hooks = True  # its hooks are privgrad's own (see _only_privgrad_hooks)
 
-    def __init__(
-        self,
-        module: nn.Module,
-        registry: RuleRegistry,
-        on_backward: Callable[[list[Capture]], None],
-        *,
-        skip_parameter_grads: bool = False,
-        early: Callable[[Capture], bool] | None = None,
-        tag: Callable[[], object] | None = None,
-    ):
+    def __init__(self, module: nn.Module, registry: RuleRegistry,
+                 on_backward: Callable[[list[Capture]], None], *,
+                 skip_parameter_grads: bool = False, early: Callable[[Capture], bool] | None = None,
+                 tag: Callable[[], object] | None = None):
         self.module = module
         self.tag = tag
         self.checking = False
