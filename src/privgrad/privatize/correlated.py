@@ -109,8 +109,8 @@ class CorrelatedRelease:
             for p, total in zip(params, totals):
                 s = sums.get(p)
                 if s is None:
-                    pass
-                elif s.is_sparse:  # only its rows (an embedding's tokens), never densified
+                    continue
+                if s.is_sparse:  # only its rows (an embedding's tokens), never densified
                     total.add_(s, alpha=weight)
                 else:
                     dense_totals.append(total)
