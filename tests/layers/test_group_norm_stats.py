@@ -73,3 +73,25 @@ def test_statistics_of_another_dtype_are_not_used():
 
 def test_group_norm_models_still_match_the_one_example_references():
     check_module(model(torch.float64), (torch.randn(4, 3, 5, 5, dtype=torch.float64),))
+
+
+def test_an_output_replaced_by_another_hook_is_normalised_again():
+    """A forward hook of the user's that returns a new tensor (here a clone) hides the layer's
+    autograd node from privgrad's hook: nothing is kept, the input is normalised again, and the
+    per-sample gradients are those of the plain layer still."""
+    net = model(torch.float64)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    seen = {}
+
+    def keep(m, args, out):
+        seen.update(x=args[0].detach())
+        out = out.clone()
+        out.register_hook(lambda g: seen.update(g=g.detach()))
+        return out
+    net[1].register_forward_hook(keep)
+    with GroupNormForwards() as calls, PerSampleGradients(net, mode="materialize") as psg:
+        net(x).square().sum().backward()
+    assert calls.count == 2  # the forward, and the recomputation the kept statistics would save
+    want = recomputed(net[1], seen["x"], seen["g"])
+    for name in ("weight", "bias"):
+        assert torch.equal(psg.gradients[f"1.{name}"], want[name])
