@@ -126,8 +126,9 @@ class LinearRule(SpeedHooks, LayerRule):
         a, g = positions(a), positions(g)
         if self.weight_name in names:
             out[self.weight_name] = linear_ghost_norm_sq(a, g, dtype)
-        if self.bias_name in names:
-            out[self.bias_name] = _as(g, dtype).sum(1).square().sum(1)
+        if self.bias_name in names:  # kept: the weighted sum reads them instead of g again
+            rows = capture.scratch["bias_rows"] = _as(g, dtype).sum(1)
+            out[self.bias_name] = rows.square().sum(1)
         return out
 
     def weighted_sum(self, module: nn.Module, capture: Capture, names, weights):
@@ -141,7 +142,9 @@ class LinearRule(SpeedHooks, LayerRule):
             out[self.weight_name] = self._orient(sum_of_outer(
                 g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), rows))
         if self.bias_name in names:
-            out[self.bias_name] = w @ (g if g.dim() == 2 else g.sum(1))
+            rows = capture.scratch.get("bias_rows")  # the ghost norm's per-sample gradients
+            rows = g if g.dim() == 2 else g.sum(1) if rows is None else rows.to(g.dtype)
+            out[self.bias_name] = w @ rows
         return out
 
     def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
