@@ -194,8 +194,8 @@ class ConvRule(SpeedHooks, LayerRule):
                 out["weight"] = linear_ghost_norm_sq(flat_u, flat_g, dtype).view(b, groups).sum(1)
             else:
                 out["weight"] = self._chunked_norms_sq(module, capture, dtype)
-        if "bias" in names:
-            bias = g_full.to(dtype).flatten(2).sum(-1)
+        if "bias" in names:  # kept: the weighted sum reads them instead of g again
+            bias = capture.scratch["bias_rows"] = g_full.to(dtype).flatten(2).sum(-1)
             out["bias"] = bias.square().sum(1)
         return out
 
@@ -224,7 +224,8 @@ class ConvRule(SpeedHooks, LayerRule):
             else:
                 out["weight"] = conv_weight_sum(module, x, g_full * rows)
         if "bias" in names:
-            out["bias"] = w @ g_full.flatten(2).sum(-1)
+            rows = capture.scratch.get("bias_rows")  # the ghost norm's per-sample gradients
+            out["bias"] = w @ (g_full.flatten(2).sum(-1) if rows is None else rows.to(w.dtype))
         return out
 
     def input_backward(self, module, args, kwargs):

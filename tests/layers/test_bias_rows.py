@@ -1,7 +1,8 @@
-"""A sequence Linear layer's per-sample bias gradients (``sum_t G_bt``), formed once by the ghost
-norm and read again by the weighted sum (``capture.scratch["bias_rows"]``) instead of a second
-pass over the output gradient: the same numbers as before, one reduction of ``G`` per step, and
-a masked capture (dropped examples) that never reads rows formed before the mask."""
+"""Per-sample bias gradients (``sum_t G_bt``) of a Linear layer over sequences and of a
+convolution, formed once by the ghost norm and read again by the weighted sum
+(``capture.scratch["bias_rows"]``) instead of a second pass over the output gradient: the same
+numbers as before, one reduction of ``G`` per step, and a masked capture (dropped examples) that
+never reads rows formed before the mask."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from privgrad.layers.base import Capture
+from privgrad.layers.conv import ConvRule
 from privgrad.layers.linear import LinearRule
 
 
@@ -78,3 +80,22 @@ def test_half_precision_output_gradients_sum_in_float32_for_both():
     assert norms["bias"].dtype == torch.float32 and torch.equal(norms["bias"], rows.square().sum(1))
     assert sums["bias"].dtype == torch.float16
     assert torch.allclose(sums["bias"].float(), w.float() @ rows, rtol=2e-3, atol=2e-3)
+
+
+def test_a_convolution_keeps_its_bias_rows_too():
+    torch.manual_seed(0)
+    layer, rule, names = nn.Conv2d(3, 4, 3, padding=1).double(), ConvRule(), ("weight", "bias")
+    x, g, w = torch.randn(5, 3, 6, 6).double(), torch.randn(5, 4, 6, 6).double(), torch.rand(5).double()
+    c = capture(layer, x, g)
+    with Reductions((5, 4, 36)) as seen:
+        norms = rule.ghost_norms_sq(layer, c, names)
+        sums = rule.weighted_sum(layer, c, names, w)
+    assert seen.count == 1
+    rows = g.flatten(2).sum(-1)
+    assert torch.equal(norms["bias"], rows.square().sum(1)) and torch.equal(sums["bias"], w @ rows)
+    keep = torch.tensor([True, True, False, True, True])
+    g[2, 0, 0, 0] = float("nan")
+    c = capture(layer, x, g)
+    rule.ghost_norms_sq(layer, c, names)
+    masked = rule.weighted_sum(layer, rule.masked(c, keep), names, torch.where(keep, w, 0))
+    assert torch.allclose(masked["bias"], w[keep] @ g[keep].flatten(2).sum(-1), rtol=1e-12)
