@@ -12,6 +12,11 @@ Needs ``kymatio`` (``pip install -e ".[examples]"`` in a clone). Only the 2D fro
 ``kymatio.torch`` also imports the 3D scattering, which asks scipy for ``sph_harm``, removed
 from scipy 1.17; the 2D transform never needs it.
 
+``cnn()`` is the small CNN that Tramèr & Boneh train on these features ("ScatterNet + CNN",
+their models.py for MNIST and Fashion-MNIST, default size): two 3x3 convolutions (16 channels
+with stride 2, so 7x7 -> 4x4, then 32), tanh after each, and a 512 -> 32 -> 10 tanh classifier
+(33,066 parameters). It reads the flattened features and folds them back into 81 x 7 x 7.
+
 Features are cached as ``.npy`` files under ``--cache-dir`` (default ``~/.cache/privgrad``),
 keyed by the data set, split, image count and view (``flip`` is the mirrored image), so a run
 that is repeated, or sweeps epsilon, computes them once (84 s for the 60,000 training images
@@ -29,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 CHANNELS, SIDE = 81, 7  # J=2, L=8 on 28x28 images
 DEFAULT_CACHE = Path.home() / ".cache" / "privgrad"
@@ -80,3 +86,15 @@ def group_normalise(coefficients: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 0:
         return coefficients
     return F.group_norm(coefficients, groups)
+
+
+def cnn(classes: int = 10) -> nn.Module:
+    """Tramèr & Boneh's ScatterNet + CNN for 28x28 images, on flattened ``(B, 3969)`` features
+    (group-normalised already: the model has no normalisation of its own). Every trainable layer
+    is a ``Conv2d`` or a ``Linear``, which privgrad's rules cover."""
+    return nn.Sequential(
+        nn.Unflatten(1, (CHANNELS, SIDE, SIDE)),
+        nn.Conv2d(CHANNELS, 16, 3, stride=2, padding=1), nn.Tanh(),  # 7x7 -> 4x4
+        nn.Conv2d(16, 32, 3, stride=1, padding=1), nn.Tanh(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, classes),
+    )

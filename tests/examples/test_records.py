@@ -131,3 +131,27 @@ def test_the_tail_average_is_the_mean_of_the_last_iterates(fashion_dir, tmp_path
         fm.parse_args(["--recipe", "tuned", "--tail", "1"])  # tuned's EMA is a second average
     with pytest.raises(SystemExit):
         fm.parse_args(["--tail", "41"])
+
+
+def test_scatternet_cnn(kymatio, fashion_dir, tmp_path, cache):
+    """``--model scatter_cnn``: Tramèr & Boneh's small CNN on the 81 x 7 x 7 features. Every
+    trainable layer has a rule (a parameter without one would be an error), its per-sample
+    gradients equal the one-example-at-a-time references in every engine mode, and a few
+    private steps run through MNIST's pipeline."""
+    from privgrad.testing import check_rule
+
+    scatternet = load_example("scatternet")
+    model = scatternet.cnn()
+    assert sum(p.numel() for p in model.parameters()) == 33_066
+    torch.manual_seed(0)
+    check_rule(model, (torch.randn(5, 81 * 7 * 7),))
+    mnist = load_example("mnist")
+    argv = ["--recipe", "scatter", "--model", "scatter_cnn", "--data-dir", str(fashion_dir),
+            *SMALL, "--train-size", "64", "--test-size", "20", "--cache-dir", str(cache),
+            "--out", str(tmp_path)]
+    m = mnist.main(argv)
+    assert m["model"] == "scatter_cnn" and m["groups"] == 27 and 0 < m["epsilon"] <= 3.0
+    assert m["steps"] > 0 and 0 <= m["test_accuracy"] <= 1
+    fm = load_example("fashion_mnist")
+    with pytest.raises(SystemExit, match=r"--views 1"):  # one view: the CNN takes 81 x 7 x 7
+        fm.main([*argv, "--views", "2"])
