@@ -76,6 +76,19 @@ def test_cnn_with_correlated_noise(fashion_dir, tmp_path):
         fm.main(["--views", "2", "--data-dir", str(fashion_dir), *SMALL, "--out", str(tmp_path)])
 
 
+def test_fashion_mnist_bandmf_recipe(fashion_dir, tmp_path):
+    """The end-to-end CNN's correlated-noise recipe: its settings, and a few private steps with
+    8 bands (a batch of 8 of the 96 stand-in images: rate 1/12, so 8 groups fit)."""
+    fm = load_example("fashion_mnist")
+    args = fm.parse_args(["--recipe", "bandmf"])
+    assert (args.model, args.mechanism, args.momentum, args.lr, args.ema, args.batch_size) == (
+        "cnn", "bandmf:8", 0.75, 20.0, 0.99, 2048)
+    m = fm.main(["--recipe", "bandmf", "--data-dir", str(fashion_dir), "--epochs", "2",
+                 "--batch-size", "8", "--test-size", "20", "--out", str(tmp_path)])
+    assert m["mechanism"] == "bandmf:8" and 0 < m["epsilon"] <= 3.0
+    assert (tmp_path / "bandmf_eps3.json").exists()
+
+
 def test_mnist_recipes(kymatio, fashion_dir, tmp_path, cache):
     """MNIST's files have the same format; the stand-in Fashion-MNIST files serve."""
     mnist = load_example("mnist")
