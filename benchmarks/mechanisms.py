@@ -22,6 +22,7 @@ above the target (5% of a step), no kernel or reordering can meet it on this mac
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -31,6 +32,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 import step_time  # (the reference models and the timed worker)
 
 VARIANTS = ("privgrad", *step_time.MECHANISM_VARIANTS)
+
+
+def times_ms(fn, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``fn``, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def own_costs(size: int = 1_000_000, repeats: int = 50) -> dict[str, tuple[float, float]]:
@@ -45,11 +57,7 @@ def own_costs(size: int = 1_000_000, repeats: int = 50) -> dict[str, tuple[float
     source = TorchGaussian(seed=0)
 
     def timed(fn) -> float:
-        fn()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - start) / repeats * 1e3
+        return statistics.fmean(times_ms(fn, repeats))
 
     out["dp-sgd"] = (timed(lambda: noisy_gradients(params, sums, noise_std=1.0, normaliser=64.0,
                                                    noise=source)), 0.0)
@@ -70,13 +78,7 @@ def traffic_floor(size: int, repeats: int = 21) -> dict[str, float]:
     (median of ``repeats``), for BandMF with 4 and 16 bands and BLT with 4 buffers."""
 
     def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[repeats // 2] * 1e3
+        return statistics.median(times_ms(fn, repeats))
 
     z, out = torch.randn(size), torch.empty(size)
     floors = {}

@@ -105,6 +105,13 @@ class Capture:
         self.args, self.kwargs, self.grad_outputs = (), {}, []
         self.scratch, self.outputs, self.early = {}, [], None
 
+    def kept(self, key: str, compute):
+        """``scratch[key]``, from ``compute()`` on first use: what a rule's norm and its weighted
+        sum both need is formed once a call (a masked copy of the capture starts empty)."""
+        if key not in self.scratch:
+            self.scratch[key] = compute()
+        return self.scratch[key]
+
     @property
     def activation(self) -> torch.Tensor:
         """The first positional input (the activation, for single-input layers)."""

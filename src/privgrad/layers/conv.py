@@ -194,10 +194,15 @@ class ConvRule(SpeedHooks, LayerRule):
                 out["weight"] = linear_ghost_norm_sq(flat_u, flat_g, dtype).view(b, groups).sum(1)
             else:
                 out["weight"] = self._chunked_norms_sq(module, capture, dtype)
-        if "bias" in names:  # kept: the weighted sum reads them instead of g again
-            bias = capture.scratch["bias_rows"] = g_full.to(dtype).flatten(2).sum(-1)
-            out["bias"] = bias.square().sum(1)
+        if "bias" in names:
+            out["bias"] = self._bias_rows(capture).square().sum(1)
         return out
+
+    def _bias_rows(self, capture: Capture) -> torch.Tensor:
+        """Per-sample bias gradients (the output gradient summed over positions), in the norm
+        dtype, formed once a call: the ghost norm and the weighted sum both read them."""
+        g = capture.grad_output
+        return capture.kept("bias_rows", lambda: g.to(self.norm_dtype(g)).flatten(2).sum(-1))
 
     def _chunked_norms_sq(self, module, capture: Capture, dtype) -> torch.Tensor:
         """Squared per-sample weight-gradient norms, the gradients formed a chunk of examples
@@ -224,8 +229,7 @@ class ConvRule(SpeedHooks, LayerRule):
             else:
                 out["weight"] = conv_weight_sum(module, x, g_full * rows)
         if "bias" in names:
-            rows = capture.scratch.get("bias_rows")  # the ghost norm's per-sample gradients
-            out["bias"] = w @ (g_full.flatten(2).sum(-1) if rows is None else rows.to(w.dtype))
+            out["bias"] = w @ self._bias_rows(capture).to(w.dtype)
         return out
 
     def input_backward(self, module, args, kwargs):

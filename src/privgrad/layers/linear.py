@@ -126,9 +126,8 @@ class LinearRule(SpeedHooks, LayerRule):
         a, g = positions(a), positions(g)
         if self.weight_name in names:
             out[self.weight_name] = linear_ghost_norm_sq(a, g, dtype)
-        if self.bias_name in names:  # kept: the weighted sum reads them instead of g again
-            rows = capture.scratch["bias_rows"] = _as(g, dtype).sum(1)
-            out[self.bias_name] = rows.square().sum(1)
+        if self.bias_name in names:
+            out[self.bias_name] = self._bias_rows(capture, g).square().sum(1)
         return out
 
     def weighted_sum(self, module: nn.Module, capture: Capture, names, weights):
@@ -142,10 +141,14 @@ class LinearRule(SpeedHooks, LayerRule):
             out[self.weight_name] = self._orient(sum_of_outer(
                 g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), rows))
         if self.bias_name in names:
-            rows = capture.scratch.get("bias_rows")  # the ghost norm's per-sample gradients
-            rows = g if g.dim() == 2 else g.sum(1) if rows is None else rows.to(g.dtype)
+            rows = g if g.dim() == 2 else self._bias_rows(capture, g).to(g.dtype)
             out[self.bias_name] = w @ rows
         return out
+
+    def _bias_rows(self, capture: Capture, g: torch.Tensor) -> torch.Tensor:
+        """Per-sample bias gradients ``sum_t G_bt`` of ``g: (b, t, o)``, in the norm dtype, formed
+        once a call: the ghost norm and the weighted sum both read them."""
+        return capture.kept("bias_rows", lambda: _as(g, self.norm_dtype(g)).sum(1))
 
     def ghost_cost(self, module: nn.Module, capture: Capture) -> float:
         b, t = capture.batch_size, _positions(capture)  # whole matrices: see the module docstring

@@ -58,9 +58,7 @@ class ProjectionRule(SpeedHooks, LayerRule):
 
     def projections(self, module, capture: Capture) -> list[Projection]:
         """``compute()``, once per capture."""
-        if "projections" not in capture.scratch:
-            capture.scratch["projections"] = self.compute(module, capture)
-        return capture.scratch["projections"]
+        return capture.kept("projections", lambda: self.compute(module, capture))
 
     def masked(self, capture: Capture, keep: torch.Tensor) -> Capture:
         """Dropped examples' rows of every projection set to zero (after computing them)."""
