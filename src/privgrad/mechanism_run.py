@@ -141,9 +141,10 @@ def planned_steps(mechanism, *, steps, epochs, make_plan):
 
 
 def calibrate(mechanism, sampling, n: int, *, target_epsilon, target_delta,
-              accountant: str) -> float:
+              accountant: str, prior=None) -> float:
     """The smallest noise multiplier whose event (``mechanism.event``; each round a step of
-    ``sampling`` when the mechanism is amplified, e.g. a truncated one) meets the target."""
+    ``sampling`` when the mechanism is amplified, e.g. a truncated one), after ``prior`` (what
+    was spent already, an event or ``None``), meets the target."""
     from privgrad.accounting import get_noise_multiplier
     from privgrad.accounting.events import flatten
 
@@ -151,16 +152,16 @@ def calibrate(mechanism, sampling, n: int, *, target_epsilon, target_delta,
     truncated = getattr(sampling, "max_batch_size", None) is not None  # (BLT: refused)
     sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                  sample_rate=entry.sample_rate, steps=entry.num_steps,
-                                 accountant=accountant,
+                                 accountant=accountant, prior=prior,
                                  event=sampling.event if truncated else None)
     if not truncated:
         compare_with_dpsgd(mechanism, sampling.base_rate, n, sigma, target_epsilon=target_epsilon,
-                           target_delta=target_delta, accountant=accountant)
+                           target_delta=target_delta, accountant=accountant, prior=prior)
     return sigma
 
 
 def compare_with_dpsgd(mechanism, base_rate: float, n: int, sigma: float, *, target_epsilon,
-                       target_delta, accountant: str) -> float:
+                       target_delta, accountant: str, prior=None) -> float:
     """Warn (``MechanismWarning``) where ``mechanism`` with noise multiplier ``sigma`` is
     expected to leave more noise in the iterates than DP-SGD calibrated to the same target on
     Poisson sampling at ``base_rate`` (the user's expected batch over the data set) for the same
@@ -177,7 +178,8 @@ def compare_with_dpsgd(mechanism, base_rate: float, n: int, sigma: float, *, tar
 
     baseline = DPSGD(workload=mechanism.workload, momentum=mechanism.momentum)
     sigma_sgd = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                     sample_rate=base_rate, steps=n, accountant=accountant)
+                                     sample_rate=base_rate, steps=n, accountant=accountant,
+                                     prior=prior)
     mine = sigma ** 2 * mechanism.expected_error(n)
     theirs = sigma_sgd ** 2 * baseline.expected_error(n)
     ratio = mine / theirs

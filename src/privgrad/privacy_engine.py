@@ -34,6 +34,7 @@ from privgrad.errors import ModelValidationError, PrivacyStateError
 from privgrad.layers import RuleRegistry
 from privgrad.privatize import NoiseSource, noise_source
 from privgrad.privatize.adaptive import ADAPTIVE, QuantileBound, default_count_noise
+from privgrad.releases import Releases
 from privgrad.sampling import PoissonSampler, users as units
 from privgrad.sampling.plan import SamplingPlan
 from privgrad.settings import PerformanceSettings, PrivacySettings, PrivacyWarning
@@ -52,7 +53,7 @@ _MAKE_PRIVATE = ("clipping", "loss_reduction", "poisson_sampling", "sample_rate"
                  "max_batch_size")
 
 
-class PrivacyEngine(TrainingHooks, run_state.RunState):
+class PrivacyEngine(TrainingHooks, run_state.RunState, Releases):
     """Makes a model, optimizer and data loader train with DP-SGD, and tracks the budget.
 
     Args:
@@ -234,8 +235,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
         registry = rules if rules is not None else RuleRegistry.default()
         grad_scaler = check_grad_scaler(grad_scaler)
         ranks = data_parallel(distributed, module, poisson_sampling, args.params, registry)
-        drawn = {"poisson_sampling": poisson_sampling, "sample_rate": sample_rate,
-                 "expected_batch_size": expected_batch_size}
+        drawn = dict(poisson_sampling=poisson_sampling, sample_rate=sample_rate,
+                     expected_batch_size=expected_batch_size)
         mechanism, sampling, steps = planned or units.refine(mechanism_run.plan(
             data_loader, mechanism, steps, epochs, **drawn, loss_reduction=args.loss_reduction),
             data_loader, epochs, clipping=args.clipping, **drawn, **per_unit,
@@ -334,20 +335,19 @@ class PrivacyEngine(TrainingHooks, run_state.RunState):
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Like [`make_private()`][privgrad.PrivacyEngine.make_private], with the smallest noise
         that keeps epsilon at or below ``target_epsilon`` after ``epochs`` epochs, or after
-        ``steps`` steps (give exactly one; per this engine's accountant)."""
+        ``steps`` steps (give exactly one; per this engine's accountant). ``target_epsilon`` is
+        the total: what the accountant holds already (``release_sum``) is counted in."""
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
         mechanism, sampling, n = planned = units.refine(mechanism_run.plan(data_loader, kwargs.pop(
             "mechanism", None), steps, epochs, required=True, **kwargs), data_loader, epochs,
             group_key=partial(mechanism_run.group_key, self.secure_mode), **kwargs)
+        budget = dict(target_epsilon=target_epsilon, target_delta=target_delta,  # the total:
+                      accountant=self.accountant.name, prior=self.accountant.event)  # + spent
         if mechanism_run.correlated(mechanism):
-            sigma = mechanism_run.calibrate(mechanism, sampling, n, target_epsilon=target_epsilon,
-                                            target_delta=target_delta,
-                                            accountant=self.accountant.name)
+            sigma = mechanism_run.calibrate(mechanism, sampling, n, **budget)
         else:
-            sigma = _settings.calibrate(sampling, target_epsilon=target_epsilon,
-                                        target_delta=target_delta, epochs=epochs, steps=steps,
-                                        accountant=self.accountant.name)
+            sigma = _settings.calibrate(sampling, epochs=epochs, steps=steps, **budget)
         defaults = dict(clipping="flat", grad_sample_mode="auto", check="first_step")
         return self._attach(module, optimizer, data_loader, planned, noise_multiplier=sigma,
                             max_grad_norm=max_grad_norm, **{**defaults, **kwargs})

@@ -24,6 +24,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from privgrad.accounting import make_accountant
+from privgrad.accounting.events import same_step
 from privgrad.errors import CheckpointError, PrivacyStateError
 from privgrad.sampling import numpy_bits, os_bits
 
@@ -110,7 +111,7 @@ def load_state_dict(engine, state: dict) -> None:
 def check(engine, state: dict) -> None:
     """Raise if ``state`` cannot continue in this engine; change nothing."""
     _check_between_steps(engine, "load_state_dict")
-    if engine.steps or engine.accountant.history:
+    if engine.steps:
         raise PrivacyStateError(
             f"a saved run must be loaded before the first step; got an engine that has released "
             f"{engine.steps} step(s) already, which the loaded accountant would drop. Load the "
@@ -146,10 +147,15 @@ def check(engine, state: dict) -> None:
     name = (state.get("accountant") or {}).get("accountant")
     if name != engine.accountant.name:
         raise CheckpointError(mismatch("accountant", name, engine.accountant.name))
+    loaded = make_accountant(engine.accountant.name)
     try:
-        make_accountant(engine.accountant.name).load_state_dict(state["accountant"])
+        loaded.load_state_dict(state["accountant"])
     except CheckpointError as e:
         raise CheckpointError(f"the saved accountant state is invalid: {e}") from e
+    held = engine.accountant.history  # releases before training (release_sum), replaced below
+    if held and not _begins_with(loaded.history, held):
+        raise CheckpointError(mismatch("accountant history before training (release_sum)",
+                                       loaded.history[:len(held)], held))
     saved, live = state.get("sampler"), here["sampler"]
     if (saved is None) != (live is None) or (saved is not None and any(
             saved.get(k, 1 if k == "num_groups" else None) != live[k]
@@ -173,6 +179,14 @@ def check(engine, state: dict) -> None:
             f"the saved state must come from a run with the same noise mechanism; got {why}. "
             f"Call make_private with the mechanism and steps (or epochs) of the run that saved "
             f"it, or start a new run.")
+
+
+def _begins_with(history: tuple, prefix: tuple) -> bool:
+    """Whether ``history`` starts with the steps of ``prefix`` (its last run may have merged
+    with more steps of the same kind)."""
+    k = len(prefix) - 1
+    return (len(history) > k and history[:k] == prefix[:k] and same_step(history[k], prefix[k])
+            and history[k].num_steps >= prefix[k].num_steps)
 
 
 def apply(engine, state: dict) -> None:

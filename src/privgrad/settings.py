@@ -263,9 +263,11 @@ def check_ownership(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
             f"(requires_grad_(False)).")
 
 
-def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accountant) -> float:
+def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accountant,
+              prior=None) -> float:
     """The smallest noise multiplier that keeps epsilon at or below ``target_epsilon`` after
-    ``epochs`` epochs or ``steps`` steps (exactly one) of ``sampling``
+    ``prior`` (what was spent already, an event or ``None``) and ``epochs`` epochs or ``steps``
+    steps (exactly one) of ``sampling``
     ([`SamplingPlan`][privgrad.sampling.plan.SamplingPlan]), per ``accountant``."""
     from privgrad.accounting import get_noise_multiplier
 
@@ -285,7 +287,8 @@ def calibrate(sampling, *, target_epsilon, target_delta, epochs, steps, accounta
     truncated = getattr(sampling, "max_batch_size", None) is not None  # its own event
     return get_noise_multiplier(target_epsilon=eps, target_delta=delta,
                                 sample_rate=sampling.sample_rate, steps=steps,
-                                accountant=accountant, event=sampling.event if truncated else None)
+                                accountant=accountant, event=sampling.event if truncated else None,
+                                prior=prior)
 
 
 def warn_large_delta(delta: float, n: int, name: str, stacklevel: int = 3) -> None:

@@ -13,7 +13,9 @@ from functools import lru_cache
 from privgrad import _validate
 from privgrad.accounting.accountant import check_delta
 from privgrad.accounting.events import (
+    PoissonGaussian,
     Repeated,
+    _check_event,
     check_noise_multiplier,
     check_sample_rate,
 )
@@ -57,6 +59,7 @@ def get_noise_multiplier(
     steps: int,
     accountant: str = DEFAULT_ACCOUNTANT,
     event=None,
+    prior=None,
 ) -> float:
     """The smallest noise multiplier whose epsilon after ``steps`` steps meets the target.
 
@@ -69,6 +72,9 @@ def get_noise_multiplier(
         event: ``noise_multiplier -> event`` of one step, for steps that are not the plain
             Poisson-subsampled Gaussian (truncated sampling's ``SamplingPlan.event``); default
             ``PoissonGaussian(noise_multiplier, sample_rate)``.
+        prior: what was spent before these steps (an event, e.g. an accountant's ``event``:
+            a release of noisy statistics, an earlier phase of training), composed first, so
+            that the *total* stays within the target; default nothing.
 
     Returns:
         ``noise_multiplier`` with ``epsilon <= target_epsilon`` as computed by ``accountant``,
@@ -80,7 +86,8 @@ def get_noise_multiplier(
 
     Raises:
         ConfigError: an argument out of range.
-        PrivacyBudgetError: even ``noise_multiplier = 1e4`` does not reach the target.
+        PrivacyBudgetError: even ``noise_multiplier = 1e4`` does not reach the target, or
+            ``prior`` alone spends it.
 
     Privacy:
         The result is checked, not extrapolated: its epsilon was computed and is within the
@@ -91,14 +98,25 @@ def get_noise_multiplier(
     q = check_sample_rate(sample_rate)
     steps = _validate.positive_int("steps", steps, "Pass the number of training steps, e.g. epochs / sample_rate.")
     name = _check_accountant(accountant)
+    step = event if event is not None else (lambda sigma: PoissonGaussian(sigma, q))
+    if prior is not None:
+        _check_event("prior", prior)
+        before = make_accountant(name)
+        before.compose(prior)
+        if before.steps and before.get_epsilon(delta) >= target:
+            raise PrivacyBudgetError(
+                f"target_epsilon must be larger than what was already spent; got "
+                f"target_epsilon={target_epsilon!r} with epsilon={before.get_epsilon(delta):.4g} "
+                f"spent before these steps (at target_delta={target_delta!r}, {name} accountant). "
+                f"Raise target_epsilon (it is the total), or spend less before training.")
 
     @lru_cache(maxsize=None)
     def eps(sigma: float) -> float:
-        if event is not None:
-            acc = make_accountant(name)
-            acc.compose(Repeated(event(sigma), steps))
-            return acc.get_epsilon(delta)
-        return epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=name)
+        acc = make_accountant(name)
+        if prior is not None:
+            acc.compose(prior)
+        acc.compose(Repeated(step(sigma), steps))
+        return acc.get_epsilon(delta)
 
     if eps(MAX_NOISE_MULTIPLIER) > target:
         floor = (" (the RDP accountant's conversion cannot certify epsilon below about "
