@@ -236,3 +236,23 @@ def test_a_resume_with_another_release_is_refused():
     assert run(5.0, state)[0].accountant.history == engine.accountant.history
     with pytest.raises(CheckpointError, match=r"same accountant history before training"):
         run(6.0, state)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_the_steps_a_budget_allows_count_the_prior(accountant):
+    from privgrad.accounting import get_max_epochs, get_max_steps
+
+    prior = PoissonGaussian(3.0, 1.0)
+    kw = dict(target_epsilon=3.0, target_delta=1e-5, noise_multiplier=1.0, sample_rate=0.01,
+              accountant=accountant)
+    alone, after = get_max_steps(**kw), get_max_steps(**kw, prior=prior)
+    assert 0 < after < alone
+
+    def total(steps):
+        acc = make_accountant(accountant)
+        acc.compose(prior)
+        acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=steps)
+        return acc.get_epsilon(1e-5)
+
+    assert total(after) <= 3.0 < total(after + 1)
+    assert get_max_epochs(**kw, prior=prior) == pytest.approx(after * 0.01)

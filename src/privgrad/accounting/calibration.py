@@ -162,10 +162,12 @@ def get_max_steps(
     noise_multiplier: float,
     sample_rate: float,
     accountant: str = DEFAULT_ACCOUNTANT,
+    prior=None,
 ) -> int:
     """The largest number of steps whose epsilon stays within ``target_epsilon``.
 
-    Returns 0 if even one step exceeds the target.
+    Returns 0 if even one step exceeds the target. ``prior``: what was spent before these
+    steps (an event, e.g. an accountant's ``event``), counted in the total.
 
     Raises:
         ConfigError: an argument out of range.
@@ -180,9 +182,15 @@ def get_max_steps(
     sigma = check_noise_multiplier(noise_multiplier)
     q = check_sample_rate(sample_rate)
     name = _check_accountant(accountant)
+    if prior is not None:
+        _check_event("prior", prior)
 
     def fits(steps: int) -> bool:
-        return epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=name) <= target
+        acc = make_accountant(name)
+        if prior is not None:
+            acc.compose(prior)
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+        return acc.get_epsilon(delta) <= target
 
     if not fits(1):
         return 0
@@ -210,8 +218,9 @@ def get_max_epochs(
     noise_multiplier: float,
     sample_rate: float,
     accountant: str = DEFAULT_ACCOUNTANT,
+    prior=None,
 ) -> float:
-    """Expected epochs the budget allows:
+    """Expected epochs the budget allows (after ``prior``):
     [`get_max_steps()`][privgrad.accounting.calibration.get_max_steps] times ``sample_rate``."""
     steps = get_max_steps(
         target_epsilon=target_epsilon,
@@ -219,5 +228,6 @@ def get_max_epochs(
         noise_multiplier=noise_multiplier,
         sample_rate=sample_rate,
         accountant=accountant,
+        prior=prior,
     )
     return steps * check_sample_rate(sample_rate)
