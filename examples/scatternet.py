@@ -98,3 +98,46 @@ def cnn(classes: int = 10) -> nn.Module:
         nn.Conv2d(16, 32, 3, stride=1, padding=1), nn.Tanh(),
         nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, classes),
     )
+
+
+def private_statistics(engine, features: torch.Tensor, groups: int, noise_multiplier: float,
+                       bound: float | None = None):
+    """Each channel's mean and variance over the training examples, released with
+    ``engine.release_sum`` (the Gaussian mechanism, paid from the run's budget): Tramèr &
+    Boneh's private "data normalisation", with a noisy count instead of a public one.
+
+    Each example contributes one row: its 81 channel means, its 81 channel mean squares (over
+    positions and views) and a constant ``count``, clipped to ``bound``. With group-normalised
+    features (``groups`` > 0, ``k = 81 / groups`` channels a group) every row is within
+    ``sqrt(81 + 81 k + count^2)`` with ``count = 9`` (a group's mean squares add up to at most
+    ``k``), so that default bound clips nothing and was fixed without looking at the data. Raw
+    features (``groups=0``) have no such bound: pass one (``count`` is then half of it); a
+    clipped row's count is scaled with it, so the means stay weighted means.
+
+    Returns ``(mean, var)``, each ``(81,)``; ``engine=None``: the exact ones (non-private runs).
+    """
+    if bound is None:
+        if not groups:
+            raise SystemExit("--data-norm on raw features (--groups 0) needs --data-norm-bound: "
+                             "the rows have no bound known in advance")
+        count = 9.0
+        bound = (CHANNELS + CHANNELS * CHANNELS // groups + count ** 2) ** 0.5
+    else:
+        count = bound / 2
+    f = features.reshape(len(features), -1, CHANNELS, SIDE * SIDE).double()  # (n, views, 81, 49)
+    rows = torch.cat([f.mean((1, 3)), f.pow(2).mean((1, 3)),
+                      torch.full((len(f), 1), count, dtype=f.dtype)], 1)
+    total = (rows.sum(0) if engine is None else  # not private: the exact statistics
+             engine.release_sum(rows, max_norm=bound, noise_multiplier=noise_multiplier))
+    n = total[-1] / count  # the noisy number of examples (clipping would scale it too)
+    mean, square = total[:CHANNELS] / n, total[CHANNELS:2 * CHANNELS] / n
+    return mean, (square - mean ** 2).clamp_min(0.0)
+
+
+def standardise(features: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``(features - mean) / sqrt(var + 1e-5)`` per channel, for flattened features ``(n, 3969)``
+    or ``(n, views, 3969)`` (post-processing of the released statistics: free)."""
+    shape = features.shape
+    f = features.reshape(*shape[:-1], CHANNELS, SIDE * SIDE)
+    out = (f - mean[:, None].to(f.dtype)) / (var[:, None].to(f.dtype) + 1e-5).sqrt()
+    return out.reshape(shape)

@@ -87,6 +87,13 @@ def test_fashion_mnist_bandmf_recipe(fashion_dir, tmp_path):
                  "--batch-size", "8", "--test-size", "20", "--out", str(tmp_path)])
     assert m["mechanism"] == "bandmf:8" and 0 < m["epsilon"] <= 3.0
     assert (tmp_path / "bandmf_eps3.json").exists()
+    assert [h["lr"] for h in m["history"]] == [20.0, 20.0]  # constant unless --schedule
+    cosine = fm.main(["--recipe", "bandmf", "--data-dir", str(fashion_dir), "--epochs", "2",
+                      "--batch-size", "8", "--test-size", "20", "--out", str(tmp_path),
+                      "--schedule", "cosine"])
+    first, last = (h["lr"] for h in cosine["history"])  # half-way through the run, then 0
+    assert cosine["schedule"] == "cosine" and first == pytest.approx(10.0, rel=0.1)
+    assert last == pytest.approx(0.0, abs=1e-9)
 
 
 def test_mnist_recipes(kymatio, fashion_dir, tmp_path, cache):
@@ -168,3 +175,43 @@ def test_scatternet_cnn(kymatio, fashion_dir, tmp_path, cache):
     fm = load_example("fashion_mnist")
     with pytest.raises(SystemExit, match=r"--views 1"):  # one view: the CNN takes 81 x 7 x 7
         fm.main([*argv, "--views", "2"])
+
+
+def test_private_data_normalisation(kymatio, fashion_dir, tmp_path, cache, capsys):
+    """``--data-norm``: each channel's mean and variance released with ``engine.release_sum``
+    before training and paid from the same epsilon; the statistics against a direct
+    computation, the default bound against the rows it must not clip."""
+    import torch.nn.functional as F
+
+    from privgrad import PrivacyEngine
+
+    scatternet = load_example("scatternet")
+    torch.manual_seed(0)
+    raw = torch.rand(40, 2, 81 * 7 * 7) * torch.linspace(0.1, 3, 81).repeat_interleave(49)
+    feats = F.group_norm(raw.reshape(80, 81, 7, 7), 27).reshape(40, 2, -1)  # two views each
+    per = feats.double().reshape(40, 2, 81, 49)
+    want_mean = per.mean((0, 1, 3))
+    want_var = per.pow(2).mean((0, 1, 3)) - want_mean ** 2
+    mean, var = scatternet.private_statistics(None, feats, 27, 0.0)
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(var, want_var)
+    rows_max = torch.cat([per.mean((1, 3)), per.pow(2).mean((1, 3))], 1).norm(dim=1).max()
+    assert rows_max ** 2 + 81 <= 81 + 243 + 81  # inside the default bound: nothing is clipped
+    engine = PrivacyEngine()
+    noisy_mean, noisy_var = scatternet.private_statistics(engine, feats, 27, 1e-6)
+    torch.testing.assert_close(noisy_mean, want_mean, rtol=0, atol=1e-4)
+    assert engine.accountant.history == ((1e-6, 1.0, 1),)  # paid for
+    out = scatternet.standardise(feats, mean, var).double().reshape(40, 2, 81, 49)
+    torch.testing.assert_close(out.mean((0, 1, 3)), torch.zeros(81, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(SystemExit, match="needs --data-norm-bound"):
+        scatternet.private_statistics(PrivacyEngine(), feats, 0, 8.0)
+
+    fm = load_example("fashion_mnist")
+    argv = ["--recipe", "scatter", "--data-dir", str(fashion_dir), *SMALL, "--train-size", "64",
+            "--test-size", "20", "--cache-dir", str(cache), "--out", str(tmp_path)]
+    m = fm.main([*argv, "--data-norm", "8"])
+    assert m["data_norm"] == 8 and 0 < m["epsilon"] <= 3.0 and m["steps"] > 0
+    assert "channel statistics released at noise multiplier 8.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the end-to-end CNN reads pixels, not ScatterNet channels
+        fm.parse_args(["--recipe", "paper", "--data-norm", "8"])
