@@ -18,6 +18,7 @@ import torch
 import privgrad.accounting as accounting
 import privgrad.engine.clipped_sum as clipped_sum_module
 import privgrad.privatize.adaptive as adaptive_module
+import privgrad.releases as releases_module
 import privgrad.training_hooks as hooks_module
 import privgrad.run_state as run_state_module
 import privgrad.sampling.plan as plan_module
@@ -32,7 +33,9 @@ from privgrad.privatize import secure
 from privgrad.sampling.poisson import PoissonSampler, numpy_bits
 from tests.engine.test_capture import test_tied_weights_get_one_per_sample_gradient
 from tests.privacy import checks, secure_checks
+from privgrad.accounting.events import Composed
 from tests.privatize import test_adaptive_clipping as adaptive_tests
+from tests.privatize import test_statistics as statistics_tests
 from tests.reliability import checks as reliability
 
 CASES = {c.name: c for c in checks.CASES}
@@ -206,6 +209,20 @@ def adaptive_count_not_centred(mp):
                                self.count_noise_std))
 
 
+def release_ignores_the_bound(mp):
+    mp.setattr(releases_module, "noisy_sum", lambda rows, *, max_norm, noise_multiplier, noise:
+               noise.add_noise(rows.sum(0), noise_multiplier * max_norm))
+
+
+def release_not_recorded(mp):
+    mp.setattr(releases_module, "PoissonGaussian", lambda sigma, q: Composed(()))
+
+
+def calibration_ignores_the_spent(mp):
+    original = accounting.get_noise_multiplier
+    mp.setattr(accounting, "get_noise_multiplier", lambda **kw: original(**{**kw, "prior": None}))
+
+
 MUTANTS = {
     "noise x0.5": (scaled_noise(0.5), lambda: checks.check_noise_distribution("mean", steps=60)),
     "noise x2": (scaled_noise(2.0), lambda: checks.check_noise_distribution("mean", steps=60)),
@@ -220,6 +237,9 @@ MUTANTS = {
     "zero_grad forgotten between steps": (zero_grad_forgotten, lambda: checks.check_add_one_sensitivity(CASES["mlp"], "auto")),
     "calibration overshoots the target": (calibration_overshoots, checks.check_epsilon_target),
     "q from len(data_loader)": (rate_from_len_data_loader, checks.check_size_independent),
+    "a release ignores max_norm": (release_ignores_the_bound, statistics_tests.test_one_example_moves_the_sum_by_at_most_the_bound),
+    "a release not in the accountant": (release_not_recorded, statistics_tests.test_the_release_is_recorded_as_the_gaussian_mechanism),
+    "calibration ignores what was spent": (calibration_ignores_the_spent, lambda: statistics_tests.test_training_after_a_release_ends_at_the_target_not_above(None)),
     "non-finite example kept": (non_finite_kept, lambda: checks.check_non_finite_record(CASES["mlp"], "auto")),
     "secure noise x0.5": (secure_noise_scaled(0.5), lambda: secure_checks.check_secure_noise_distribution(steps=60)),
     "secure noise x2": (secure_noise_scaled(2.0), lambda: secure_checks.check_secure_noise_distribution(steps=60)),

@@ -61,5 +61,8 @@ def noisy_sum(rows: torch.Tensor, *, max_norm: float, noise_multiplier: float, n
         raise ConfigError(
             f"rows must be finite; got {bad} row(s) with NaN or inf. Fix the features before "
             f"releasing them (a clipped NaN is still NaN).")
-    scale = (bound / work.norm(dim=1).clamp_min(torch.finfo(work.dtype).tiny)).clamp_max(1.0)
-    return noise.add_noise(scale @ work, sigma * bound)
+    # ||r|| as max|r| * ||r / max|r|||: a row of finite but huge entries is clipped to the
+    # bound like any other, where its plain norm would overflow to inf and drop it
+    peak = work.abs().amax(1).clamp_min(torch.finfo(work.dtype).tiny)
+    norm = peak * (work / peak[:, None]).norm(dim=1)
+    return noise.add_noise((bound / norm).clamp_max(1.0) @ work, sigma * bound)
