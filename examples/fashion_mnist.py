@@ -33,7 +33,10 @@ small CNN on the same group-normalised ScatterNet features, examples/scatternet.
 ``--data-norm SIGMA`` (each ScatterNet channel standardised with its mean and variance released
 privately by ``engine.release_sum`` before training, paid from the same ``--epsilon``; measured
 below group normalisation alone, docs/examples.md), ``--schedule cosine`` (the learning rate
-decays to 0 along a cosine over the run's expected steps). ``--holdout 0.1`` trains on 90% of
+decays to 0 along a cosine over the run's expected steps), ``--augment K`` (the end-to-end
+CNN's augmentation multiplicity: K random views of each example a step, flipped and shifted,
+whose summed gradient is clipped once: the example is the privacy unit of user-level DP; pass
+``--batch-size`` and ``--lr`` times K). ``--holdout 0.1`` trains on 90% of
 the training images and reports accuracy on the other 10% (the test set is not read): that is
 how the recipes' hyper-parameters were chosen. ``--seeds 0 1 2`` runs each seed and prints the
 mean and spread.
@@ -75,7 +78,7 @@ HOLDOUT_SEED = 2021  # the held-out split is the same for every run and seed
 # Every recipe starts from BASE; any flag given on the command line wins.
 BASE = dict(model="cnn", accountant="pld", ema=0.0, tail=0, epochs=40, batch_size=2048, lr=4.0,
             momentum=0.9, max_grad_norm=0.1, groups=27, views=1, mechanism="dpsgd",
-            grad_sample_mode="materialize", data_norm=0.0, schedule="constant")  # the fastest for the CNN on 2 cores
+            grad_sample_mode="materialize", data_norm=0.0, schedule="constant", augment=0)  # the fastest for the CNN on 2 cores
 RECIPES = {
     "paper": dict(accountant="rdp"),
     "tuned": dict(ema=0.99),
@@ -111,6 +114,11 @@ def parse_args(argv=None, dataset: dict = FASHION) -> argparse.Namespace:
                         "last TAIL epochs (post-processing), 0 = off")
     p.add_argument("--views", type=int, choices=(1, 2), default=None,
                    help="2: each example's gradient averages the image and its mirror image")
+    p.add_argument("--augment", type=int, default=None,
+                   help="end-to-end CNN: K random views (flip, shift by up to 2 pixels) of each "
+                        "example a step, one privacy unit (their summed gradient is clipped); "
+                        "0 = off. Multiply --batch-size and --lr by K to keep the step's examples "
+                        "and size")
     p.add_argument("--groups", type=int, default=None,
                    help="group norm of the ScatterNet channels (81 = per channel, 0 = none)")
     p.add_argument("--data-norm", type=float, default=None,
@@ -142,6 +150,9 @@ def parse_args(argv=None, dataset: dict = FASHION) -> argparse.Namespace:
         p.error(f"--tail must be between 0 and --epochs ({args.epochs}); got {args.tail}")
     if args.data_norm and args.model == "cnn":
         p.error("--data-norm standardises ScatterNet features; pass --model scatter or scatter_cnn")
+    if args.augment and (args.model != "cnn" or not dataset["mirror"] or args.augment < 1):
+        p.error(f"--augment K (K >= 1) is for the end-to-end CNN on mirror-symmetric images; "
+                f"got --augment {args.augment} with --model {args.model} on {dataset['title']}")
     if args.views == 2 and not dataset["mirror"]:
         p.error(f"--views 2 mirrors the images; {dataset['title']} is not mirror-symmetric")
     return args
@@ -181,6 +192,38 @@ class Rows(TensorDataset):
     def __getitems__(self, indices):
         index = torch.as_tensor(indices, dtype=torch.int64)
         return tuple(t[index] for t in self.tensors)
+
+
+class Augmented(torch.utils.data.Dataset):
+    """``k`` rows per example, each a fresh random view at every step (mirrored with
+    probability 1/2, shifted by up to 2 pixels each way): augmentation multiplicity (De et al.
+    2022). Row ``r`` is a view of example ``r // k``; ``user_ids`` makes the example the privacy
+    unit, so the engine clips the sum of its views' gradients, and one example still moves the
+    sum by at most C."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, k: int):
+        self.x, self.y, self.k = x, y, k
+        self.user_ids = torch.arange(len(y)).repeat_interleave(k).tolist()
+
+    def __len__(self):
+        return len(self.y) * self.k
+
+    def __getitem__(self, index):
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices, dtype=torch.int64) // self.k
+        images = self.x[index]
+        flip = torch.rand(len(index)) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        padded, shift = F.pad(images, (2, 2, 2, 2)), torch.randint(0, 5, (2, len(index)))
+        out = torch.empty_like(images)
+        for dy in range(5):
+            for dx in range(5):
+                rows = (shift[0] == dy) & (shift[1] == dx)
+                out[rows] = padded[rows, :, dy:dy + images.shape[-2], dx:dx + images.shape[-1]]
+        return out, self.y[index]
 
 
 def collate(batch):
@@ -299,13 +342,16 @@ def train(args, data, seed: int, path: Path, dataset: dict) -> dict:
         if engine is not None:
             print(f"channel statistics released at noise multiplier {args.data_norm}: epsilon "
                   f"{engine.get_epsilon(args.delta):.3f} alone", flush=True)
-    loader = DataLoader(Rows(x, y), batch_size=args.batch_size, shuffle=True, collate_fn=collate)
+    rows = Augmented(x, y, args.augment) if args.augment else Rows(x, y)
+    units = dict(privacy_unit="user", user_ids=rows.user_ids,
+                 max_examples_per_user=args.augment) if args.augment and engine else {}
+    loader = DataLoader(rows, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     if engine is not None:
         model, optimizer, loader = engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.epsilon,
             target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm,
             grad_sample_mode=args.grad_sample_mode,
-            mechanism=mechanism(args.mechanism, args.momentum))
+            mechanism=mechanism(args.mechanism, args.momentum), **units)
         s = engine.settings
         print(f"{dataset['name']} ({args.recipe}, seed {seed}): n={len(y)}, sample_rate="
               f"{s.sample_rate:.4f}, noise_multiplier={s.noise_multiplier:.3f} for epsilon<="
@@ -355,7 +401,8 @@ def train(args, data, seed: int, path: Path, dataset: dict) -> dict:
             steps=engine.steps if engine else None, epochs_done=epoch, epochs=args.epochs,
             model=args.model, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
             max_grad_norm=args.max_grad_norm, ema=args.ema, tail=args.tail, views=args.views,
-            data_norm=args.data_norm, schedule=args.schedule,
+            data_norm=args.data_norm, schedule=args.schedule, augment=args.augment,
+            privacy_unit=engine.settings.privacy_unit if engine else None,
             groups=args.groups if args.model != "cnn" else None, train_size=len(y),
             eval_size=len(y_eval), holdout=args.holdout, seed=seed,
             train_seconds=round(seconds, 1), seconds_per_epoch=round(seconds / epoch, 1),

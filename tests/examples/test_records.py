@@ -215,3 +215,30 @@ def test_private_data_normalisation(kymatio, fashion_dir, tmp_path, cache, capsy
     assert "channel statistics released at noise multiplier 8.0" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the end-to-end CNN reads pixels, not ScatterNet channels
         fm.parse_args(["--recipe", "paper", "--data-norm", "8"])
+
+
+def test_cnn_augmentation_multiplicity(fashion_dir, tmp_path):
+    """``--augment K``: K random views of each example a step, one privacy unit. Each view is
+    the image mirrored or not and shifted by at most 2 pixels; the K rows of an example share
+    its user id, so the engine clips their summed gradient (user-level machinery)."""
+    import torch.nn.functional as F
+
+    fm = load_example("fashion_mnist")
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    rows = fm.Augmented(x, y, 3)
+    assert len(rows) == 18 and rows.user_ids == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    views, labels = rows.__getitems__(list(range(18)))
+    assert labels.tolist() == [i // 3 for i in range(18)]
+    for r in range(18):  # some flip and shift of its own example reproduces the view exactly
+        source = x[r // 3]
+        candidates = [F.pad(img, (2, 2, 2, 2))[:, dy:dy + 28, dx:dx + 28]
+                      for img in (source, source.flip(-1)) for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(views[r], c) for c in candidates)
+    m = fm.main(["--recipe", "bandmf", "--data-dir", str(fashion_dir), "--epochs", "2",
+                 "--batch-size", "16", "--augment", "2", "--test-size", "20",
+                 "--out", str(tmp_path)])
+    assert m["augment"] == 2 and 0 < m["epsilon"] <= 3.0 and m["steps"] > 0
+    assert m["privacy_unit"] == "user"  # the example, all of its views: clipped once
+    with pytest.raises(SystemExit):
+        fm.parse_args(["--recipe", "scatter", "--augment", "2"])
