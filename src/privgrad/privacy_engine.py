@@ -266,6 +266,7 @@ class PrivacyEngine(TrainingHooks, run_state.RunState, Releases):
                                    mechanism=mechanism_run.describe(mechanism),
                                    planned_steps=steps if correlated else None,
                                    **units.unit_settings(sampling))
+        self._refuse_other_unit(settings.privacy_unit)  # releases protect the run's unit
         params = args.params
         if ranks is not None:  # the same configuration on every rank, or an error on every rank
             ranks.agree(privacy_fingerprint(
@@ -334,9 +335,8 @@ class PrivacyEngine(TrainingHooks, run_state.RunState, Releases):
         max_grad_norm, epochs: int | None = None, steps: int | None = None, **kwargs,
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Like [`make_private()`][privgrad.PrivacyEngine.make_private], with the smallest noise
-        that keeps epsilon at or below ``target_epsilon`` after ``epochs`` epochs, or after
-        ``steps`` steps (give exactly one; per this engine's accountant). ``target_epsilon`` is
-        the total: what the accountant holds already (``release_sum``) is counted in."""
+        that keeps the total epsilon (with ``release_sum``'s) at or below ``target_epsilon``
+        after ``epochs`` epochs, or ``steps`` steps (give exactly one; per the accountant)."""
         _settings.refuse_unknown({k: v for k, v in kwargs.items() if k not in _MAKE_PRIVATE},
                                  "make_private_with_epsilon")
         mechanism, sampling, n = planned = units.refine(mechanism_run.plan(data_loader, kwargs.pop(

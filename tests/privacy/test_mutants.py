@@ -218,6 +218,10 @@ def release_not_recorded(mp):
     mp.setattr(releases_module, "PoissonGaussian", lambda sigma, q: Composed(()))
 
 
+def release_unit_unchecked(mp):
+    mp.setattr(releases_module.Releases, "_refuse_other_unit", lambda self, unit: None)
+
+
 def calibration_ignores_the_spent(mp):
     original = accounting.get_noise_multiplier
     mp.setattr(accounting, "get_noise_multiplier", lambda **kw: original(**{**kw, "prior": None}))
@@ -239,6 +243,7 @@ MUTANTS = {
     "q from len(data_loader)": (rate_from_len_data_loader, checks.check_size_independent),
     "a release ignores max_norm": (release_ignores_the_bound, statistics_tests.test_one_example_moves_the_sum_by_at_most_the_bound),
     "a release not in the accountant": (release_not_recorded, statistics_tests.test_the_release_is_recorded_as_the_gaussian_mechanism),
+    "an example-level release under a user-level run": (release_unit_unchecked, lambda: statistics_tests.test_a_run_must_protect_the_unit_its_releases_protected("example", "user")),
     "calibration ignores what was spent": (calibration_ignores_the_spent, lambda: statistics_tests.test_training_after_a_release_ends_at_the_target_not_above(None)),
     "non-finite example kept": (non_finite_kept, lambda: checks.check_non_finite_record(CASES["mlp"], "auto")),
     "secure noise x0.5": (secure_noise_scaled(0.5), lambda: secure_checks.check_secure_noise_distribution(steps=60)),

@@ -271,3 +271,58 @@ def test_the_steps_a_budget_allows_count_the_prior(accountant):
 
     assert total(after) <= 3.0 < total(after + 1)
     assert get_max_epochs(**kw, prior=prior) == pytest.approx(after * 0.01)
+
+
+# -- user level -------------------------------------------------------------------------------
+def test_a_user_level_release_clips_each_users_sum():
+    """Five near-identical rows of one user move the release by C, not 5 C."""
+    engine = PrivacyEngine(noise=Exact())
+    others = torch.randn(10, 3, generator=torch.Generator().manual_seed(2)) * 0.1
+    user = torch.tensor([[1.0, 0.0, 0.0]]).repeat(5, 1)
+    ids = list(range(10)) + ["u"] * 5
+    with_user = engine.release_sum(torch.cat([others, user]), max_norm=1.0, noise_multiplier=1.0,
+                                   user_ids=ids)
+    without = engine.release_sum(others, max_norm=1.0, noise_multiplier=1.0,
+                                 user_ids=list(range(10)))
+    torch.testing.assert_close(with_user - without, torch.tensor([1.0, 0.0, 0.0]))
+    per_row = engine.release_sum(torch.cat([others, user]), max_norm=1.0, noise_multiplier=1.0)
+    torch.testing.assert_close(per_row - without, torch.tensor([5.0, 0.0, 0.0]))  # example level
+
+
+def _attach(engine, unit):
+    model = mlp()
+    data = classification_data(n=40)
+    users = {"privacy_unit": "user", "user_ids": [i % 10 for i in range(40)],
+             "max_examples_per_user": 4} if unit == "user" else {}
+    return engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               data_loader=loader(data), noise_multiplier=1.0, max_grad_norm=1.0,
+                               **users)
+
+
+@pytest.mark.parametrize("released, run", [("example", "user"), ("user", "example")])
+def test_a_run_must_protect_the_unit_its_releases_protected(released, run):
+    engine = PrivacyEngine()
+    ids = {"user_ids": [0, 0, 1]} if released == "user" else {}
+    engine.release_sum(torch.ones(3, 2), max_norm=1.0, noise_multiplier=4.0, **ids)
+    try:  # (an AssertionError when nothing is raised: tests/privacy/test_mutants.py)
+        _attach(engine, run)
+    except PrivacyStateError as e:
+        assert f"got a release at the {released} level and privacy_unit='{run}'" in str(e)
+    else:
+        raise AssertionError(f"a {run}-level run was attached after a {released}-level release")
+    assert engine.module is None
+    _attach(_released(released), released)  # the same unit is fine
+
+
+def _released(unit):
+    engine = PrivacyEngine()
+    ids = {"user_ids": [0, 0, 1]} if unit == "user" else {}
+    engine.release_sum(torch.ones(3, 2), max_norm=1.0, noise_multiplier=4.0, **ids)
+    return engine
+
+
+def test_user_ids_of_the_wrong_length_release_nothing():
+    engine = PrivacyEngine()
+    with pytest.raises(ConfigError, match=r"user_ids must have one id per example"):
+        engine.release_sum(torch.ones(3, 2), max_norm=1.0, noise_multiplier=1.0, user_ids=[0, 1])
+    assert engine.accountant.steps == 0
