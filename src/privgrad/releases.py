@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from privgrad.accounting.events import PoissonGaussian
+from privgrad.distributed.context import in_process_group
 from privgrad.errors import PrivacyStateError
 from privgrad.privatize.statistics import noisy_sum
 from privgrad.sampling.users import user_index
@@ -35,7 +36,7 @@ class Releases:
 
         Raises:
             PrivacyStateError: the engine is already attached (training's noise was calibrated
-                without this release).
+                without this release), or the process is in a ``torch.distributed`` job.
             ConfigError, ConfigTypeError: ``rows``, ``max_norm``, ``noise_multiplier`` or
                 ``user_ids`` (one hashable id per row) refused
                 (then nothing is released or recorded).
@@ -45,6 +46,13 @@ class Releases:
                 "release_sum must come before make_private; got a call while the engine is "
                 "attached, whose noise was calibrated without it. Release the statistics first, "
                 "or use a second PrivacyEngine and compose its accountant's event yourself.")
+        if in_process_group():
+            raise PrivacyStateError(
+                "release_sum runs in one process; got a call in a torch.distributed job, where "
+                "each rank would release its own noisy copy while each accountant records one. "
+                "Release the statistics in one process before the job (or on rank 0 before "
+                "init_process_group), send the result to every rank, and record it on each "
+                "rank with engine.accountant.compose(PoissonGaussian(noise_multiplier, 1.0)).")
         if user_ids is not None and isinstance(rows, torch.Tensor) and rows.dim() == 2:
             owner, _ = user_index(user_ids, len(rows))
             owner = torch.as_tensor(owner, device=rows.device)

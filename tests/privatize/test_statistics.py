@@ -326,3 +326,18 @@ def test_user_ids_of_the_wrong_length_release_nothing():
     with pytest.raises(ConfigError, match=r"user_ids must have one id per example"):
         engine.release_sum(torch.ones(3, 2), max_norm=1.0, noise_multiplier=1.0, user_ids=[0, 1])
     assert engine.accountant.steps == 0
+
+
+def test_a_release_in_a_distributed_job_is_refused(tmp_path):
+    """Each rank would release its own noisy copy of the statistics while each accountant
+    records one release: refused, with the way to do it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        engine = PrivacyEngine()
+        with pytest.raises(PrivacyStateError, match="release_sum runs in one process"):
+            engine.release_sum(torch.ones(3, 2), max_norm=1.0, noise_multiplier=1.0)
+        assert engine.accountant.steps == 0
+    finally:
+        dist.destroy_process_group()

@@ -51,11 +51,16 @@ from privgrad.distributed.ddp import DistributedDataParallel, PrivateCommHook, p
 from privgrad.distributed.sharding import ShardedSampler
 from privgrad.errors import ConfigError, ConfigTypeError
 
-__all__ = ["DataParallel", "data_parallel", "privacy_fingerprint"]
+__all__ = ["DataParallel", "data_parallel", "in_process_group", "privacy_fingerprint"]
 
 
 def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def in_process_group() -> bool:
+    """Whether this process is part of an initialised ``torch.distributed`` process group."""
+    return _initialised()
 
 
 def data_parallel(distributed: bool | None, module: nn.Module, poisson_sampling: bool,
