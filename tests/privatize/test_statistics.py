@@ -341,3 +341,29 @@ def test_a_release_in_a_distributed_job_is_refused(tmp_path):
         assert engine.accountant.steps == 0
     finally:
         dist.destroy_process_group()
+
+
+def test_a_second_phase_on_the_same_engine_gets_what_is_left():
+    """Detach, then make private again (e.g. more layers unfrozen): the second calibration
+    counts the first phase, so the run ends at the total target, not at twice it."""
+    torch.manual_seed(0)
+    engine = PrivacyEngine()
+    data = classification_data(n=200)
+
+    def phase(target):
+        model = mlp()
+        model, optimizer, train = engine.make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader(data, batch_size=20), target_epsilon=target, target_delta=1e-5,
+            epochs=1, max_grad_norm=1.0)
+        epochs_of(engine, model, optimizer, train, 1)
+        engine.detach()
+
+    phase(2.0)
+    first = engine.get_epsilon(1e-5)
+    assert 1.9 < first <= 2.0
+    with pytest.raises(PrivacyBudgetError, match="already spent"):
+        phase(first)  # a target the first phase used up: nothing left
+    assert engine.module is None and engine.get_epsilon(1e-5) == first
+    phase(4.0)
+    assert 3.9 < engine.get_epsilon(1e-5) <= 4.0
