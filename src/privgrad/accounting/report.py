@@ -56,7 +56,8 @@ class PrivacyReport:
 
     Attributes:
         accountant: the accountant that gave the epsilons (``"pld"`` or ``"rdp"``).
-        steps: steps recorded.
+        steps: Gaussian steps recorded (training steps, and any release made with
+            ``PrivacyEngine.release_sum``, each one step at sample rate 1).
         delta: the delta the report was asked for.
         epsilon: the accountant's epsilon at ``delta``.
         epsilons: ``((delta, epsilon), ...)`` at several deltas, ``delta`` among them.
