@@ -78,7 +78,8 @@ HOLDOUT_SEED = 2021  # the held-out split is the same for every run and seed
 # Every recipe starts from BASE; any flag given on the command line wins.
 BASE = dict(model="cnn", accountant="pld", ema=0.0, tail=0, epochs=40, batch_size=2048, lr=4.0,
             momentum=0.9, max_grad_norm=0.1, groups=27, views=1, mechanism="dpsgd",
-            grad_sample_mode="materialize", data_norm=0.0, schedule="constant", augment=0)  # the fastest for the CNN on 2 cores
+            grad_sample_mode="materialize",  # the fastest for the CNN on 2 cores
+            data_norm=0.0, schedule="constant", augment=0)
 RECIPES = {
     "paper": dict(accountant="rdp"),
     "tuned": dict(ema=0.99),

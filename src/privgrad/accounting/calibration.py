@@ -51,6 +51,23 @@ def epsilon_for(
     return acc.get_epsilon(delta)
 
 
+def _checked_prior(prior):
+    """``prior`` (what was spent before the steps searched), checked to be an event."""
+    if prior is not None:
+        _check_event("prior", prior)
+    return prior
+
+
+def _total_epsilon(name: str, delta: float, *events) -> float:
+    """Epsilon of ``events`` (``None`` skipped) composed in a fresh ``name`` accountant; 0.0
+    for none."""
+    acc = make_accountant(name)
+    for event in events:
+        if event is not None:
+            acc.compose(event)
+    return acc.get_epsilon(delta)
+
+
 def get_noise_multiplier(
     *,
     target_epsilon: float,
@@ -99,24 +116,17 @@ def get_noise_multiplier(
     steps = _validate.positive_int("steps", steps, "Pass the number of training steps, e.g. epochs / sample_rate.")
     name = _check_accountant(accountant)
     step = event if event is not None else (lambda sigma: PoissonGaussian(sigma, q))
-    if prior is not None:
-        _check_event("prior", prior)
-        before = make_accountant(name)
-        before.compose(prior)
-        if before.steps and before.get_epsilon(delta) >= target:
-            raise PrivacyBudgetError(
-                f"target_epsilon must be larger than what was already spent; got "
-                f"target_epsilon={target_epsilon!r} with epsilon={before.get_epsilon(delta):.4g} "
-                f"spent before these steps (at target_delta={target_delta!r}, {name} accountant). "
-                f"Raise target_epsilon (it is the total), or spend less before training.")
+    spent = _total_epsilon(name, delta, _checked_prior(prior))
+    if spent >= target:
+        raise PrivacyBudgetError(
+            f"target_epsilon must be larger than what was already spent; got "
+            f"target_epsilon={target_epsilon!r} with epsilon={spent:.4g} spent before these "
+            f"steps (at target_delta={target_delta!r}, {name} accountant). Raise "
+            f"target_epsilon (it is the total), or spend less before training.")
 
     @lru_cache(maxsize=None)
     def eps(sigma: float) -> float:
-        acc = make_accountant(name)
-        if prior is not None:
-            acc.compose(prior)
-        acc.compose(Repeated(step(sigma), steps))
-        return acc.get_epsilon(delta)
+        return _total_epsilon(name, delta, prior, Repeated(step(sigma), steps))
 
     if eps(MAX_NOISE_MULTIPLIER) > target:
         floor = (" (the RDP accountant's conversion cannot certify epsilon below about "
@@ -182,15 +192,10 @@ def get_max_steps(
     sigma = check_noise_multiplier(noise_multiplier)
     q = check_sample_rate(sample_rate)
     name = _check_accountant(accountant)
-    if prior is not None:
-        _check_event("prior", prior)
+    prior = _checked_prior(prior)
 
     def fits(steps: int) -> bool:
-        acc = make_accountant(name)
-        if prior is not None:
-            acc.compose(prior)
-        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
-        return acc.get_epsilon(delta) <= target
+        return _total_epsilon(name, delta, prior, Repeated(PoissonGaussian(sigma, q), steps)) <= target
 
     if not fits(1):
         return 0

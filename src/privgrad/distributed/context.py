@@ -54,13 +54,9 @@ from privgrad.errors import ConfigError, ConfigTypeError
 __all__ = ["DataParallel", "data_parallel", "in_process_group", "privacy_fingerprint"]
 
 
-def _initialised() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def in_process_group() -> bool:
     """Whether this process is part of an initialised ``torch.distributed`` process group."""
-    return _initialised()
+    return dist.is_available() and dist.is_initialized()
 
 
 def data_parallel(distributed: bool | None, module: nn.Module, poisson_sampling: bool,
@@ -106,7 +102,7 @@ def data_parallel(distributed: bool | None, module: nn.Module, poisson_sampling:
                 "DDP would all-reduce raw, unclipped gradients)", "distributed", distributed,
                 "Pass distributed=None (the default) or True, or pass the unwrapped model.")
         return None
-    if not _initialised():
+    if not in_process_group():
         if distributed:
             raise _validate.fail(
                 "distributed=True needs an initialised torch.distributed process group",

@@ -26,6 +26,7 @@ import torch
 
 from privgrad import _validate
 from privgrad.errors import ConfigError, ConfigTypeError
+from privgrad.privatize.clipping import _factor
 
 __all__ = ["noisy_sum"]
 
@@ -65,4 +66,4 @@ def noisy_sum(rows: torch.Tensor, *, max_norm: float, noise_multiplier: float, n
     # bound like any other, where its plain norm would overflow to inf and drop it
     peak = work.abs().amax(1).clamp_min(torch.finfo(work.dtype).tiny)
     norm = peak * (work / peak[:, None]).norm(dim=1)
-    return noise.add_noise((bound / norm).clamp_max(1.0) @ work, sigma * bound)
+    return noise.add_noise(_factor(norm, bound) @ work, sigma * bound)
