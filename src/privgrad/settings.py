@@ -247,15 +247,20 @@ def check_bound(max_grad_norm, clipping: str, num_params: int):
 def check_ownership(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Optimizer parameters must belong to the module, and trainable module parameters must be
     in the optimizer (their autograd gradients would otherwise sit unprivatised in ``.grad``)."""
-    owned = {p: name for name, p in module.named_parameters()}
-    in_optimizer = {p for g in optimizer.param_groups for p in g["params"]}
-    stray = [p for p in in_optimizer if p not in owned]
+    # keyed by id: runs every step, and a parameter's own __hash__ is a Python call
+    owned = {id(p): p for m in module.modules() for p in m._parameters.values() if p is not None}
+    in_optimizer = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+    if in_optimizer.keys() <= owned.keys() and not any(
+            p.requires_grad and i not in in_optimizer for i, p in owned.items()):
+        return
+    stray = [p for i, p in in_optimizer.items() if i not in owned]
     if stray:
         shapes = ", ".join(str(tuple(p.shape)) for p in stray[:5])
         raise ConfigError(
             f"every optimizer parameter must belong to the module; got {len(stray)} that do not "
             f"(shapes {shapes}). Build the optimizer from module.parameters().")
-    left_out = [name for p, name in owned.items() if p.requires_grad and p not in in_optimizer]
+    left_out = [name for name, p in module.named_parameters()
+                if p.requires_grad and id(p) not in in_optimizer]
     if left_out:
         raise ConfigError(
             f"every trainable module parameter must be in the optimizer; got "

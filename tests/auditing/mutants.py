@@ -23,14 +23,15 @@ def noise_halved(monkeypatch) -> None:
 
 def clipping_off(monkeypatch) -> None:
     """Flat clipping keeps every finite per-sample gradient whole (factor 1)."""
-    monkeypatch.setattr(clipping, "_factor", lambda norm, bound: torch.where(
+    monkeypatch.setattr(clipping, "_factor", lambda norm, bound, **_: torch.where(
         torch.isfinite(norm), torch.ones_like(norm), torch.zeros_like(norm)))
 
 
 def bound_sqrt2(monkeypatch) -> None:
     """Flat clipping clips to sqrt(2) C instead of C (a sensitivity the accountant never saw)."""
     original = clipping._factor
-    monkeypatch.setattr(clipping, "_factor", lambda norm, bound: original(norm, bound * 2**0.5))
+    monkeypatch.setattr(clipping, "_factor",
+                        lambda norm, bound, **kw: original(norm, bound * 2**0.5, **kw))
 
 
 def shuffling(monkeypatch) -> None:

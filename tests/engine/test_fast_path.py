@@ -13,6 +13,7 @@ from torch import nn
 
 from privgrad import PrivacyEngine
 from privgrad.engine import PerSampleGradients
+from privgrad.errors import PrivacyStateError
 from tests.helpers import drawn
 from tests.layers.cases import check_module
 from tests.reference import assert_close, loop_per_example
@@ -117,6 +118,25 @@ def test_in_place_on_a_view_output_keeps_the_layer(skip):
     # Without the unviewed output, fc1's output-gradient hook never fired: fc1 was left out.
     check_module(InPlaceAfterView().double(), (torch.randn(3, 2, 4, dtype=D),),
                  skip_parameter_grads=skip)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_in_place_activation_after_a_linear_keeps_its_output_gradient(skip):
+    # input_only()'s node records the output gradient itself (no tensor hook): the gradient of
+    # the value the layer produced, before ReLU(inplace=True) rewrote it
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)).double()
+    check_module(model, (torch.randn(6, 4, dtype=D),), skip_parameter_grads=skip)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_second_backward_pass_is_refused_in_the_rule_backward_too(skip):
+    # with skip, the Linear layers' output gradients arrive through input_only()'s node
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    with PerSampleGradients(model, skip_parameter_grads=skip):
+        loss = model(torch.randn(3, 4, dtype=D)).square().sum()
+        loss.backward(retain_graph=True)
+        with pytest.raises(PrivacyStateError, match="clip them twice"):
+            loss.backward()
 
 
 # -- the cost model: both sides of every switch -------------------------------------------------

@@ -32,7 +32,7 @@ import dataclasses
 import math
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from privgrad import _validate
 from privgrad.errors import ConfigTypeError
@@ -87,8 +87,7 @@ def float32_captures(captures: list[Capture], loss_scale: float = 1.0) -> list[C
 
     out = []
     for c in captures:
-        half = any(isinstance(x, torch.Tensor) and x.dtype in _HALF
-                   for x in tree_leaves([c.grad_outputs, c.args, c.kwargs]))
+        half = any(x.dtype in _HALF for x in c.tensors())
         if not half and loss_scale == 1.0:
             out.append(c)
             continue

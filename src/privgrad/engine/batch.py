@@ -28,7 +28,6 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from privgrad._precision import accumulation_dtype
 from privgrad.engine.groups import Units, by_unit
@@ -50,8 +49,7 @@ def materialize_early(capture: Capture, mode: str) -> bool:
     if (not speed_hooks(capture.rule).materializes_early or capture.batch_size == 0
             or _use_ghost(capture, mode)):
         return False  # (an empty batch has nothing to form: the pass's end gives it zeros)
-    tensors = [x for x in tree_leaves((capture.grad_outputs, capture.args, capture.kwargs))
-               if isinstance(x, torch.Tensor)]
+    tensors = capture.tensors()
     if any(x.dtype in _HALF for x in tensors):
         return False
     held = sum(x.numel() for x in tensors if x.is_floating_point())
@@ -60,14 +58,21 @@ def materialize_early(capture: Capture, mode: str) -> bool:
 
 
 def _use_ghost(capture: Capture, mode: str) -> bool:
+    """Whether ``mode`` takes ``capture``'s norms by the ghost method (chosen once a call: the
+    pass's end asks again what its backward asked)."""
+    if capture.method is not None and capture.method[0] == mode:
+        return capture.method[1]
     rule = capture.rule
     if mode == "materialize" or not rule.has_ghost_norm:
-        return False
-    if mode == "ghost":
-        return True
-    speed = speed_hooks(rule)  # (a rule without a cost model materialises)
-    module = capture.module
-    return speed.ghost_cost(module, capture) < speed.materialize_cost(module, capture)
+        ghost = False
+    elif mode == "ghost":
+        ghost = True
+    else:
+        speed = speed_hooks(rule)  # (a rule without a cost model materialises)
+        module = capture.module
+        ghost = speed.ghost_cost(module, capture) < speed.materialize_cost(module, capture)
+    capture.method = (mode, ghost)
+    return ghost
 
 
 def _params_of(capture: Capture) -> dict[str, nn.Parameter]:
@@ -127,10 +132,12 @@ class BackwardBatch:
         self._ghost_params: list[dict[str, nn.Parameter]] = []
 
         self._params = [_params_of(c) for c in captures]
-        uses: dict[nn.Parameter, int] = defaultdict(int)
-        for params in self._params:
-            for p in params.values():
-                uses[p] += 1
+        every = [id(p) for params in self._params for p in params.values()]
+        uses: dict[int, int] | None = None  # (None: no parameter is used twice, the usual case)
+        if len(set(every)) < len(every):
+            uses = defaultdict(int)
+            for i in every:
+                uses[i] += 1
 
         for c, params in zip(captures, self._params):
             module = c.module
@@ -140,8 +147,8 @@ class BackwardBatch:
                     p = params[n]
                     self._grads[p] = self._grads[p] + g if p in self._grads else g
                 continue
-            shared = tuple(n for n in c.names if uses[params[n]] > 1)
-            single = tuple(n for n in c.names if n not in shared)
+            shared = () if uses is None else tuple(n for n in c.names if uses[id(params[n])] > 1)
+            single = tuple(n for n in c.names if n not in shared) if shared else tuple(c.names)
             ghost = bool(single) and _use_ghost(c, mode)
             self.methods[paths.get(module, type(module).__name__)] = (
                 "ghost" if ghost else "materialize")

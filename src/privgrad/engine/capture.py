@@ -4,8 +4,10 @@ inputs) and, during backward, the gradient of the loss with respect to its outpu
 Output gradients come from *tensor* hooks registered on the outputs inside the forward hook, not
 from module backward hooks: a tensor hook registered before an in-place operation (``ReLU(
 inplace=True)``, ``out += identity``) still receives the gradient with respect to the value the
-module produced, so in-place activations just work. When autograd finishes the backward pass, a
-callback queued on its engine hands the completed captures over in one list.
+module produced, so in-place activations just work (where a rule's backward node replaces
+autograd's, ``engine.outputs.input_only()``, that node records the same gradient: no hook). When
+autograd finishes the backward pass, a callback queued on its engine hands the completed
+captures over in one list.
 
 Nothing is stored on the module or its parameters: the recorder keeps its own list, cleared
 after every backward pass, and removes its hooks through their handles on ``detach()``.
@@ -241,11 +243,7 @@ class Recorder:
                 backward = speed_hooks(rule).input_backward(module, args, kwargs)
             if backward is None:
                 whole = speed_hooks(rule).joint_backward(module, args, kwargs)
-        if backward is not None:
-            i = index[0]
-            leaves[i] = input_only(leaves[i], args[0], params[0], backward)
-            replaced = _unflatten(leaves, spec)
-        elif whole is None and any(leaves[i]._is_view() for i in index):  # see engine.outputs
+        if backward is None and whole is None and any(leaves[i]._is_view() for i in index):
             leaves = [unviewed(x) if i in index and x._is_view() else x
                       for i, x in enumerate(leaves)]
             replaced = _unflatten(leaves, spec)
@@ -265,7 +263,12 @@ class Recorder:
             scratch=scratch,
             tag=self.tag() if self.tag is not None else None,
         )
-        if whole is not None:  # one backward for all outputs (the capture is its context)
+        if backward is not None:
+            i = index[0]  # its node records the output gradient, as the tensor hook would
+            leaves[i] = input_only(leaves[i], args[0], params[0], backward,
+                                   record=partial(self._grad_hook, capture, 0))
+            replaced = _unflatten(leaves, spec)
+        elif whole is not None:  # one backward for all outputs (the capture is its context)
             def backward_all(grads, needs_x, capture=capture, whole=whole):
                 capture.grad_outputs = list(grads)
                 return whole(capture, needs_x)
@@ -277,8 +280,9 @@ class Recorder:
         if not self.checking:
             speed_hooks(rule).keep_from_forward(module, [leaves[i] for i in index], scratch)
         self._captures.append(weakref.ref(capture))
-        for slot, i in enumerate(index):
-            leaves[i].register_hook(partial(self._grad_hook, capture, slot))
+        if backward is None:
+            for slot, i in enumerate(index):
+                leaves[i].register_hook(partial(self._grad_hook, capture, slot))
         return replaced  # None keeps the module's own output
 
     @staticmethod

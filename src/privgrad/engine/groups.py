@@ -126,7 +126,7 @@ def _stacked(c: Capture, units: Units) -> Capture:
     return dataclasses.replace(
         c, args=tree_map(units.stack, c.args), kwargs=tree_map(units.stack, c.kwargs),
         grad_outputs=[units.stack(g) for g in c.grad_outputs], batch_size=units.count,
-        scratch={}, outputs=[])
+        scratch={}, outputs=[], method=None)  # new shapes: the method is chosen again
 
 
 def _device(c: Capture):

@@ -69,7 +69,8 @@ def unviewed(output: torch.Tensor) -> torch.Tensor:
 
 
 def input_only(output: torch.Tensor, x, anchor: torch.Tensor,
-               input_grad: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+               input_grad: Callable[[torch.Tensor], torch.Tensor],
+               record: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """``output``'s values with a backward that only computes the gradient of ``x``.
 
     Args:
@@ -78,9 +79,15 @@ def input_only(output: torch.Tensor, x, anchor: torch.Tensor,
         anchor: a parameter of the module that requires grad.
         input_grad: ``grad_output -> gradient of x`` (the rule's formula), called only when
             ``x`` needs a gradient.
+        record: called first with the output gradient (what a tensor hook on ``output`` would
+            receive), if given.
     """
-    return joint([output], x, anchor,
-                 lambda grads, needs_x: input_grad(grads[0]) if needs_x else None)[0]
+    def backward(grads, needs_x):
+        if record is not None:
+            record(grads[0])
+        return input_grad(grads[0]) if needs_x else None
+
+    return joint([output], x, anchor, backward)[0]
 
 
 def joint(outputs: list[torch.Tensor], x, anchor: torch.Tensor,

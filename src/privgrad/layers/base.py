@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from privgrad._precision import accumulation_dtype
 
@@ -93,6 +93,8 @@ class Capture:
     outputs: list = field(default_factory=list)
     early: dict | None = None
     tag: object = None
+    #: engine bookkeeping: ``(mode, uses ghost norms)`` once the method is chosen for this call
+    method: tuple | None = None
 
     def release(self) -> None:
         """Let go of every tensor of the call (inputs, output gradients, per-sample gradients,
@@ -111,6 +113,14 @@ class Capture:
         if key not in self.scratch:
             self.scratch[key] = compute()
         return self.scratch[key]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The call's tensors: its output gradients, then its inputs (``tree_leaves`` order)."""
+        grads, args = self.grad_outputs, self.args
+        if not self.kwargs and all(isinstance(x, torch.Tensor) for x in args) and all(
+                isinstance(g, torch.Tensor) for g in grads):  # a plain call: no flattening
+            return [*grads, *args]
+        return [x for x in tree_leaves((grads, args, self.kwargs)) if isinstance(x, torch.Tensor)]
 
     @property
     def activation(self) -> torch.Tensor:

@@ -37,7 +37,8 @@ class ClipResult:
     Attributes:
         weights: ``(B,)`` (flat, automatic) or ``{parameter: (B,)}`` (per-layer) factors, in
             ``[0, 1]`` except automatic clipping's ``C / (||g|| + gamma)``.
-        keep: ``(B,)`` bool, False for examples dropped because a norm was not finite.
+        keep: ``(B,)`` bool, False for examples dropped because a norm was not finite; ``None``
+            from flat clipping when none was dropped (every example is kept).
         clipped: number of kept examples whose contribution the clipping shrank.
         dropped: number of examples dropped.
         within: number of examples whose norm is at most the bound (a dropped example is not
@@ -45,17 +46,21 @@ class ClipResult:
     """
 
     weights: torch.Tensor | dict
-    keep: torch.Tensor
+    keep: torch.Tensor | None
     clipped: int
     dropped: int
     within: int | dict = 0
 
 
-def _factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
+def _factor(norm: torch.Tensor, bound: float, *, finite: bool = False) -> torch.Tensor:
     """``min(1, bound / norm)``, 0 where the norm is not finite, 1 where it is 0.
 
-    (``bound / 0 = inf`` clamps to 1, ``bound / inf = 0``, and ``NaN`` becomes 0.)
+    (``bound / 0 = inf`` clamps to 1, ``bound / inf = 0``, and ``NaN`` becomes 0.) ``finite``:
+    the caller knows every norm is finite; the factors are then written over ``norm`` (bit for
+    bit the same: ``bound / x`` is ``x.reciprocal() * bound`` in PyTorch), without the NaN pass.
     """
+    if finite:
+        return norm.reciprocal_().mul_(bound).clamp_(max=1.0)
     return (bound / norm).clamp_(max=1.0).nan_to_num_(nan=0.0)
 
 
@@ -87,7 +92,11 @@ def flat_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,
     """Weights ``min(1, C / ||g_b||)`` with ``||g_b||^2`` summed over all parameters."""
     norm = _total_norm(norms_sq, batch_size, device)
     clipped, dropped, within = _flat_counts(norm, max_grad_norm)
-    return ClipResult(_factor(norm, max_grad_norm), torch.isfinite(norm), clipped, dropped, within)
+    if dropped:
+        return ClipResult(_factor(norm, max_grad_norm), torch.isfinite(norm), clipped, dropped,
+                          within)
+    # every norm finite (counted above): no mask, and the factors written over the norms
+    return ClipResult(_factor(norm, max_grad_norm, finite=True), None, clipped, dropped, within)
 
 
 def automatic_clip(norms_sq: dict[nn.Parameter, torch.Tensor], max_grad_norm: float,

@@ -141,7 +141,8 @@ class DPOptimizer(OptimizerView):
                     for p, g in zip(params, samples, strict=True)}
         clip = flat_clip(norms_sq, self.max_grad_norm, batch, device=samples[0].device)
         for p, g in zip(params, samples, strict=True):
-            kept = torch.where(clip.keep.view(-1, *[1] * (g.dim() - 1)), g, 0)
+            kept = g if clip.keep is None else torch.where(
+                clip.keep.view(-1, *[1] * (g.dim() - 1)), g, 0)
             total = torch.einsum("b,b...->...", clip.weights.to(g.dtype), kept)
             held = getattr(p, "summed_grad", None)
             p.summed_grad = total if held is None else held + total
