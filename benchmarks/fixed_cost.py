@@ -3,6 +3,7 @@
     python benchmarks/fixed_cost.py                       # the MLP at batch 64 and 256, 1 thread
     python benchmarks/fixed_cost.py --models mlp,embedding --batches 256 --steps 600
     python benchmarks/fixed_cost.py --models mlp,bag --batches 64 --also privgrad-bandmf4,privgrad-blt4
+    python benchmarks/fixed_cost.py --models toy --batches 4 --steps 2000   # the fixed cost, warm
 
 Each stage of privgrad's step (the table ``STAGES`` below: the hooks, the capture, the norms, the
 clip factors, the weighted sums, the noise, the write into ``p.grad``, the guards) is timed by a
@@ -165,9 +166,9 @@ def main() -> None:
     wrong = [v for v in also if not v.startswith("privgrad-")]
     if wrong:
         ap.error(f"--also must name privgrad variants (privgrad-...); got {','.join(wrong)}")
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    unknown = [m for m in args.models.split(",") if m not in (*MODELS, "toy")]
     if unknown:
-        ap.error(f"--models must name models of step_time.py ({', '.join(MODELS)}); got "
+        ap.error(f"--models must name models of step_time.py ({', '.join(MODELS)}) or toy; got "
                  f"{','.join(unknown)}")
     if args.steps < 1:
         ap.error(f"--steps must be 1 or more; got {args.steps}")

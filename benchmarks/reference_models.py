@@ -112,8 +112,17 @@ class BagOfEmbeddings(nn.Module):
         return self.head(self.emb(idx).mean(1))
 
 
+def toy() -> nn.Module:
+    """Three Linear layers of width 8: a step whose kernels cost next to nothing, so that what a
+    private step adds over the floor is privgrad's fixed cost with warm caches (what a GPU
+    user pays on top of fast kernels). Not a reference model: ``fixed_cost.py --models toy``."""
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 10))
+
+
 def build(name: str, batch: int, variant: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The model and one fixed batch ``(x, y)``."""
+    if name == "toy":
+        return toy(), torch.randn(batch, 8), torch.randint(0, 10, (batch,))
     if name == "mlp":
         return mlp(), torch.randn(batch, 784), torch.randint(0, 10, (batch,))
     if name == "cnn":
