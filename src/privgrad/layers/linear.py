@@ -133,16 +133,20 @@ class LinearRule(SpeedHooks, LayerRule):
     def weighted_sum(self, module: nn.Module, capture: Capture, names, weights):
         a, g = capture.activation, capture.grad_output
         a, w = _as(a, g.dtype), _as(weights, g.dtype)
-        if a.dim() > 2:
-            a, g = positions(a), positions(g)  # (b, t, i), (b, t, o)
         out = {}
+        if a.dim() == 2:  # one position per example (an MLP, a head): nothing to reshape
+            if self.weight_name in names:
+                out[self.weight_name] = self._orient(sum_of_outer(g, a, w))
+            if self.bias_name in names:
+                out[self.bias_name] = w @ g
+            return out
+        a, g = positions(a), positions(g)  # (b, t, i), (b, t, o)
         if self.weight_name in names:  # one GEMM over (b, t); the narrower side is scaled
-            rows = w if a.dim() == 2 else w.repeat_interleave(a.shape[1])
             out[self.weight_name] = self._orient(sum_of_outer(
-                g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), rows))
+                g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]),
+                w.repeat_interleave(a.shape[1])))
         if self.bias_name in names:
-            rows = g if g.dim() == 2 else self._bias_rows(capture, g).to(g.dtype)
-            out[self.bias_name] = w @ rows
+            out[self.bias_name] = w @ self._bias_rows(capture, g).to(g.dtype)
         return out
 
     def _bias_rows(self, capture: Capture, g: torch.Tensor) -> torch.Tensor:
