@@ -18,7 +18,6 @@ Privacy:
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -27,32 +26,8 @@ __all__ = ["eager", "unwrapped"]
 
 
 def eager(hook):
-    """``hook``, run outside any ``torch.compile`` trace (a graph break at each call).
-
-    Where Dynamo is neither tracing nor watching frames (no ``torch.compile`` anywhere up the
-    stack) the hook is called directly: ``torch.compiler.disable``'s own wrapper, which switches
-    Dynamo's frame evaluation off and on around every call, costs about 1 us, and privgrad's
-    hooks run a few times per layer and step. Otherwise the disabled hook runs: Dynamo, tracing
-    this function, takes ``is_compiling()`` as true and breaks the graph there, and a call made
-    while its frame callback is set (a compiled step's eager parts, its backward pass) runs
-    with frame evaluation off, so that no frame of the hook is compiled."""
-    disabled = torch.compiler.disable(hook, recursive=True)
-    if _frame_callback is None:  # a PyTorch without the query: always through disable
-        return disabled
-
-    @functools.wraps(hook)
-    def run(*args, **kwargs):
-        if not torch.compiler.is_compiling() and _frame_callback() is None:
-            return hook(*args, **kwargs)
-        return disabled(*args, **kwargs)
-
-    return run
-
-
-#: Dynamo's frame callback now (``None`` when no frame is being watched), or ``None`` where this
-#: PyTorch does not expose it.
-_frame_callback = getattr(getattr(torch._C, "_dynamo", None) and torch._C._dynamo.eval_frame,
-                          "get_eval_frame_callback", None)
+    """``hook``, run outside any ``torch.compile`` trace (a graph break at each call)."""
+    return torch.compiler.disable(hook, recursive=True)
 
 
 def unwrapped(hook):
