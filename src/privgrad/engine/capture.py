@@ -44,6 +44,7 @@ from privgrad.engine.compiled import eager, unwrapped
 from privgrad.engine.outputs import input_only, joint, unviewed
 from privgrad.errors import PrivacyStateError, UnsupportedModuleError
 from privgrad.layers import Capture, LayerRule, RuleRegistry, speed_hooks, workspace
+from privgrad.layers.base import tensor_inputs
 
 
 def _inside_torch_func() -> bool:
@@ -161,7 +162,7 @@ class Recorder:
                 or _inside_torch_func() or not _only_privgrad_hooks(module)
                 or not trainable(module, self._children.get(module, ()))):
             return None
-        if not self._only_first_input_needs_grad(args, _tensor_inputs(args, kwargs)):
+        if not self._only_first_input_needs_grad(args, tensor_inputs(args, kwargs)):
             return None
         speed = speed_hooks(self.rule_for(module))
         whole = speed.joint_backward(module, args, kwargs)
@@ -235,7 +236,7 @@ class Recorder:
             args, kwargs = tree_map(partial(_expand_one, batch), (args, kwargs))
             leaves = [_expand_one(batch, x) if i in index else x for i, x in enumerate(leaves)]
             replaced = _unflatten(leaves, spec)
-        inputs = _tensor_inputs(args, kwargs)
+        inputs = tensor_inputs(args, kwargs)
         backward = None
         if whole is None and self.fast_backward and self._only_first_input_needs_grad(
                 args, inputs):
@@ -355,7 +356,7 @@ class Recorder:
                 self._busy = False
 
     def _check_inputs_unchanged(self, capture: Capture) -> None:
-        now = tuple(x._version for x in _tensor_inputs(capture.args, capture.kwargs))
+        now = tuple(x._version for x in tensor_inputs(capture.args, capture.kwargs))
         if now != capture.versions:
             path = self.paths.get(capture.module, type(capture.module).__name__)
             raise PrivacyStateError(
@@ -379,13 +380,6 @@ def _only_privgrad_hooks(module: nn.Module) -> bool:
             and not module._backward_hooks and not module._backward_pre_hooks
             and not (glob._global_forward_pre_hooks or glob._global_forward_hooks
                      or glob._global_backward_hooks or glob._global_backward_pre_hooks))
-
-
-def _tensor_inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors among a call's inputs, in ``tree_flatten`` order (fast for plain calls)."""
-    if not kwargs and all(isinstance(x, torch.Tensor) for x in args):
-        return list(args)
-    return [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
 
 
 def _unflatten(leaves: list, spec):

@@ -70,7 +70,7 @@ def unviewed(output: torch.Tensor) -> torch.Tensor:
 
 def input_only(output: torch.Tensor, x, anchor: torch.Tensor,
                input_grad: Callable[[torch.Tensor], torch.Tensor],
-               record: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+               record: Callable[[torch.Tensor], None]) -> torch.Tensor:
     """``output``'s values with a backward that only computes the gradient of ``x``.
 
     Args:
@@ -80,11 +80,10 @@ def input_only(output: torch.Tensor, x, anchor: torch.Tensor,
         input_grad: ``grad_output -> gradient of x`` (the rule's formula), called only when
             ``x`` needs a gradient.
         record: called first with the output gradient (what a tensor hook on ``output`` would
-            receive), if given.
+            receive): the recorder's capture of it.
     """
     def backward(grads, needs_x):
-        if record is not None:
-            record(grads[0])
+        record(grads[0])
         return input_grad(grads[0]) if needs_x else None
 
     return joint([output], x, anchor, backward)[0]

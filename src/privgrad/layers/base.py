@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from privgrad._precision import accumulation_dtype
 
-__all__ = ["Capture", "LayerFinding", "LayerRule", "batched_size"]
+__all__ = ["Capture", "LayerFinding", "LayerRule", "batched_size", "tensor_inputs"]
 
 
 def batched_size(module: nn.Module, x: torch.Tensor, min_dim: int) -> int:
@@ -39,6 +39,13 @@ def batched_size(module: nn.Module, x: torch.Tensor, min_dim: int) -> int:
             f"dimensions); got an input of shape {tuple(x.shape)}. Add the batch dimension "
             f"(x.unsqueeze(0)).")
     return int(x.shape[0])
+
+
+def tensor_inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's inputs, in ``tree_leaves`` order (fast for plain calls)."""
+    if not kwargs and all(isinstance(x, torch.Tensor) for x in args):
+        return list(args)
+    return [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
 
 
 @dataclass
@@ -116,11 +123,8 @@ class Capture:
 
     def tensors(self) -> list[torch.Tensor]:
         """The call's tensors: its output gradients, then its inputs (``tree_leaves`` order)."""
-        grads, args = self.grad_outputs, self.args
-        if not self.kwargs and all(isinstance(x, torch.Tensor) for x in args) and all(
-                isinstance(g, torch.Tensor) for g in grads):  # a plain call: no flattening
-            return [*grads, *args]
-        return [x for x in tree_leaves((grads, args, self.kwargs)) if isinstance(x, torch.Tensor)]
+        return ([g for g in self.grad_outputs if isinstance(g, torch.Tensor)]
+                + tensor_inputs(self.args, self.kwargs))
 
     @property
     def activation(self) -> torch.Tensor:
