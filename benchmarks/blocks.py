@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference_models import MODELS, prepare  # noqa: E402
+from reference_models import parse_models, prepare  # noqa: E402
 
 VARIANTS = ("nonprivate", "floor", "privgrad")
 
@@ -60,11 +60,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--block", type=int, default=4)
     args = ap.parse_args()
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        ap.error(f"--models must name models of step_time.py ({', '.join(MODELS)}); got "
-                 f"{','.join(unknown)}")
+    models = parse_models(ap, args.models)
     for flag, value in (("--batch", args.batch), ("--rounds", args.rounds), ("--block", args.block)):
         if value < 1:
             ap.error(f"{flag} must be 1 or more; got {value}")

@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference_models import MODELS, prepare  # noqa: E402
+from reference_models import parse_models, prepare  # noqa: E402
 
 #: (module, owner, attribute, stage): each wrapped function's CPU time (minus the wrapped
 #: functions it calls) is added to its stage.
@@ -166,10 +166,7 @@ def main() -> None:
     wrong = [v for v in also if not v.startswith("privgrad-")]
     if wrong:
         ap.error(f"--also must name privgrad variants (privgrad-...); got {','.join(wrong)}")
-    unknown = [m for m in args.models.split(",") if m not in (*MODELS, "toy")]
-    if unknown:
-        ap.error(f"--models must name models of step_time.py ({', '.join(MODELS)}) or toy; got "
-                 f"{','.join(unknown)}")
+    parse_models(ap, args.models, extra=("toy",))
     if args.steps < 1:
         ap.error(f"--steps must be 1 or more; got {args.steps}")
     torch.set_num_threads(args.threads)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_models import parse_models  # noqa: E402
 from step_time import CLIP, LR, MODELS, SIGMA, build, drawn_batch  # noqa: E402
 
 
@@ -222,11 +223,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     args = parser.parse_args()
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"--models must name models of step_time.py ({', '.join(MODELS)}); got "
-                     f"{','.join(unknown)}")
+    models = parse_models(parser, args.models)
     for flag in ("batch", "rounds", "steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be 1 or more; got {getattr(args, flag)}")

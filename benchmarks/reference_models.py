@@ -142,6 +142,17 @@ def build(name: str, batch: int, variant: str) -> tuple[nn.Module, torch.Tensor,
     return BagOfEmbeddings(bag), torch.randint(0, 100_000, (batch, 50)), torch.randint(0, 2, (batch,))
 
 
+def parse_models(parser, text: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """``--models``'s comma-separated names; the parser's error names any unknown one (every
+    script that takes ``--models`` refuses it the same way)."""
+    names = text.split(",")
+    unknown = [m for m in names if m not in (*MODELS, *extra)]
+    if unknown:
+        parser.error(f"--models must name models of step_time.py ({', '.join(MODELS)})"
+                     + "".join(f" or {e}" for e in extra) + f"; got {','.join(unknown)}")
+    return names
+
+
 def psg_gb(name: str, batch: int) -> float:
     """Size of the per-sample gradients an Opacus materialising mode holds, in GB."""
     model, _, _ = build(name, 1, "privgrad")

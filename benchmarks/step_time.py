@@ -70,7 +70,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import interleaved  # the in-process mode
 from reference_models import (  # noqa: F401
     CLIP, CLIPPING_VARIANTS, LR, MECHANISM_STEPS, MECHANISM_VARIANTS, MODELS, OPACUS_MODES,
-    SIGMA, Transformer, build, drawn_batch, engine_methods, opacus_skip, prepare, psg_gb)
+    SIGMA, Transformer, build, drawn_batch, engine_methods, opacus_skip, parse_models, prepare,
+    psg_gb)
 
 
 # -- one configuration, in its own process ------------------------------------------------------
@@ -228,10 +229,8 @@ def main() -> None:
         ap.error(f"--omp-spin must be a count of 0 or more; got {args.omp_spin}")
     if args.rounds is not None and args.rounds < 1:
         ap.error(f"--rounds must be 1 or more; got {args.rounds}")
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
-    if unknown and not args.worker:
-        ap.error(f"--models must name models of step_time.py ({', '.join(MODELS)}); got "
-                 f"{','.join(unknown)}")
+    if not args.worker:
+        parse_models(ap, args.models)
     if args.in_process and (args.malloc_tuned or args.omp_spin is not None):
         ap.error("--malloc-tuned and --omp-spin need a fresh process per configuration; got "
                  "--in-process. Drop --in-process, or set the variables before Python starts.")
