@@ -443,3 +443,27 @@ def test_a_kept_loss_does_not_keep_the_steps_activations():
     gc.collect()
     assert loss.grad_fn is not None  # the graph is still alive ...
     assert [r() for r in model.seen] == [None, None]  # ... but holds none of the activations
+
+
+def test_a_layer_unfrozen_outside_the_optimizer_is_refused_at_the_step():
+    # check_ownership runs at every step (keyed by id): a careless unfreeze that the optimizer
+    # never sees would leave a raw gradient in .grad; the step is refused and spends nothing
+    model = mlp()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine = PrivacyEngine(accountant="rdp")
+    _, _, data = engine.make_private(module=model, optimizer=optimizer,
+                                     data_loader=loader(classification_data()),
+                                     noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(iter(data))
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert engine.steps == 1
+    model[0].requires_grad_(True)
+    x, y = next(iter(data))
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ConfigError, match=r"0\.weight, 0\.bias left out"):
+        optimizer.step()
+    assert engine.steps == 1 and engine.accountant.steps == 1

@@ -26,6 +26,23 @@ def test_flat_factors():
     assert (r.clipped, r.dropped) == (1, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_factors_without_a_drop_are_the_general_formula_bit_for_bit(dtype):
+    # every norm finite: no keep mask (nothing to drop), factors written over the norms; they
+    # must equal min(1, C / norm) as the general path forms it, exactly, zeros and huge included
+    g = torch.Generator().manual_seed(0)
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    sq_a = torch.rand(64, generator=g, dtype=dtype) * 9
+    sq_b = torch.rand(64, generator=g, dtype=dtype) * 9
+    sq_a[:3], sq_b[:3] = 0.0, torch.tensor([0.0, 1e30, 1e-30], dtype=dtype)
+    r = flat_clip({a: sq_a, b: sq_b}, 1.3, 64)
+    norm = (sq_a + sq_b).sqrt()
+    assert r.keep is None and r.dropped == 0
+    assert torch.equal(r.weights, (1.3 / norm).clamp(max=1.0).nan_to_num(nan=0.0))
+    assert r.clipped == int((norm > 1.3).sum()) and r.within == 64 - r.clipped
+    assert r.weights[0] == 1.0 and r.weights[1] < 1e-14
+
+
 def test_per_layer_factors_and_bounds():
     a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
     bounds = per_layer_bounds([a, b], 2.0)
